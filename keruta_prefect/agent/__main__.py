@@ -1,0 +1,3 @@
+from keruta_prefect.agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""The local backend (the embedded default): keruta-agent as a subprocess against an embedded keruta API.
+
+The API runs in this process on a free loopback port with a token made for this process; the agent
+reports to it over real HTTP exactly as it would from a Pod.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from keruta_prefect.agent import runner as agent_exit
+from keruta_prefect.api import ApiServer, create_app
+from keruta_prefect.artifacts import CollectResult, collect_directory
+from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle
+from keruta_prefect.manifest import task_env
+from keruta_prefect.models import Task, TaskStatus
+from keruta_prefect.settings import KerutaSettings
+from keruta_prefect.store import LogRow, Store
+
+_embedded: dict[int, tuple[ApiServer, str]] = {}
+_embedded_lock = threading.Lock()
+
+
+def embedded_api(store: Store, settings: KerutaSettings) -> tuple[ApiServer, str]:
+    """One keruta API per process and store, started on first use: (server, token)."""
+    with _embedded_lock:
+        found = _embedded.get(id(store))
+        if found is None or not found[0].thread.is_alive():
+            token = secrets.token_urlsafe(32)
+            app = create_app(
+                store, token, artifacts_root=settings.storage_root(),
+                max_file_size=settings.artifacts_max_file_size, max_total_size=settings.artifacts_max_total_size,
+            )
+            found = (ApiServer(app).start(), token)
+            _embedded[id(store)] = found
+        return found
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, settings: KerutaSettings, store: Store, *, grace_seconds: float = 2.0) -> None:
+        self.settings = settings
+        self.store = store
+        self.grace_seconds = grace_seconds
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def launch(self, task: Task, ctx: RunContext) -> RunHandle:
+        server, token = embedded_api(self.store, self.settings)
+        work_dir = self.settings.work_root() / _safe(task.id) / f"attempt-{ctx.attempt}"
+        (work_dir / ".keruta").mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KERUTA_")}
+        env.update(task_env(task, self.settings))
+        env.update({"KERUTA_API_URL": server.url, "KERUTA_API_TOKEN": token})
+        command = [
+            sys.executable, "-m", "keruta_prefect.agent", "run",
+            "--task-id", task.id, "--api-url", server.url,
+            "--work-dir", str(work_dir),
+            "--artifacts-dir", str(work_dir / ".keruta" / "artifacts"),
+            "--timeout", str(task.timeout(self.settings.task_default_timeout)),
+            "--grace", str(self.grace_seconds),
+        ]
+        agent_log = (work_dir / ".keruta" / "agent.log").open("ab")
+        try:
+            proc = subprocess.Popen(command, env=env, cwd=work_dir, stdin=subprocess.DEVNULL,
+                                    stdout=agent_log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            agent_log.close()
+        key = f"{task.id}/{ctx.attempt}"
+        self._procs[key] = proc
+        return RunHandle(backend=self.name, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
+                         name=work_dir.name, pid=proc.pid, work_dir=str(work_dir))
+
+    def wait(self, handle: RunHandle, on_log: LogSink | None = None) -> Outcome:
+        proc = self._procs.get(f"{handle.task_id}/{handle.attempt}")
+        lines: queue.Queue[LogRow] = queue.Queue()
+
+        def listener(task_id: str, rows: list[LogRow]) -> None:
+            if task_id == handle.task_id:
+                for row in rows:
+                    lines.put(row)
+
+        remove = self.store.add_log_listener(listener)
+        try:
+            while True:
+                self._drain(lines, on_log)
+                code = proc.poll() if proc is not None else _pid_exit(handle.pid)
+                if code is not None:
+                    break
+                time.sleep(0.02)
+            self._drain(lines, on_log)
+        finally:
+            remove()
+        return self._outcome(handle, code)
+
+    @staticmethod
+    def _drain(lines: queue.Queue[LogRow], on_log: LogSink | None) -> None:
+        while True:
+            try:
+                row = lines.get_nowait()
+            except queue.Empty:
+                return
+            if on_log is not None:
+                on_log(row.level, row.message)
+
+    def _outcome(self, handle: RunHandle, code: int) -> Outcome:
+        task = self.store.get_task(handle.task_id)
+        agent_said = _last_line(Path(handle.work_dir or ".") / ".keruta" / "agent.log")
+        if code == UNKNOWN_EXIT:
+            # Only what the agent reported is known: a final status stands, anything else was lost.
+            if task.status.terminal:
+                return Outcome(status=task.status, reason=task.error_code, message=task.message or "")
+            return Outcome(status=TaskStatus.FAILED, reason="AGENT_LOST", retryable=True,
+                           message="keruta-agent ended without reporting a final status")
+        if code == agent_exit.EXIT_OK:
+            return Outcome(status=TaskStatus.COMPLETED, exit_code=0, message=task.message or "completed")
+        if code == agent_exit.EXIT_TASK_FAILED:
+            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=task.error_code or "SCRIPT_FAILED",
+                           message=task.message or "the script failed")
+        if code == agent_exit.EXIT_CONFIG:
+            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason="AGENT_CONFIG_ERROR",
+                           message=agent_said or "keruta-agent reported a configuration error")
+        if code == agent_exit.EXIT_API_UNREACHABLE:
+            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason="API_UNREACHABLE", retryable=True,
+                           message=agent_said or "keruta-agent could not reach the keruta API")
+        if code in (agent_exit.EXIT_TERMINATED, -signal.SIGTERM):
+            return Outcome(status=TaskStatus.CANCELLED, exit_code=code, reason="TERMINATED",
+                           message="the agent was terminated")
+        if code < 0:
+            name = signal.Signals(-code).name
+            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=f"AGENT_KILLED_{name}", retryable=True,
+                           message=f"keruta-agent was killed by {name}")
+        return Outcome(status=TaskStatus.FAILED, exit_code=code, reason="AGENT_ERROR",
+                       message=agent_said or f"keruta-agent exited with code {code}")
+
+    def collect(self, handle: RunHandle, dest: Path) -> CollectResult:
+        source = Path(handle.work_dir or ".") / ".keruta" / "artifacts"
+        return collect_directory(source, dest, max_file_size=self.settings.artifacts_max_file_size,
+                                 max_total_size=self.settings.artifacts_max_total_size)
+
+    def cancel(self, handle: RunHandle) -> None:
+        """Stop the agent's whole process group: SIGTERM, grace period, SIGKILL."""
+        if handle.pid is None:
+            return
+        try:
+            os.killpg(handle.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + self.grace_seconds + 3
+        proc = self._procs.get(f"{handle.task_id}/{handle.attempt}")
+        while time.monotonic() < deadline:
+            if (proc.poll() if proc is not None else _pid_exit(handle.pid)) is not None:
+                return
+            time.sleep(0.05)
+        try:
+            os.killpg(handle.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+UNKNOWN_EXIT = 1000  # the agent was not our child (another process launched it): no exit status
+
+
+def _pid_exit(pid: int | None) -> int | None:
+    """Exit status of a process that is not our child: None while it runs, else UNKNOWN_EXIT."""
+    if pid is None:
+        return UNKNOWN_EXIT
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return UNKNOWN_EXIT
+    return None
+
+
+def _last_line(path: Path) -> str | None:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1][:500] if lines else None

@@ -1,0 +1,218 @@
+"""`keruta-prefect`: run a task, show settings, seed blocks, serve the keruta API.
+
+Bad input of any kind ends with one line on stderr and exit code 2; a task that did not complete
+ends with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from keruta_prefect.models import TaskSpecError
+from keruta_prefect.settings import (
+    KerutaSettings,
+    SettingsError,
+    load_properties_file,
+    settings_markdown_table,
+    settings_to_properties,
+)
+
+EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def _settings(path: str | None) -> KerutaSettings:
+    warnings: list[str] = []
+    settings = load_properties_file(path, warn=warnings) if path else KerutaSettings()
+    for warning in warnings:
+        print(f"keruta-prefect: warning: {warning}", file=sys.stderr)
+    return settings
+
+
+def cmd_settings_show(args: argparse.Namespace) -> int:
+    settings = _settings(args.properties)
+    if args.json:
+        print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    else:
+        for key, value in settings_to_properties(settings).items():
+            print(f"{key}={value}")
+    return EXIT_OK
+
+
+def cmd_settings_keys(_args: argparse.Namespace) -> int:
+    print(settings_markdown_table())
+    return EXIT_OK
+
+
+def cmd_blocks_seed(args: argparse.Namespace) -> int:
+    settings = _settings(args.properties)
+    from keruta_prefect.blocks import seed
+
+    report = seed(settings, name=args.name, force=args.force)
+    for line in report.lines():
+        print(line)
+    return EXIT_OK
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from keruta_prefect.api import create_app
+    from keruta_prefect.store import Store
+
+    settings = _settings(args.properties)
+    token = os.environ.get("KERUTA_API_TOKEN")
+    if not token:
+        from keruta_prefect.blocks import KerutaApiCredentials
+
+        try:
+            token = KerutaApiCredentials.load(args.block).token.get_secret_value()
+        except ValueError:
+            raise UsageError("no API token: set KERUTA_API_TOKEN or run `keruta-prefect blocks seed`") from None
+    app = create_app(Store(), token, artifacts_root=settings.storage_root(),
+                     max_file_size=settings.artifacts_max_file_size, max_total_size=settings.artifacts_max_total_size)
+    port = args.port or settings.api_port
+    print(f"keruta API on http://{args.host}:{port}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=port, log_level="info")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from keruta_prefect.models import parse_task_spec
+
+    path = Path(args.task_file)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--task-file={args.task_file!r}: {exc.strerror}") from None
+    spec = parse_task_spec(data, source=str(path))  # fail fast, before Prefect starts
+    if args.properties:
+        os.environ["KERUTA_PROPERTIES"] = str(Path(args.properties).resolve())
+        _settings(args.properties)
+
+    from keruta_prefect.flows import KerutaTaskFailed, keruta_task
+
+    print(f"running keruta task {spec.id} ({spec.title or 'untitled'}) on the {args.backend} backend…",
+          file=sys.stderr)
+    state = keruta_task(task_spec=spec.model_dump(mode="json", by_alias=True), backend=args.backend,
+                        settings_block=args.settings_block, return_state=True)
+    try:
+        result = state.result()
+    except KerutaTaskFailed as exc:
+        result = exc.result
+    except Exception as exc:
+        print(f"keruta-prefect: the flow failed: {exc}", file=sys.stderr)
+        return EXIT_TASK_FAILED
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        code = f" exit code {result.exit_code}" if result.exit_code is not None else ""
+        why = f" — {result.reason}: {result.message}" if result.status != "COMPLETED" else ""
+        duration = f", {result.duration_seconds:.1f}s" if result.duration_seconds is not None else ""
+        print(f"{result.status} task {result.task_id} (attempt {result.attempt},{code}{duration}, "
+              f"{result.log_lines} log lines, {len(result.artifacts)} artifacts){why}")
+        if result.artifacts_note:
+            print(f"artifacts: {result.artifacts_note}")
+    return EXIT_OK if result.status == "COMPLETED" else EXIT_TASK_FAILED
+
+
+def cmd_tasks_logs(args: argparse.Namespace) -> int:
+    from keruta_prefect.store import Store
+
+    store = Store()
+    store.get_task(args.task_id)
+    for row in store.logs(args.task_id):
+        print(f"{row.ts.isoformat()} {row.level:5} {row.message}")
+    return EXIT_OK
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    from keruta_prefect.models import TaskStatus
+    from keruta_prefect.store import Store
+
+    status = None
+    if args.status:
+        try:
+            status = TaskStatus(args.status.upper())
+        except ValueError:
+            raise UsageError(f"--status={args.status!r}: allowed: {', '.join(TaskStatus)}") from None
+    tasks = Store().list_tasks(status, limit=args.limit)
+    if args.json:
+        print(json.dumps([t.model_dump(mode="json", by_alias=True) for t in tasks], indent=2))
+    else:
+        for t in tasks:
+            print(f"{t.id}\t{t.status}\t{t.priority}\t{t.title}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keruta-prefect", description="Run keruta tasks from Prefect.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one task (a JSON task spec) through the keruta-task flow")
+    run.add_argument("--task-file", required=True)
+    run.add_argument("--backend", default="local", choices=["local"])
+    run.add_argument("--settings-block", default="default")
+    run.add_argument("--properties", help="application.properties used if the settings block does not exist yet")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.set_defaults(func=cmd_run)
+
+    settings = sub.add_parser("settings", help="inspect settings")
+    ssub = settings.add_subparsers(dest="settings_command", required=True)
+    show = ssub.add_parser("show", help="the effective settings of a properties file (or the defaults)")
+    show.add_argument("--properties")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_settings_show)
+    ssub.add_parser("keys", help="every key with its default, as a markdown table").set_defaults(func=cmd_settings_keys)
+
+    blocks = sub.add_parser("blocks", help="Prefect blocks")
+    bsub = blocks.add_subparsers(dest="blocks_command", required=True)
+    seed = bsub.add_parser("seed", help="register block types; create the documents only if absent")
+    seed.add_argument("--properties")
+    seed.add_argument("--name", default="default")
+    seed.add_argument("--force", action="store_true", help="overwrite existing documents")
+    seed.set_defaults(func=cmd_blocks_seed)
+
+    api = sub.add_parser("api", help="serve the keruta API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int)
+    api.add_argument("--properties")
+    api.add_argument("--block", default="default", help="keruta-api block holding the token")
+    api.set_defaults(func=cmd_api)
+
+    tasks = sub.add_parser("tasks", help="stored tasks")
+    tsub = tasks.add_subparsers(dest="tasks_command", required=True)
+    tlist = tsub.add_parser("list")
+    tlist.add_argument("--status")
+    tlist.add_argument("--limit", type=int, default=100)
+    tlist.add_argument("--json", action="store_true")
+    tlist.set_defaults(func=cmd_tasks_list)
+    tlogs = tsub.add_parser("logs")
+    tlogs.add_argument("task_id")
+    tlogs.set_defaults(func=cmd_tasks_logs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SettingsError, TaskSpecError, UsageError) as exc:
+        print(f"keruta-prefect: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LookupError as exc:
+        print(f"keruta-prefect: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

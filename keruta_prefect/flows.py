@@ -1,0 +1,284 @@
+"""The `keruta-task` flow: settings → task → launch → wait → collect artifacts → record → summary.
+
+Each Prefect task is one step with one reason to retry:
+- launch / wait are retried (with backoff) only for :class:`TransientBackendError`;
+- a task that *failed* is never retried; an attempt that failed for a system reason
+  (``Outcome.retryable``: agent lost, API unreachable, Pod evicted…) gets a new attempt, up to
+  ``keruta.task.max-attempts``;
+- record-run is retried on database errors.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from prefect.runtime import flow_run as runtime_flow_run
+from prefect.states import Failed
+from prefect.tasks import exponential_backoff
+from sqlalchemy.exc import OperationalError
+
+from keruta_prefect.artifacts import CollectResult, storage_dir
+from keruta_prefect.backends.base import Backend, Outcome, RunContext, RunHandle, TransientBackendError
+from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
+from keruta_prefect.models import (
+    InvalidTransition,
+    Task,
+    TaskResult,
+    TaskStatus,
+    parse_task_spec,
+)
+from keruta_prefect.settings import KerutaSettings
+from keruta_prefect.store import Store, TaskRunRow
+
+BackendName = Literal["local"]
+
+
+class KerutaTaskFailed(Exception):
+    """The keruta task ended FAILED or CANCELLED; ``result`` holds everything that was recorded."""
+
+    def __init__(self, result: TaskResult) -> None:
+        detail = f"{result.reason}: " if result.reason else ""
+        code = f" (exit code {result.exit_code})" if result.exit_code is not None else ""
+        super().__init__(f"keruta task {result.task_id} {result.status}{code}: {detail}{result.message or ''}")
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable, so a deployment's caller gets it back whole
+        return (KerutaTaskFailed, (self.result,))
+
+
+class TaskAlreadyRunning(RuntimeError):
+    pass
+
+
+def _retry_on(*types: type[BaseException]) -> Any:
+    def condition(_task: Any, _task_run: Any, state: Any) -> bool:
+        try:
+            state.result()
+        except types:
+            return True
+        except BaseException:
+            return False
+        return False
+
+    return condition
+
+
+def get_backend(name: str, settings: KerutaSettings, store: Store) -> Backend:
+    if name == "local":
+        from keruta_prefect.backends.local import LocalBackend
+
+        return LocalBackend(settings, store)
+    raise ValueError(f"backend={name!r}: allowed: local")
+
+
+# --- the steps --------------------------------------------------------------------------------------
+
+@task(name="prepare-task", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(0.5),
+      retry_condition_fn=_retry_on(OperationalError))
+def prepare_task(store: Store, task_id: str | None, task_spec: dict[str, Any] | str | None) -> Task:
+    """Get the task (by id) or create it (from a spec); a failed/cancelled task is queued again."""
+    if task_spec is not None:
+        parsed = parse_task_spec(task_spec, source="task_spec")
+        if task_id is not None and parsed.id != task_id:
+            parsed = parsed.model_copy(update={"id": task_id})
+        current, _created = store.get_or_create_task(parsed)
+    elif task_id is not None:
+        current = store.get_task(task_id)
+    else:
+        raise ValueError("give task_id (a stored task) or task_spec (a task in keruta's JSON form)")
+    if current.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+        current = store.set_status(current.id, TaskStatus.PENDING, message="queued again")
+    elif current.status in (TaskStatus.IN_PROGRESS, TaskStatus.WAITING_FOR_INPUT):
+        raise TaskAlreadyRunning(f"task {current.id} is {current.status} in another run")
+    return current
+
+
+@task(name="launch-agent", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=_retry_on(TransientBackendError))
+def launch_agent(backend: Backend, store: Store, task: Task, ctx: RunContext) -> tuple[RunHandle, int]:
+    handle = backend.launch(task, ctx)
+    run = store.start_run(TaskRunRow(
+        task_id=task.id, flow_run_id=ctx.flow_run_id, backend=backend.name, attempt=ctx.attempt,
+        job_name=handle.name, namespace=handle.namespace, job_uid=handle.uid, pid=handle.pid,
+    ))
+    assert run.id is not None
+    return handle, run.id
+
+
+@task(name="wait-for-agent", cache_policy=NO_CACHE, retries=5, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=_retry_on(TransientBackendError))
+def wait_for_agent(backend: Backend, handle: RunHandle, max_prefect_lines: int) -> tuple[Outcome, int]:
+    logger = get_run_logger()
+    count = 0
+
+    def on_log(level: str, message: str) -> None:
+        nonlocal count
+        count += 1
+        if count <= max_prefect_lines:
+            logger.log(40 if level in ("ERROR", "CRITICAL") else 30 if level.startswith("WARN") else 20, message)
+        elif count == max_prefect_lines + 1:
+            logger.warning("more task log lines are stored in the keruta database only "
+                           "(keruta.logs.prefect-max-lines=%d)", max_prefect_lines)
+
+    outcome = backend.wait(handle, on_log)
+    return outcome, count
+
+
+@task(name="collect-artifacts", cache_policy=NO_CACHE)
+def collect_artifacts(backend: Backend, handle: RunHandle, settings: KerutaSettings) -> CollectResult:
+    if settings.artifacts_mode == "off":
+        return CollectResult()
+    dest = storage_dir(settings.storage_root(), handle.task_id, handle.attempt)
+    try:
+        return backend.collect(handle, dest)
+    except OSError as exc:
+        return CollectResult(lost=f"artifacts lost: {exc}")
+
+
+@task(name="record-run", cache_policy=NO_CACHE, retries=5, retry_delay_seconds=exponential_backoff(0.5),
+      retry_condition_fn=_retry_on(OperationalError))
+def record_run(store: Store, run_id: int, task: Task, handle: RunHandle, outcome: Outcome,
+               collected: CollectResult, log_lines: int) -> TaskResult:
+    current = store.get_task(task.id)
+    if current.status != outcome.status:
+        try:
+            current = store.set_status(task.id, outcome.status, message=outcome.message, error_code=outcome.reason)
+        except InvalidTransition:
+            pass  # the agent (or a cancel) already set a final status; that word stands
+    finished = datetime.now(UTC)
+    note = collected.note()
+    run = store.update_run(run_id, status=outcome.status.value, exit_code=outcome.exit_code, reason=outcome.reason,
+                           message=outcome.message, finished_at=finished, artifacts_note=note)
+    store.add_artifacts(task.id, run_id, collected.files)
+    started = run.started_at if run.started_at.tzinfo else run.started_at.replace(tzinfo=UTC)
+    return TaskResult(
+        task_id=task.id, status=outcome.status, attempt=handle.attempt, backend=handle.backend,
+        exit_code=outcome.exit_code, reason=outcome.reason, message=outcome.message, job_name=handle.name,
+        namespace=handle.namespace, started_at=started, finished_at=finished, log_lines=log_lines,
+        artifacts=collected.files, artifacts_note=note,
+    )
+
+
+# --- the flow ---------------------------------------------------------------------------------------
+
+@flow(name="keruta-task", log_prints=True)
+def keruta_task(
+    task_id: str | None = None,
+    task_spec: dict[str, Any] | None = None,
+    backend: BackendName = "local",
+    settings_block: str = DEFAULT_BLOCK,
+) -> TaskResult:
+    """Run one keruta task: by ``task_id`` (a stored task) or ``task_spec`` (keruta's camelCase JSON)."""
+    logger = get_run_logger()
+    settings = load_settings(settings_block)
+    store = Store()
+    runner = get_backend(backend, settings, store)
+    task_ = prepare_task(store, task_id, task_spec)
+    logger.info("keruta task %s (%s) on the %s backend", task_.id, task_.title or "untitled", runner.name)
+    flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
+
+    result: TaskResult | None = None
+    for attempt in range(1, settings.task_max_attempts + 1):
+        ctx = RunContext(flow_run_id=flow_run_id, attempt=attempt)
+        handle, run_id = launch_agent(runner, store, task_, ctx)
+        finished = False
+        try:
+            outcome, lines = wait_for_agent(runner, handle, settings.prefect_log_max_lines)
+            finished = True
+        finally:
+            if not finished:  # cancelled, crashed or interrupted while waiting: never leave the agent behind
+                runner.cancel(handle)
+                _mark(store, task_.id, TaskStatus.CANCELLED, "the flow run was cancelled or stopped")
+        collected = collect_artifacts(runner, handle, settings)
+        will_retry = outcome.retryable and attempt < settings.task_max_attempts
+        if will_retry:
+            # This attempt is over; the task lives on into the next one.
+            store.update_run(run_id, status=TaskStatus.FAILED.value, exit_code=outcome.exit_code,
+                             reason=outcome.reason, message=outcome.message, finished_at=datetime.now(UTC))
+            delay = min(2 ** attempt, 30)
+            logger.warning("attempt %d failed for a system reason (%s: %s); attempt %d in %ds",
+                           attempt, outcome.reason, outcome.message, attempt + 1, delay)
+            _mark(store, task_.id, TaskStatus.RETRYING, f"attempt {attempt} failed: {outcome.message}")
+            time.sleep(delay)
+            continue
+        result = record_run(store, run_id, task_, handle, outcome, collected, lines)
+        break
+    assert result is not None
+    publish_summary(store, task_, result)
+    if result.status != TaskStatus.COMPLETED:
+        # A task that failed is an expected outcome, not a crash: a Failed state (no traceback) whose
+        # result() raises KerutaTaskFailed carrying the whole TaskResult.
+        failure = KerutaTaskFailed(result)
+        logger.error("%s", failure)
+        return Failed(message=str(failure), data=failure)  # type: ignore[return-value]
+    logger.info("keruta task %s COMPLETED", task_.id)
+    return result
+
+
+def _mark(store: Store, task_id: str, status: TaskStatus, message: str) -> None:
+    try:
+        store.set_status(task_id, status, message=message)
+    except InvalidTransition:
+        pass
+
+
+def _artifact_key(task_id: str) -> str:
+    return ("keruta-" + re.sub(r"[^a-z0-9-]+", "-", task_id.lower())).strip("-")[:100]
+
+
+def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
+    """A markdown summary and the artifact table on the flow run; a `keruta.task.*` event."""
+    tail = [row.message for row in store.logs(task.id)[-20:]]
+    duration = f"{result.duration_seconds:.1f}s" if result.duration_seconds is not None else "-"
+    where = f"Job `{result.namespace}/{result.job_name}`" if result.namespace else f"`{result.job_name}`"
+    lines = [
+        f"# keruta task `{task.id}`: **{result.status}**",
+        "",
+        "| | |", "|---|---|",
+        f"| title | {_cell(task.title)} |",
+        f"| status | {result.status} |",
+        f"| reason | {_cell(result.reason or '-')} |",
+        f"| message | {_cell(result.message or '-')} |",
+        f"| exit code | {result.exit_code if result.exit_code is not None else '-'} |",
+        f"| backend | {result.backend} ({where}), attempt {result.attempt} |",
+        f"| duration | {duration} |",
+        f"| log lines | {result.log_lines} |",
+        f"| artifacts | {len(result.artifacts)} files, {sum(a.size for a in result.artifacts)} bytes"
+        + (f" — {_cell(result.artifacts_note)}" if result.artifacts_note else "") + " |",
+        "",
+        "## Log tail",
+        "```",
+        *[line.replace("```", "'''") for line in tail],
+        "```",
+    ]
+    key = _artifact_key(task.id)
+    create_markdown_artifact("\n".join(lines), key=key, description=f"keruta task {task.id}")
+    if result.artifacts:
+        create_table_artifact([a.model_dump() for a in result.artifacts], key=f"{key}-files"[:100],
+                              description=f"files collected from keruta task {task.id}")
+    emit_event(
+        event=f"keruta.task.{result.status.value.lower()}",
+        resource={"prefect.resource.id": f"keruta.task.{task.id}", "prefect.resource.name": task.title or task.id,
+                  "keruta.task.id": task.id},
+        payload={"status": result.status.value, "reason": result.reason, "exit_code": result.exit_code,
+                 "message": result.message, "attempt": result.attempt},
+    )
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:300]
+
+
+def run_from_file(path: str | Path, backend: BackendName = "local", settings_block: str = DEFAULT_BLOCK) -> Any:
+    """Run the flow for a task spec file; returns the flow's final Prefect state."""
+    spec = parse_task_spec(Path(path).read_bytes(), source=str(path))
+    return keruta_task(task_spec=spec.model_dump(mode="json", by_alias=True, exclude={"status"}),
+                       backend=backend, settings_block=settings_block, return_state=True)

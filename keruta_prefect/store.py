@@ -1,0 +1,380 @@
+"""The task store (SQLModel): tasks, task runs, log lines and artifacts.
+
+The one module that talks to the database. SQLite under ``$KERUTA_HOME`` by default;
+``KERUTA_DATABASE_URL`` selects another database (e.g. ``postgresql+psycopg://…``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Engine, Text, UniqueConstraint, event, func
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from keruta_prefect.models import ArtifactInfo, Task, TaskStatus, check_transition
+from keruta_prefect.settings import keruta_home
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class TaskRow(SQLModel, table=True):
+    __tablename__ = "keruta_tasks"
+
+    id: str = Field(primary_key=True, max_length=512)
+    title: str = ""
+    description: str = Field(default="", sa_column=Column(Text, nullable=False))
+    priority: int = Field(default=0, index=True)
+    status: str = Field(default=TaskStatus.PENDING.value, index=True, max_length=32)
+    documents: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    image: str | None = None
+    namespace: str | None = None
+    additional_env: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    repository_id: str | None = None
+    repository_url: str | None = None
+    repository_ref: str | None = None
+    repository_secret: str | None = None
+    parent_id: str | None = Field(default=None, index=True)
+    session: str | None = None
+    storage_class: str | None = None
+    pvc_name: str | None = None
+    script: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    timeout_seconds: int | None = None
+    resources: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    progress: int | None = None
+    message: str | None = Field(default=None, sa_column=Column(Text))
+    error_code: str | None = None
+    claimed_by: str | None = None
+    created_at: datetime = Field(default_factory=_now)
+    updated_at: datetime = Field(default_factory=_now)
+
+    def to_task(self) -> Task:
+        data = self.model_dump(exclude={"claimed_by"})
+        for key in ("created_at", "updated_at"):
+            if data[key].tzinfo is None:  # SQLite drops the zone; everything is stored in UTC
+                data[key] = data[key].replace(tzinfo=UTC)
+        return Task.model_validate(data)
+
+    @classmethod
+    def from_task(cls, task: Task) -> TaskRow:
+        data = task.model_dump(mode="json", by_alias=False)
+        data["created_at"] = task.created_at
+        data["updated_at"] = task.updated_at
+        return cls.model_validate(data)
+
+
+class TaskRunRow(SQLModel, table=True):
+    __tablename__ = "keruta_task_runs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: str = Field(index=True, max_length=512)
+    flow_run_id: str | None = Field(default=None, index=True)
+    backend: str = "local"
+    attempt: int = 1
+    status: str = TaskStatus.IN_PROGRESS.value
+    exit_code: int | None = None
+    reason: str | None = None
+    message: str | None = Field(default=None, sa_column=Column(Text))
+    job_name: str | None = None
+    namespace: str | None = None
+    job_uid: str | None = None
+    pid: int | None = None
+    artifacts_note: str | None = Field(default=None, sa_column=Column(Text))
+    started_at: datetime = Field(default_factory=_now)
+    finished_at: datetime | None = None
+
+
+class LogRow(SQLModel, table=True):
+    __tablename__ = "keruta_task_logs"
+    __table_args__ = (UniqueConstraint("task_id", "source", "seq", name="uq_keruta_log_line"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: str = Field(index=True, max_length=512)
+    source: str = Field(default="api", max_length=64)
+    seq: int
+    level: str = Field(default="INFO", max_length=16)
+    message: str = Field(sa_column=Column(Text, nullable=False))
+    ts: datetime = Field(default_factory=_now)
+
+
+class ArtifactRow(SQLModel, table=True):
+    __tablename__ = "keruta_artifacts"
+    __table_args__ = (UniqueConstraint("task_id", "run_id", "path", name="uq_keruta_artifact"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: str = Field(index=True, max_length=512)
+    run_id: int | None = Field(default=None, index=True)
+    path: str = Field(sa_column=Column(Text, nullable=False))
+    size: int
+    sha256: str = Field(max_length=64)
+    location: str = Field(sa_column=Column(Text, nullable=False))
+    description: str | None = None
+    created_at: datetime = Field(default_factory=_now)
+
+
+class TaskNotFound(LookupError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} not found")
+        self.task_id = task_id
+
+
+class TaskExists(ValueError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} already exists")
+        self.task_id = task_id
+
+
+class LogLine(SQLModel):
+    seq: int
+    level: str = "INFO"
+    message: str
+    ts: datetime | None = None
+
+
+def database_url() -> str:
+    url = os.environ.get("KERUTA_DATABASE_URL")
+    if url:
+        return url
+    home = keruta_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'keruta.db'}"
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(url: str | None = None) -> Engine:
+    url = url or database_url()
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _make_engine(url)
+            SQLModel.metadata.create_all(engine)
+            _engines[url] = engine
+        return engine
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            # Take the write lock at the start, so read-check-write (status transitions) cannot race.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class Store:
+    """The few queries the rest of keruta-prefect needs. Thread-safe; share one per process."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.engine = get_engine(url)
+        self._log_listeners: list[Callable[[str, list[LogRow]], None]] = []
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    # --- tasks -------------------------------------------------------------------------------------
+    def create_task(self, task: Task) -> Task:
+        row = TaskRow.from_task(task)
+        try:
+            with self.session() as s:
+                s.add(row)
+                s.commit()
+        except IntegrityError:
+            raise TaskExists(task.id) from None
+        return row.to_task()
+
+    def get_or_create_task(self, task: Task) -> tuple[Task, bool]:
+        try:
+            return self.create_task(task), True
+        except TaskExists:
+            return self.get_task(task.id), False
+
+    def get_task(self, task_id: str) -> Task:
+        with self.session() as s:
+            row = s.get(TaskRow, task_id)
+            if row is None:
+                raise TaskNotFound(task_id)
+            return row.to_task()
+
+    def list_tasks(self, status: TaskStatus | None = None, limit: int = 100, offset: int = 0) -> list[Task]:
+        with self.session() as s:
+            query = select(TaskRow)
+            if status is not None:
+                query = query.where(TaskRow.status == status.value)
+            query = query.order_by(TaskRow.priority.desc(), TaskRow.created_at).offset(offset).limit(limit)  # type: ignore[attr-defined]
+            return [row.to_task() for row in s.exec(query)]
+
+    def set_status(
+        self,
+        task_id: str,
+        status: TaskStatus,
+        *,
+        message: str | None = None,
+        progress: int | None = None,
+        error_code: str | None = None,
+    ) -> Task:
+        """Move a task to ``status`` (InvalidTransition if not allowed). The description is never touched:
+        the message is kept in its own column (the original overwrote the description with it)."""
+        with self.session() as s:
+            row = s.exec(select(TaskRow).where(TaskRow.id == task_id).with_for_update()).first()
+            if row is None:
+                raise TaskNotFound(task_id)
+            check_transition(TaskStatus(row.status), status)
+            if row.status != status.value:
+                row.status = status.value
+                row.error_code = error_code
+                if status in (TaskStatus.IN_PROGRESS, TaskStatus.PENDING, TaskStatus.RETRYING):
+                    row.progress = None
+            elif error_code is not None:
+                row.error_code = error_code
+            if message is not None:
+                row.message = message
+            if progress is not None:
+                row.progress = progress
+            row.updated_at = _now()
+            s.add(row)
+            s.commit()
+            return row.to_task()
+
+    # --- logs --------------------------------------------------------------------------------------
+    def add_log_listener(self, listener: Callable[[str, list[LogRow]], None]) -> Callable[[], None]:
+        """Call ``listener(task_id, rows)`` for every batch of newly stored lines; returns a remover."""
+        self._log_listeners.append(listener)
+        return lambda: self._log_listeners.remove(listener)
+
+    def add_logs(self, task_id: str, source: str, lines: Sequence[LogLine]) -> int:
+        """Store lines; a line already stored (same task, source, seq) is skipped. Returns how many new."""
+        if not lines:
+            return 0
+        values = [
+            {
+                "task_id": task_id,
+                "source": source,
+                "seq": line.seq,
+                "level": line.level,
+                "message": line.message,
+                "ts": line.ts or _now(),
+            }
+            for line in lines
+        ]
+        dialect = self.engine.dialect.name
+        with self.session() as s:
+            if s.get(TaskRow, task_id) is None:
+                raise TaskNotFound(task_id)
+            if dialect == "sqlite":
+                stmt = sqlite.insert(LogRow).on_conflict_do_nothing().returning(LogRow.id)  # type: ignore[arg-type]
+            elif dialect == "postgresql":
+                stmt = postgresql.insert(LogRow).on_conflict_do_nothing().returning(LogRow.id)  # type: ignore[arg-type]
+            else:  # pragma: no cover - other databases: check first (slower, still exactly-once)
+                return self._add_logs_slow(s, task_id, source, values)
+            ids = self._insert_many(s, stmt, values)
+            s.commit()
+        if ids and self._log_listeners:
+            rows = self.logs(task_id, ids=ids)
+            for listener in list(self._log_listeners):
+                listener(task_id, rows)
+        return len(ids)
+
+    @staticmethod
+    def _insert_many(s: Session, stmt: Any, values: list[dict[str, Any]]) -> list[int]:
+        ids: list[int] = []
+        for start in range(0, len(values), 500):
+            result = s.execute(stmt.values(values[start : start + 500]))
+            ids.extend(r[0] for r in result)
+        return ids
+
+    def _add_logs_slow(self, s: Session, task_id: str, source: str, values: list[dict[str, Any]]) -> int:
+        ids = []
+        for value in values:
+            exists = s.exec(
+                select(LogRow.id).where(
+                    LogRow.task_id == task_id, LogRow.source == source, LogRow.seq == value["seq"]
+                )
+            ).first()
+            if exists is None:
+                row = LogRow(**value)
+                s.add(row)
+                s.flush()
+                ids.append(row.id)
+        s.commit()
+        return len(ids)
+
+    def logs(
+        self, task_id: str, *, after_id: int = 0, limit: int | None = None, ids: list[int] | None = None
+    ) -> list[LogRow]:
+        with self.session() as s:
+            query = select(LogRow).where(LogRow.task_id == task_id)
+            if ids is not None:
+                query = query.where(LogRow.id.in_(ids))  # type: ignore[union-attr]
+            else:
+                query = query.where(LogRow.id > after_id)  # type: ignore[operator]
+            query = query.order_by(LogRow.id)  # type: ignore[arg-type]
+            if limit is not None:
+                query = query.limit(limit)
+            return list(s.exec(query))
+
+    def count_logs(self, task_id: str) -> int:
+        with self.session() as s:
+            return int(s.exec(select(func.count()).select_from(LogRow).where(LogRow.task_id == task_id)).one())
+
+    # --- runs --------------------------------------------------------------------------------------
+    def start_run(self, run: TaskRunRow) -> TaskRunRow:
+        with self.session() as s:
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+            return run
+
+    def update_run(self, run_id: int, **changes: Any) -> TaskRunRow:
+        with self.session() as s:
+            run = s.get(TaskRunRow, run_id)
+            if run is None:
+                raise LookupError(f"task run {run_id} not found")
+            for key, value in changes.items():
+                setattr(run, key, value)
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+            return run
+
+    def runs(self, task_id: str) -> list[TaskRunRow]:
+        with self.session() as s:
+            return list(s.exec(select(TaskRunRow).where(TaskRunRow.task_id == task_id).order_by(TaskRunRow.id)))  # type: ignore[arg-type]
+
+    # --- artifacts ---------------------------------------------------------------------------------
+    def add_artifacts(self, task_id: str, run_id: int | None, items: Sequence[ArtifactInfo]) -> None:
+        if not items:
+            return
+        with self.session() as s:
+            for item in items:
+                s.add(ArtifactRow(task_id=task_id, run_id=run_id, **item.model_dump()))
+            s.commit()
+
+    def artifacts(self, task_id: str) -> list[ArtifactRow]:
+        with self.session() as s:
+            return list(s.exec(select(ArtifactRow).where(ArtifactRow.task_id == task_id).order_by(ArtifactRow.id)))  # type: ignore[arg-type]

@@ -1,0 +1,146 @@
+"""Small pure checks shared by settings, task specs and the manifest builder.
+
+Every check raises ``ValueError`` with a message that names what is allowed; callers add the field
+name and the offending value (see :func:`one_line`), so a person always sees field, value and rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import ValidationError
+
+# Kubernetes quantities: https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/quantity/
+_QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]+)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# POSIX-portable environment variable names; Kubernetes itself allows a little more, but a name the
+# agent's shell cannot export is useless to a task script.
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# An image reference: [registry[:port]/]path[:tag][@digest]. Deliberately a little looser than the
+# distribution grammar on the path, strict on what breaks kubelet (spaces, uppercase repo, empty parts).
+IMAGE_REF = re.compile(
+    r"^(?:(?P<registry>[a-zA-Z0-9.-]+(?::[0-9]+)?)/)?"
+    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
+    r"(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?$"
+)
+
+
+def parse_quantity(value: str) -> float:
+    """Parse a Kubernetes quantity ("100m", "1.5Gi", "2") to a number; ValueError if malformed."""
+    match = _QUANTITY.match(value.strip())
+    if not match:
+        raise ValueError("expected a Kubernetes quantity such as 500m, 2, 128Mi or 1Gi")
+    number = float(match["num"])
+    suffix = match["suffix"] or ""
+    return number * (_BINARY[suffix] if suffix in _BINARY else _DECIMAL[suffix])
+
+
+def check_quantity(value: str, *, allow_zero: bool = False) -> str:
+    amount = parse_quantity(value)
+    if amount <= 0 and not allow_zero:
+        raise ValueError("must be greater than zero")
+    return value.strip()
+
+
+def parse_byte_size(value: Any) -> int:
+    """Bytes from an int or a quantity string ("100Mi", "1G", "2048"); negatives rejected."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes such as 1048576, 100Mi or 1Gi")
+    if isinstance(value, int):
+        amount: float = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            raise ValueError("must not be negative")
+        try:
+            amount = parse_quantity(text)
+        except ValueError:
+            raise ValueError("expected a size in bytes such as 1048576, 100Mi or 1Gi") from None
+    else:
+        raise ValueError("expected a size in bytes such as 1048576, 100Mi or 1Gi")
+    if amount < 0:
+        raise ValueError("must not be negative")
+    return int(amount)
+
+
+def check_dns_label(value: str) -> str:
+    if len(value) > 63 or not DNS1123_LABEL.match(value):
+        raise ValueError("must be a DNS-1123 label: lowercase letters, digits and '-', at most 63 characters")
+    return value
+
+
+def check_image(value: str) -> str:
+    if not value or len(value) > 512 or not IMAGE_REF.match(value):
+        raise ValueError("must be an image reference such as registry.example.com/keruta-agent:1.0")
+    return value
+
+
+def check_env_name(name: str) -> str:
+    if not ENV_NAME.match(name):
+        raise ValueError("environment variable names must match [A-Za-z_][A-Za-z0-9_]*")
+    return name
+
+
+def shorten(value: Any, limit: int = 60) -> str:
+    """A value as shown in an error line: repr-quoted, control characters escaped, long ones cut."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 5] + "…" + text[-4:]
+    return text
+
+
+def one_line(error: ValidationError, *, names: dict[str, str] | None = None, prefix: str = "") -> str:
+    """Turn a pydantic ValidationError into one line per problem: `field=value: what is allowed`.
+
+    ``names`` maps a model field name to the name a person wrote (a property key, a camelCase key).
+    """
+    parts = []
+    for item in error.errors(include_url=False):
+        loc = [str(p) for p in item["loc"]]
+        field = ".".join(loc) if loc else "value"
+        if names and loc and loc[0] in names:
+            field = ".".join([names[loc[0]], *loc[1:]])
+        message = _friendly(item)
+        if item["type"] == "missing":
+            parts.append(f"{prefix}{field}: is required")
+        elif item["type"] in ("extra_forbidden",):
+            parts.append(f"{prefix}{field}: unknown field")
+        else:
+            parts.append(f"{prefix}{field}={shorten(item.get('input'))}: {message}")
+    return "; ".join(parts)
+
+
+def _friendly(item: Any) -> str:
+    kind = item["type"]
+    ctx = item.get("ctx") or {}
+    if kind == "bool_parsing" or kind == "bool_type":
+        return "expected true or false"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "expected a whole number"
+    if kind == "literal_error":
+        return f"allowed: {ctx.get('expected', '')}".replace("'", "")
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx.get('ge')}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx.get('le')}"
+    if kind == "greater_than":
+        return f"must be greater than {ctx.get('gt')}"
+    if kind == "value_error":
+        return str(ctx.get("error", item["msg"]))
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters"
+    return str(item["msg"])
+
+
+def unique(values: Iterable[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for v in values:
+        seen.setdefault(v, None)
+    return list(seen)
