@@ -65,7 +65,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from keruta_prefect.api import create_app
-    from keruta_prefect.store import Store
+    from keruta_prefect.store import get_store
 
     settings = _settings(args.properties)
     token = os.environ.get("KERUTA_API_TOKEN")
@@ -76,7 +76,7 @@ def cmd_api(args: argparse.Namespace) -> int:
             token = KerutaApiCredentials.load(args.block).token.get_secret_value()
         except ValueError:
             raise UsageError("no API token: set KERUTA_API_TOKEN or run `keruta-prefect blocks seed`") from None
-    app = create_app(Store(), token, artifacts_root=settings.storage_root(),
+    app = create_app(get_store(), token, artifacts_root=settings.storage_root(),
                      max_file_size=settings.artifacts_max_file_size, max_total_size=settings.artifacts_max_total_size)
     port = args.port or settings.api_port
     print(f"keruta API on http://{args.host}:{port}", file=sys.stderr)
@@ -124,9 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks_logs(args: argparse.Namespace) -> int:
-    from keruta_prefect.store import Store
+    from keruta_prefect.store import get_store
 
-    store = Store()
+    store = get_store()
     store.get_task(args.task_id)
     for row in store.logs(args.task_id):
         print(f"{row.ts.isoformat()} {row.level:5} {row.message}")
@@ -135,7 +135,7 @@ def cmd_tasks_logs(args: argparse.Namespace) -> int:
 
 def cmd_tasks_list(args: argparse.Namespace) -> int:
     from keruta_prefect.models import TaskStatus
-    from keruta_prefect.store import Store
+    from keruta_prefect.store import get_store
 
     status = None
     if args.status:
@@ -143,7 +143,7 @@ def cmd_tasks_list(args: argparse.Namespace) -> int:
             status = TaskStatus(args.status.upper())
         except ValueError:
             raise UsageError(f"--status={args.status!r}: allowed: {', '.join(TaskStatus)}") from None
-    tasks = Store().list_tasks(status, limit=args.limit)
+    tasks = get_store().list_tasks(status, limit=args.limit)
     if args.json:
         print(json.dumps([t.model_dump(mode="json", by_alias=True) for t in tasks], indent=2))
     else:

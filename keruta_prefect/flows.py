@@ -36,7 +36,7 @@ from keruta_prefect.models import (
     parse_task_spec,
 )
 from keruta_prefect.settings import KerutaSettings
-from keruta_prefect.store import Store, TaskRunRow
+from keruta_prefect.store import Store, TaskRunRow, get_store
 
 BackendName = Literal["local"]
 
@@ -179,7 +179,7 @@ def keruta_task(
     """Run one keruta task: by ``task_id`` (a stored task) or ``task_spec`` (keruta's camelCase JSON)."""
     logger = get_run_logger()
     settings = load_settings(settings_block)
-    store = Store()
+    store = get_store()
     runner = get_backend(backend, settings, store)
     task_ = prepare_task(store, task_id, task_spec)
     logger.info("keruta task %s (%s) on the %s backend", task_.id, task_.title or "untitled", runner.name)

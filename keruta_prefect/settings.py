@@ -308,10 +308,22 @@ def settings_to_properties(settings: KerutaSettings) -> dict[str, str]:
             text = ",".join(value)
         elif isinstance(value, dict):
             text = ",".join(f"{k}={v}" for k, v in value.items())
+        elif field in _BYTE_FIELDS:
+            text = _format_bytes(value)
         else:
             text = str(value)
         out[key] = text
     return out
+
+
+_BYTE_FIELDS = {"artifacts_max_file_size", "artifacts_max_total_size"}
+
+
+def _format_bytes(value: int) -> str:
+    for suffix, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if value and value % factor == 0:
+            return f"{value // factor}{suffix}"
+    return str(value)
 
 
 def settings_markdown_table() -> str:

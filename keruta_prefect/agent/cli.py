@@ -60,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError(f"--log-level={args.log_level!r}: allowed: DEBUG, INFO, WARNING, ERROR")
     logging.basicConfig(level=level, format="keruta-agent %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the agent's own
     config = AgentConfig(
         task_id=_env("KERUTA_TASK_ID", args.task_id),
         api_url=_env("KERUTA_API_URL", args.api_url),
@@ -113,7 +114,6 @@ def cmd_artifact_add(args: argparse.Namespace) -> int:
         shutil.copytree(source, target, dirs_exist_ok=True, symlinks=True)
     else:
         shutil.copy2(source, target)
-    print(target)
     return EXIT_OK
 
 

@@ -285,8 +285,9 @@ def _execute(path: Path, config: AgentConfig, env: dict[str, str], shipper: LogS
         _stop(proc, config.grace_seconds)
     # The script has ended; its children may still hold the pipes. Give the readers a moment to drain,
     # then end the whole process group so the pipes close and nothing blocks the final report.
+    drain_deadline = time.monotonic() + 2.0
     for reader in readers:
-        reader.join(timeout=5)
+        reader.join(timeout=max(0.0, drain_deadline - time.monotonic()))
     if any(r.is_alive() for r in readers):
         _kill_group(proc.pid, signal.SIGKILL)
         for reader in readers:

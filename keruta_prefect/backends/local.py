@@ -26,14 +26,15 @@ from keruta_prefect.models import Task, TaskStatus
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import LogRow, Store
 
-_embedded: dict[int, tuple[ApiServer, str]] = {}
+_embedded: dict[str, tuple[ApiServer, str]] = {}
 _embedded_lock = threading.Lock()
 
 
 def embedded_api(store: Store, settings: KerutaSettings) -> tuple[ApiServer, str]:
-    """One keruta API per process and store, started on first use: (server, token)."""
+    """One keruta API per process and database, started on first use: (server, token)."""
+    key = str(store.engine.url)
     with _embedded_lock:
-        found = _embedded.get(id(store))
+        found = _embedded.get(key)
         if found is None or not found[0].thread.is_alive():
             token = secrets.token_urlsafe(32)
             app = create_app(
@@ -41,7 +42,7 @@ def embedded_api(store: Store, settings: KerutaSettings) -> tuple[ApiServer, str
                 max_file_size=settings.artifacts_max_file_size, max_total_size=settings.artifacts_max_total_size,
             )
             found = (ApiServer(app).start(), token)
-            _embedded[id(store)] = found
+            _embedded[key] = found
         return found
 
 

@@ -1,0 +1,113 @@
+"""Shared fixtures: an isolated keruta home per test, a real keruta API on loopback, one Prefect server.
+
+Environment first: Prefect reads its settings when imported, so PREFECT_HOME and analytics are set
+before anything imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="keruta-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "60"
+os.environ["KERUTA_HOME"] = str(_SESSION_DIR / "keruta-home")
+for _name in ("KERUTA_DATABASE_URL", "KERUTA_API_TOKEN", "KERUTA_PROPERTIES", "KERUTA_TASK_ID", "KERUTA_API_URL"):
+    os.environ.pop(_name, None)
+
+import pytest  # noqa: E402
+
+from keruta_prefect.api import ApiServer, create_app  # noqa: E402
+from keruta_prefect.store import Store, get_store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "test-output"
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One Prefect test server for the whole session (it takes 15-25 s to start on these machines)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60), temporary_settings(
+        {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    ):
+        yield
+
+
+@pytest.fixture
+def keruta_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh KERUTA_HOME and SQLite database for one test."""
+    home = tmp_path / "keruta-home"
+    home.mkdir()
+    monkeypatch.setenv("KERUTA_HOME", str(home))
+    monkeypatch.setenv("KERUTA_DATABASE_URL", f"sqlite:///{home / 'keruta.db'}")
+    return home
+
+
+@pytest.fixture
+def store(keruta_home: Path) -> Store:
+    return get_store()
+
+
+class Api:
+    """A keruta API served over real HTTP on loopback."""
+
+    def __init__(self, store: Store, artifacts_root: Path, port: int = 0, **caps: int) -> None:
+        self.store = store
+        self.token = secrets.token_urlsafe(24)
+        self.artifacts_root = artifacts_root
+        self.caps = caps
+        self.port = port
+        self.server: ApiServer | None = None
+
+    def start(self) -> Api:
+        app = create_app(self.store, self.token, artifacts_root=self.artifacts_root, **self.caps)
+        self.server = ApiServer(app, port=self.port).start()
+        self.port = self.server.port
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+def api(store: Store, keruta_home: Path) -> Iterator[Api]:
+    server = Api(store, keruta_home / "artifacts").start()
+    yield server
+    server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_agent(api: Api, task_id: str, work_dir: Path, *args: str, timeout: float = 120,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """keruta-agent as its own process, against the API over HTTP (as in a Pod)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KERUTA_")}
+    full_env.update({"KERUTA_API_TOKEN": api.token, **(env or {})})
+    command = [sys.executable, "-m", "keruta_prefect.agent", "run", "--task-id", task_id, "--api-url", api.url,
+               "--work-dir", str(work_dir), "--artifacts-dir", str(work_dir / "artifacts"), *args]
+    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
