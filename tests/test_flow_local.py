@@ -1,0 +1,115 @@
+"""The keruta-task flow end to end on the local backend (agent subprocess, embedded API, SQLite)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from keruta_prefect.cli import main
+from keruta_prefect.flows import KerutaTaskFailed, keruta_task
+from keruta_prefect.models import Task
+from keruta_prefect.store import Store
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def markdown_artifact(key: str) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert artifacts, key
+    return str(artifacts[0].data)
+
+
+def test_a_task_spec_runs_to_completed_with_logs_run_record_and_artifacts(store: Store) -> None:
+    spec = {"id": "e2e-ok", "title": "end to end", "additionalEnv": {"WHO": "flow"},
+            "script": "echo \"hello $WHO\"\nkeruta-agent progress 80\nmkdir -p $KERUTA_ARTIFACTS_DIR/sub\n"
+                      "echo data > $KERUTA_ARTIFACTS_DIR/sub/out.txt\necho bye"}
+    result = keruta_task(task_spec=spec)
+    assert (result.status, result.exit_code, result.attempt, result.log_lines) == ("COMPLETED", 0, 1, 2)
+    assert [a.path for a in result.artifacts] == ["sub/out.txt"]
+    assert Path(result.artifacts[0].location).read_text() == "data\n"
+
+    task = store.get_task("e2e-ok")
+    assert (task.status, task.progress) == ("COMPLETED", 80)
+    [run] = store.runs("e2e-ok")
+    assert (run.status, run.exit_code, run.backend, run.attempt) == ("COMPLETED", 0, "local", 1)
+    assert run.flow_run_id and run.finished_at is not None
+    assert [row.message for row in store.logs("e2e-ok")] == ["hello flow", "bye"]
+    assert [a.path for a in store.artifacts("e2e-ok")] == ["sub/out.txt"]
+
+    summary = markdown_artifact("keruta-e2e-ok")
+    assert "**COMPLETED**" in summary and "hello flow" in summary
+
+
+def test_a_failing_script_fails_the_flow_run_with_the_exit_code_and_no_retry(store: Store) -> None:
+    state = keruta_task(task_spec={"id": "e2e-fail", "script": "echo trying\nexit 7"}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(KerutaTaskFailed) as info:
+        state.result()
+    result = info.value.result
+    assert (result.status, result.reason, result.exit_code) == ("FAILED", "SCRIPT_EXIT_7", 1)
+    assert "keruta task e2e-fail FAILED (exit code 1): SCRIPT_EXIT_7: script exited with code 7" == str(info.value)
+    assert len(store.runs("e2e-fail")) == 1  # a task failure is not retried
+    assert store.get_task("e2e-fail").status == "FAILED"
+
+
+def test_a_system_failure_gets_a_new_attempt(store: Store, tmp_path: Path) -> None:
+    marker = tmp_path / "first-attempt-done"
+    script = (f'if [ ! -e "{marker}" ]; then touch "{marker}"; echo "killing my agent"; kill -9 $PPID; sleep 5; fi\n'
+              "echo recovered")
+    result = keruta_task(task_spec={"id": "e2e-retry", "script": script})
+    assert (result.status, result.attempt) == ("COMPLETED", 2)
+    first, second = store.runs("e2e-retry")
+    assert (first.status, first.reason) == ("FAILED", "AGENT_KILLED_SIGKILL")
+    assert (second.status, second.attempt) == ("COMPLETED", 2)
+    assert "recovered" in [row.message for row in store.logs("e2e-retry")]
+
+
+def test_a_stored_task_runs_by_id_and_a_failed_one_can_run_again(store: Store, tmp_path: Path) -> None:
+    flag = tmp_path / "ok"
+    store.create_task(Task.model_validate({"id": "by-id", "script": f'test -e "{flag}" && echo fixed'}))
+    assert keruta_task(task_id="by-id", return_state=True).is_failed()
+    flag.touch()
+    assert keruta_task(task_id="by-id").status == "COMPLETED"
+    assert [r.status for r in store.runs("by-id")] == ["FAILED", "COMPLETED"]
+
+
+def test_cli_run_prints_the_log_lines_and_the_final_status(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--task-file", str(ROOT / "examples" / "hello.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("COMPLETED task hello-keruta (attempt 1, exit code 0,")
+    assert store.get_task("hello-keruta").status == "COMPLETED"
+    assert store.count_logs("hello-keruta") >= 2
+
+    failing = tmp_path / "fail.json"
+    failing.write_text(json.dumps({"id": "cli-fail", "script": "exit 4"}))
+    assert main(["run", "--task-file", str(failing)]) == 1
+    assert "FAILED task cli-fail (attempt 1, exit code 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "keruta-prefect: --task-file='{path}': No such file or directory"),
+        ("{bad json", "keruta-prefect: {path}: not valid JSON"),
+        ('{"additionalEnv": {"A-B": "1"}}', "keruta-prefect: {path}: additionalEnv={{'A-B': '1'}}: 'A-B': "),
+    ],
+)
+def test_cli_run_rejects_bad_input_with_one_line_and_exit_2(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
+    path = tmp_path / "task.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["run", "--task-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.format(path=path)), err
+    assert err.count("\n") == 1 and store.list_tasks() == []
