@@ -167,7 +167,8 @@ def test_a_background_child_holding_the_pipes_does_not_hang_the_agent(api: Api, 
 
 
 def test_script_parameters_and_task_env_reach_the_script(api: Api, store: Store, tmp_path: Path) -> None:
-    store.create_task(Task.model_validate({"id": "params", "script": {
-        "content": 'echo "$KERUTA_PARAM_NAME in $(basename "$PWD") for $KERUTA_TASK_ID"', "parameters": {"name": "v"}}}))
+    content = 'echo "$KERUTA_PARAM_NAME in $(basename "$PWD") for $KERUTA_TASK_ID"'
+    script = {"content": content, "parameters": {"name": "v"}}
+    store.create_task(Task.model_validate({"id": "params", "script": script}))
     assert run_agent(api, "params", tmp_path / "w").returncode == 0
     assert messages(store, "params") == ["v in w for params"]

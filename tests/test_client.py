@@ -33,7 +33,8 @@ def test_5xx_and_connection_errors_are_retried_with_growing_backoff() -> None:
 
 @respx.mock
 def test_4xx_is_not_retried_and_names_the_call() -> None:
-    route = respx.get(f"{URL}/api/v1/tasks/t").mock(return_value=httpx.Response(404, json={"detail": "task 't' not found"}))
+    answer = httpx.Response(404, json={"detail": "task 't' not found"})
+    route = respx.get(f"{URL}/api/v1/tasks/t").mock(return_value=answer)
     api, sleeps = client()
     with pytest.raises(ApiRejected, match=r"^fetch task t: HTTP 404: task 't' not found$"):
         api.get_task("t")

@@ -54,7 +54,7 @@ def test_a_failing_script_fails_the_flow_run_with_the_exit_code_and_no_retry(sto
         state.result()
     result = info.value.result
     assert (result.status, result.reason, result.exit_code) == ("FAILED", "SCRIPT_EXIT_7", 1)
-    assert "keruta task e2e-fail FAILED (exit code 1): SCRIPT_EXIT_7: script exited with code 7" == str(info.value)
+    assert str(info.value) == "keruta task e2e-fail FAILED (exit code 1): SCRIPT_EXIT_7: script exited with code 7"
     assert len(store.runs("e2e-fail")) == 1  # a task failure is not retried
     assert store.get_task("e2e-fail").status == "FAILED"
 

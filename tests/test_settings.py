@@ -132,7 +132,8 @@ def test_non_utf8_bytes_name_the_line(tmp_path: Path) -> None:
 def test_missing_file_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["settings", "show", "--properties", "/nonexistent/app.properties"]) == 2
     err = capsys.readouterr().err
-    assert err == "keruta-prefect: cannot read properties file '/nonexistent/app.properties': No such file or directory\n"
+    assert err == ("keruta-prefect: cannot read properties file '/nonexistent/app.properties': "
+                   "No such file or directory\n")
 
 
 def test_settings_show_json_prints_the_effective_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

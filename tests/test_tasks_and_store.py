@@ -123,7 +123,7 @@ def test_log_lines_are_stored_once_per_source_and_seq(store: Store) -> None:
     store.create_task(Task(id="logs"))
     lines = [LogLine(seq=i, message=f"line {i}") for i in range(5)]
     assert store.add_logs("logs", "agent-a", lines) == 5
-    assert store.add_logs("logs", "agent-a", lines[3:] + [LogLine(seq=5, message="line 5")]) == 1
+    assert store.add_logs("logs", "agent-a", [*lines[3:], LogLine(seq=5, message="line 5")]) == 1
     assert store.add_logs("logs", "agent-b", lines[:1]) == 1  # another agent session numbers its own lines
     assert [row.message for row in store.logs("logs")] == [f"line {i}" for i in range(6)] + ["line 0"]
 
@@ -135,7 +135,7 @@ def test_concurrent_status_writers_cannot_both_win(store: Store) -> None:
         store.set_status(f"race-{n}", S.IN_PROGRESS)
         outcomes: list[str] = []
 
-        def finish(status: TaskStatus, n: int = n) -> None:
+        def finish(status: TaskStatus, n: int = n, outcomes: list[str] = outcomes) -> None:
             try:
                 store.set_status(f"race-{n}", status)
                 outcomes.append(f"ok {status}")
