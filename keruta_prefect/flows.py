@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -29,6 +28,7 @@ from keruta_prefect.artifacts import CollectResult, storage_dir
 from keruta_prefect.backends.base import Backend, Outcome, RunContext, RunHandle, TransientBackendError
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
 from keruta_prefect.models import (
+    ArtifactInfo,
     InvalidTransition,
     Task,
     TaskResult,
@@ -94,7 +94,7 @@ def prepare_task(store: Store, task_id: str | None, task_spec: dict[str, Any] | 
         current = store.get_task(task_id)
     else:
         raise ValueError("give task_id (a stored task) or task_spec (a task in keruta's JSON form)")
-    if current.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+    if current.status in (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.RETRYING):
         current = store.set_status(current.id, TaskStatus.PENDING, message="queued again")
     elif current.status in (TaskStatus.IN_PROGRESS, TaskStatus.WAITING_FOR_INPUT):
         raise TaskAlreadyRunning(f"task {current.id} is {current.status} in another run")
@@ -115,7 +115,7 @@ def launch_agent(backend: Backend, store: Store, task: Task, ctx: RunContext) ->
 
 @task(name="wait-for-agent", cache_policy=NO_CACHE, retries=5, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=_retry_on(TransientBackendError))
-def wait_for_agent(backend: Backend, handle: RunHandle, max_prefect_lines: int) -> tuple[Outcome, int]:
+def wait_for_agent(backend: Backend, handle: RunHandle, max_prefect_lines: int) -> Outcome:
     logger = get_run_logger()
     count = 0
 
@@ -128,8 +128,7 @@ def wait_for_agent(backend: Backend, handle: RunHandle, max_prefect_lines: int) 
             logger.warning("more task log lines are stored in the keruta database only "
                            "(keruta.logs.prefect-max-lines=%d)", max_prefect_lines)
 
-    outcome = backend.wait(handle, on_log)
-    return outcome, count
+    return backend.wait(handle, on_log)
 
 
 @task(name="collect-artifacts", cache_policy=NO_CACHE)
@@ -145,31 +144,77 @@ def collect_artifacts(backend: Backend, handle: RunHandle, settings: KerutaSetti
 
 @task(name="record-run", cache_policy=NO_CACHE, retries=5, retry_delay_seconds=exponential_backoff(0.5),
       retry_condition_fn=_retry_on(OperationalError))
-def record_run(store: Store, run_id: int, task: Task, handle: RunHandle, outcome: Outcome,
-               collected: CollectResult, log_lines: int) -> TaskResult:
-    current = store.get_task(task.id)
-    if current.status != outcome.status:
+def record_run(store: Store, run_id: int, task: Task, outcome: Outcome, collected: CollectResult) -> TaskResult:
+    """Write the outcome to the task, its run and its artifacts; answer with what is now recorded."""
+    if store.get_task(task.id).status != outcome.status:
         try:
-            current = store.set_status(task.id, outcome.status, message=outcome.message, error_code=outcome.reason)
+            store.set_status(task.id, outcome.status, message=outcome.message, error_code=outcome.reason)
         except InvalidTransition:
             pass  # the agent (or a cancel) already set a final status; that word stands
-    finished = datetime.now(UTC)
-    note = collected.note()
-    run = store.update_run(run_id, status=outcome.status.value, exit_code=outcome.exit_code, reason=outcome.reason,
-                           message=outcome.message, finished_at=finished, artifacts_note=note)
+    store.update_run(run_id, status=outcome.status.value, exit_code=outcome.exit_code, reason=outcome.reason,
+                     message=outcome.message, finished_at=datetime.now(UTC), artifacts_note=collected.note())
     store.add_artifacts(task.id, run_id, collected.files)
-    started = run.started_at if run.started_at.tzinfo else run.started_at.replace(tzinfo=UTC)
+    return recorded_result(store, task.id)
+
+
+def recorded_result(store: Store, task_id: str) -> TaskResult:
+    """The TaskResult of a task's last recorded run."""
+    task = store.get_task(task_id)
+    runs = store.runs(task_id)
+    run = runs[-1] if runs else None
+    files = [ArtifactInfo(path=a.path, size=a.size, sha256=a.sha256, location=a.location)
+             for a in store.artifacts(task_id) if run is None or a.run_id == run.id]
     return TaskResult(
-        task_id=task.id, status=outcome.status, attempt=handle.attempt, backend=handle.backend,
-        exit_code=outcome.exit_code, reason=outcome.reason, message=outcome.message, job_name=handle.name,
-        namespace=handle.namespace, started_at=started, finished_at=finished, log_lines=log_lines,
-        artifacts=collected.files, artifacts_note=note,
+        task_id=task_id, status=task.status, attempt=run.attempt if run else 0,
+        backend=run.backend if run else "none", exit_code=run.exit_code if run else None,
+        reason=run.reason if run else task.error_code, message=run.message if run else task.message,
+        job_name=run.job_name if run else None, namespace=run.namespace if run else None,
+        started_at=_utc(run.started_at) if run else None, finished_at=_utc(run.finished_at) if run else None,
+        log_lines=store.count_logs(task_id), artifacts=files, artifacts_note=run.artifacts_note if run else None,
     )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK) -> list[str]:
+    """Stop every agent a flow run started that has not finished, and mark its task CANCELLED.
+
+    Used by the flow's on_cancellation/on_crashed hooks, which Prefect runs in the *runner* process:
+    the agents are found through the run records (flow-run id), never through in-memory handles.
+    Returns the ids of the tasks stopped.
+    """
+    store = get_store()
+    settings = load_settings(settings_block)
+    stopped = []
+    for run in store.unfinished_runs(flow_run_id):
+        handle = RunHandle(backend=run.backend, task_id=run.task_id, attempt=run.attempt, flow_run_id=flow_run_id,
+                           name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid)
+        get_backend(run.backend, settings, store).cancel(handle)
+        _mark(store, run.task_id, TaskStatus.CANCELLED, "the flow run was cancelled")
+        assert run.id is not None
+        store.update_run(run.id, status=TaskStatus.CANCELLED.value, reason="CANCELLED",
+                         message="the flow run was cancelled", finished_at=datetime.now(UTC))
+        stopped.append(run.task_id)
+    return stopped
+
+
+def _on_cancel(_flow: Any, flow_run: Any, _state: Any) -> None:
+    parameters = getattr(flow_run, "parameters", None) or {}
+    stop_flow_run_agents(str(flow_run.id), parameters.get("settings_block") or DEFAULT_BLOCK)
+
+
+def _mark(store: Store, task_id: str, status: TaskStatus, message: str) -> None:
+    try:
+        store.set_status(task_id, status, message=message)
+    except InvalidTransition:
+        pass
 
 
 # --- the flow ---------------------------------------------------------------------------------------
 
-@flow(name="keruta-task", log_prints=True)
+@flow(name="keruta-task", on_cancellation=[_on_cancel], on_crashed=[_on_cancel])
 def keruta_task(
     task_id: str | None = None,
     task_spec: dict[str, Any] | None = None,
@@ -182,6 +227,11 @@ def keruta_task(
     store = get_store()
     runner = get_backend(backend, settings, store)
     task_ = prepare_task(store, task_id, task_spec)
+    if task_.status == TaskStatus.COMPLETED:
+        # COMPLETED is final: running it again would be a new task. Answer with what was recorded
+        # (this also makes a rerun of a flow run that crashed after the task completed harmless).
+        logger.info("keruta task %s is already COMPLETED; returning its recorded result", task_.id)
+        return recorded_result(store, task_.id)
     logger.info("keruta task %s (%s) on the %s backend", task_.id, task_.title or "untitled", runner.name)
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
 
@@ -191,12 +241,14 @@ def keruta_task(
         handle, run_id = launch_agent(runner, store, task_, ctx)
         finished = False
         try:
-            outcome, lines = wait_for_agent(runner, handle, settings.prefect_log_max_lines)
+            outcome = wait_for_agent(runner, handle, settings.prefect_log_max_lines)
             finished = True
         finally:
             if not finished:  # cancelled, crashed or interrupted while waiting: never leave the agent behind
                 runner.cancel(handle)
                 _mark(store, task_.id, TaskStatus.CANCELLED, "the flow run was cancelled or stopped")
+                store.update_run(run_id, status=TaskStatus.CANCELLED.value, reason="CANCELLED",
+                                 message="the flow run was cancelled or stopped", finished_at=datetime.now(UTC))
         collected = collect_artifacts(runner, handle, settings)
         will_retry = outcome.retryable and attempt < settings.task_max_attempts
         if will_retry:
@@ -209,7 +261,7 @@ def keruta_task(
             _mark(store, task_.id, TaskStatus.RETRYING, f"attempt {attempt} failed: {outcome.message}")
             time.sleep(delay)
             continue
-        result = record_run(store, run_id, task_, handle, outcome, collected, lines)
+        result = record_run(store, run_id, task_, outcome, collected)
         break
     assert result is not None
     publish_summary(store, task_, result)
@@ -221,13 +273,6 @@ def keruta_task(
         return Failed(message=str(failure), data=failure)  # type: ignore[return-value]
     logger.info("keruta task %s COMPLETED", task_.id)
     return result
-
-
-def _mark(store: Store, task_id: str, status: TaskStatus, message: str) -> None:
-    try:
-        store.set_status(task_id, status, message=message)
-    except InvalidTransition:
-        pass
 
 
 def _artifact_key(task_id: str) -> str:
@@ -275,10 +320,3 @@ def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:300]
-
-
-def run_from_file(path: str | Path, backend: BackendName = "local", settings_block: str = DEFAULT_BLOCK) -> Any:
-    """Run the flow for a task spec file; returns the flow's final Prefect state."""
-    spec = parse_task_spec(Path(path).read_bytes(), source=str(path))
-    return keruta_task(task_spec=spec.model_dump(mode="json", by_alias=True, exclude={"status"}),
-                       backend=backend, settings_block=settings_block, return_state=True)

@@ -360,6 +360,11 @@ class Store:
             s.refresh(run)
             return run
 
+    def unfinished_runs(self, flow_run_id: str) -> list[TaskRunRow]:
+        with self.session() as s:
+            query = select(TaskRunRow).where(TaskRunRow.flow_run_id == flow_run_id, TaskRunRow.finished_at == None)  # noqa: E711
+            return list(s.exec(query.order_by(TaskRunRow.id)))  # type: ignore[arg-type]
+
     def runs(self, task_id: str) -> list[TaskRunRow]:
         with self.session() as s:
             return list(s.exec(select(TaskRunRow).where(TaskRunRow.task_id == task_id).order_by(TaskRunRow.id)))  # type: ignore[arg-type]

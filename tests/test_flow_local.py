@@ -85,9 +85,13 @@ def test_cli_run_prints_the_log_lines_and_the_final_status(
 ) -> None:
     assert main(["run", "--task-file", str(ROOT / "examples" / "hello.json")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("COMPLETED task hello-keruta (attempt 1, exit code 0,")
-    assert store.get_task("hello-keruta").status == "COMPLETED"
-    assert store.count_logs("hello-keruta") >= 2
+    assert out.startswith("COMPLETED task ") and "(attempt 1, exit code 0," in out
+    task_id = out.split()[2]
+    assert store.get_task(task_id).status == "COMPLETED" and store.get_task(task_id).progress == 50
+    assert [r.message for r in store.logs(task_id)][-1] == "done"
+    assert [a.path for a in store.artifacts(task_id)] == ["uname.txt"]
+    assert main(["run", "--task-file", str(ROOT / "examples" / "hello.json")]) == 0  # the demo runs again
+    assert capsys.readouterr().out.split()[2] != task_id
 
     failing = tmp_path / "fail.json"
     failing.write_text(json.dumps({"id": "cli-fail", "script": "exit 4"}))
@@ -113,3 +117,36 @@ def test_cli_run_rejects_bad_input_with_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.startswith(message.format(path=path)), err
     assert err.count("\n") == 1 and store.list_tasks() == []
+
+
+def test_a_completed_task_is_not_run_again_and_its_recorded_result_is_returned(store: Store) -> None:
+    first = keruta_task(task_spec={"id": "once", "script": "echo only once"})
+    again = keruta_task(task_id="once")
+    assert again.status == "COMPLETED" and again.started_at == first.started_at
+    assert len(store.runs("once")) == 1 and store.count_logs("once") == 1
+
+
+def test_cancel_hook_stops_the_agents_of_a_flow_run_found_by_its_id(store: Store) -> None:
+    """What on_cancellation does in the runner process: no in-memory handle, only the run records."""
+    import time
+
+    from keruta_prefect.backends.base import RunContext
+    from keruta_prefect.backends.local import LocalBackend, session_processes
+    from keruta_prefect.blocks import load_settings
+    from keruta_prefect.flows import stop_flow_run_agents
+    from keruta_prefect.store import TaskRunRow
+
+    task = store.create_task(Task.model_validate({"id": "long", "script": "echo started\nsleep 300"}))
+    backend = LocalBackend(load_settings(), store)
+    handle = backend.launch(task, RunContext(flow_run_id="flow-run-123", attempt=1))
+    store.start_run(TaskRunRow(task_id="long", flow_run_id="flow-run-123", pid=handle.pid, job_name=handle.name))
+    deadline = time.monotonic() + 20
+    while store.count_logs("long") == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert stop_flow_run_agents("flow-run-123") == ["long"]
+    assert store.get_task("long").status == "CANCELLED"
+    [run] = store.runs("long")
+    assert (run.status, run.finished_at is not None) == ("CANCELLED", True)
+    assert session_processes(handle.pid) == []  # the agent, the script and the script's `sleep` are gone
+    assert stop_flow_run_agents("flow-run-123") == []  # nothing left to stop

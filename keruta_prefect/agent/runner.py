@@ -257,7 +257,10 @@ def _execute(path: Path, config: AgentConfig, env: dict[str, str], shipper: LogS
     try:
         proc = subprocess.Popen(
             [str(path)], cwd=config.work_dir, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # Its own process group (so a timeout can stop the script and its children without the
+            # agent), but the agent's session: whoever stops the agent's session stops the script too.
+            process_group=0,
         )
     except OSError as exc:
         shipper.emit("ERROR", f"cannot execute {path.name}: {exc.strerror}")

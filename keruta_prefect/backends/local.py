@@ -153,23 +153,54 @@ class LocalBackend:
                                  max_total_size=self.settings.artifacts_max_total_size)
 
     def cancel(self, handle: RunHandle) -> None:
-        """Stop the agent's whole process group: SIGTERM, grace period, SIGKILL."""
+        """Stop the agent and everything it started: SIGTERM to the agent (it stops the script
+        gracefully and reports CANCELLED), then after the grace period SIGKILL to every process left in
+        the agent's session — like a container's boundary, found without any in-memory handle."""
         if handle.pid is None:
             return
-        try:
-            os.killpg(handle.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + self.grace_seconds + 3
         proc = self._procs.get(f"{handle.task_id}/{handle.attempt}")
-        while time.monotonic() < deadline:
-            if (proc.poll() if proc is not None else _pid_exit(handle.pid)) is not None:
-                return
-            time.sleep(0.05)
         try:
-            os.killpg(handle.pid, signal.SIGKILL)
+            os.kill(handle.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + self.grace_seconds + 3
+        while time.monotonic() < deadline:
+            if proc is not None:
+                proc.poll()  # reap our own child, so it does not linger as a zombie
+            if not session_processes(handle.pid):
+                return
+            time.sleep(0.05)
+        for pid in session_processes(handle.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc is not None:
+            proc.wait(timeout=5)
+
+
+def session_processes(session_id: int) -> list[int]:
+    """Live (non-zombie) processes of a session, from /proc; on systems without /proc, the group."""
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():  # pragma: no cover - not Linux
+        try:
+            os.killpg(session_id, 0)
+        except ProcessLookupError:
+            return []
+        return [session_id]
+    found = []
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp session …; comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == session_id:
+            found.append(int(entry.name))
+    return found
 
 
 UNKNOWN_EXIT = 1000  # the agent was not our child (another process launched it): no exit status
@@ -177,11 +208,7 @@ UNKNOWN_EXIT = 1000  # the agent was not our child (another process launched it)
 
 def _pid_exit(pid: int | None) -> int | None:
     """Exit status of a process that is not our child: None while it runs, else UNKNOWN_EXIT."""
-    if pid is None:
-        return UNKNOWN_EXIT
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if pid is None or pid not in session_processes(pid):
         return UNKNOWN_EXIT
     return None
 
