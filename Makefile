@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Prefect's server telemetry is off for the demo: on a first start its heartbeat races Prefect's own
+# database migration and prints a traceback (harmless, but noise). Override on the command line if wanted.
+PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_ANALYTICS_ENABLED
+
 run: $(STAMP)
 	$(VENV)/bin/keruta-prefect run --task-file examples/hello.json
 
