@@ -170,16 +170,9 @@ class Task(Camel):
     def _id(cls, value: str | None) -> str | None:
         return None if value is None else check_task_id(value)
 
-    @field_validator("title")
+    @field_validator("title", "description")
     @classmethod
-    def _title(cls, value: str) -> str:
-        if "\x00" in value:
-            raise ValueError("must not contain NUL characters")
-        return value
-
-    @field_validator("description")
-    @classmethod
-    def _description(cls, value: str) -> str:
+    def _no_nul(cls, value: str) -> str:
         if "\x00" in value:
             raise ValueError("must not contain NUL characters")
         return value
