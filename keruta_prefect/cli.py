@@ -18,6 +18,7 @@ from keruta_prefect.settings import (
     SettingsError,
     load_properties_file,
     settings_markdown_table,
+    settings_properties_file,
     settings_to_properties,
 )
 
@@ -46,8 +47,8 @@ def cmd_settings_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_settings_keys(_args: argparse.Namespace) -> int:
-    print(settings_markdown_table())
+def cmd_settings_keys(args: argparse.Namespace) -> int:
+    print(settings_properties_file() if args.format == "properties" else settings_markdown_table(), end="")
     return EXIT_OK
 
 
@@ -170,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--properties")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_settings_show)
-    ssub.add_parser("keys", help="every key with its default, as a markdown table").set_defaults(func=cmd_settings_keys)
+    keys = ssub.add_parser("keys", help="every key with its default (a markdown table, or a properties file)")
+    keys.add_argument("--format", choices=["markdown", "properties"], default="markdown")
+    keys.set_defaults(func=cmd_settings_keys)
 
     blocks = sub.add_parser("blocks", help="Prefect blocks")
     bsub = blocks.add_subparsers(dest="blocks_command", required=True)

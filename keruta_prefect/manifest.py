@@ -1,15 +1,95 @@
-"""Pure builders of what a task's agent process/container is given. No I/O.
+"""Pure builders of what a task's agent runs in: its environment, its Job and its volume. No I/O.
 
-`task_env` is shared by the local backend (subprocess environment) and the Kubernetes Job builder,
-so a task sees the same KERUTA_* variables wherever it runs.
+`build_job(task, settings, ctx)` is a pure function: the same task, settings and context always give
+the same manifest (golden-tested, and validated with kubernetes-validate for every supported
+Kubernetes version). `task_env` is shared with the local backend, so a task sees the same KERUTA_*
+variables wherever it runs.
 """
 
 from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from pydantic import BaseModel
 
 from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 
 TRUNCATION_MARKER = "…[truncated; full text: GET /api/v1/tasks/{id}]"
+CONTAINER = "main"
+WORK_DIR = "/work"
+AGENT_CONFIG_EXIT_CODE = 2  # keruta-agent's EXIT_CONFIG: permanent, fails the Job at once
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_TASK = "keruta.io/task-id"
+LABEL_FLOW_RUN = "keruta.io/flow-run-id"
+LABEL_ATTEMPT = "keruta.io/attempt"
+LABEL_CLONES = "keruta.io/clones-repository"
+ANNOTATION_TASK = "keruta.io/task-id"
+MANAGED_BY = "keruta-prefect"
+SELECTOR = f"{LABEL_NAME}=keruta,{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+# The init container of repository tasks. Every value reaches it through the environment, never
+# through the script text, so nothing a task says is ever parsed by a shell.
+CLONE_SCRIPT = """set -eu
+cd /work
+if [ -e .git ] || [ -n "$(ls -A | grep -v '^lost+found$' || true)" ]; then
+  echo "keruta: /work already holds files (a parent task's checkout); not cloning"
+  exit 0
+fi
+git init -q .
+git remote add origin "$KERUTA_REPOSITORY_URL"
+if [ -n "${GIT_PASSWORD:-}" ]; then
+  git config credential.helper '!f() { echo "username=${GIT_USERNAME:-git}"; echo "password=$GIT_PASSWORD"; }; f'
+fi
+git fetch -q --depth 1 origin "${KERUTA_REPOSITORY_REF:-HEAD}"
+git checkout -q FETCH_HEAD
+echo "keruta: cloned $KERUTA_REPOSITORY_URL at $(git rev-parse --short HEAD)"
+"""
+
+
+class JobContext(BaseModel):
+    """What a manifest depends on beyond the task and the settings."""
+
+    attempt: int = 1
+    flow_run_id: str | None = None
+    root_task_id: str | None = None  # the root of the task's tree (for the shared volume)
+
+
+def _digest(text: str, length: int = 10) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def _slug(text: str, limit: int) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower())[:limit].strip("-")
+
+
+def job_name(task_id: str, attempt: int) -> str:
+    """`keruta-<slug>-<hash>-<attempt>`: a DNS-1123 label of at most 63 characters for any task id,
+    deterministic (so a second launch of the same attempt finds the first) and unique per id."""
+    suffix = f"-{_digest(task_id)}-{attempt}"
+    slug = _slug(task_id, 63 - len("keruta-") - len(suffix)) or "task"
+    return f"keruta-{slug}{suffix}"
+
+
+def pvc_name(root_task_id: str) -> str:
+    suffix = f"-{_digest(root_task_id)}"
+    slug = _slug(root_task_id, 63 - len("keruta-ws-") - len(suffix)) or "task"
+    return f"keruta-ws-{slug}{suffix}"
+
+
+def label_value(text: str) -> str:
+    """``text`` if it is a valid label value, else a readable prefix and a hash (still unique)."""
+    if len(text) <= 63 and _LABEL_VALUE.match(text):
+        return text
+    suffix = f"-{_digest(text)}"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[: 63 - len(suffix)].strip("-_.")
+    return f"{slug}{suffix}" if slug else suffix[1:]
 
 
 def truncate_utf8(text: str, limit: int, marker: str = TRUNCATION_MARKER) -> str:
@@ -23,11 +103,9 @@ def truncate_utf8(text: str, limit: int, marker: str = TRUNCATION_MARKER) -> str
 
 
 def task_env(task: Task, settings: KerutaSettings) -> dict[str, str]:
-    """The KERUTA_TASK_* variables (the original's mapping), then the task's additionalEnv.
-
-    The API URL and token are not here: the caller adds them the way its runtime needs
-    (a literal locally; a secretKeyRef in a Job, so the token never appears in a manifest).
-    """
+    """The KERUTA_TASK_* variables (the original's mapping). Callers add the API URL and token the way
+    their runtime needs (a literal locally; a secretKeyRef in a Job, so the token never appears in a
+    manifest) and then the task's ``additional_env`` last, so it may refer to all of them."""
     marker = TRUNCATION_MARKER.replace("{id}", task.id)
     env = {
         "KERUTA_TASK_ID": task.id,
@@ -42,5 +120,197 @@ def task_env(task: Task, settings: KerutaSettings) -> dict[str, str]:
         env["KERUTA_REPOSITORY_ID"] = task.repository_id
     if task.documents:
         env["KERUTA_DOCUMENT_ID"] = task.documents[0]
-    env.update(task.additional_env)
     return env
+
+
+def namespace_of(task: Task, settings: KerutaSettings) -> str:
+    return task.namespace or settings.default_namespace
+
+
+def needs_volume(task: Task) -> bool:
+    """Repository tasks and task trees share files on a volume; a lone script gets an emptyDir."""
+    return bool(task.repository_url or task.parent_id or task.pvc_name)
+
+
+def volume_claim_name(task: Task, ctx: JobContext) -> str:
+    return task.pvc_name or pvc_name(ctx.root_task_id or task.id)
+
+
+def labels(task: Task, ctx: JobContext) -> dict[str, str]:
+    result = {
+        LABEL_NAME: "keruta",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_TASK: label_value(task.id),
+        LABEL_ATTEMPT: str(ctx.attempt),
+    }
+    if ctx.flow_run_id:
+        result[LABEL_FLOW_RUN] = label_value(ctx.flow_run_id)
+    return result
+
+
+def _resources(task: Task, settings: KerutaSettings) -> dict[str, dict[str, str]]:
+    own = task.resources
+    requests = {"cpu": (own and own.cpu_request) or settings.default_cpu_request,
+                "memory": (own and own.memory_request) or settings.default_memory_request}
+    limits = {"cpu": (own and own.cpu_limit) or settings.default_cpu_limit,
+              "memory": (own and own.memory_limit) or settings.default_memory_limit}
+    out = {}
+    if any(requests.values()):
+        out["requests"] = {k: v for k, v in requests.items() if v}
+    if any(limits.values()):
+        out["limits"] = {k: v for k, v in limits.items() if v}
+    return out
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+    }
+
+
+def _env_list(values: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"name": k, "value": v} for k, v in values.items()]
+
+
+def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str, Any]:
+    """The agent Job of one attempt of a task (a plain dict, ready for the API or YAML)."""
+    job_labels = labels(task, ctx)
+    timeout = task.timeout(settings.task_default_timeout)
+    env = _env_list(task_env(task, settings))
+    env += [
+        {"name": "KERUTA_API_URL", "value": settings.api_url},
+        {"name": "KERUTA_API_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": settings.token_secret_name, "key": settings.token_secret_key}}},
+        {"name": "KERUTA_WORK_DIR", "value": WORK_DIR},
+        {"name": "KERUTA_ARTIFACTS_DIR", "value": settings.artifacts_dir},
+        {"name": "KERUTA_TIMEOUT", "value": str(timeout)},
+        {"name": "KERUTA_ECHO", "value": "1"},  # script output also in the Pod log (the live view)
+        {"name": "HOME", "value": WORK_DIR},
+    ]
+    env += _env_list(task.additional_env)  # last: $(KERUTA_…) references in these values resolve
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": task.image or settings.default_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        # The seed's command: Kubernetes expands $(VAR) from the container's environment.
+        "command": ["keruta-agent", "run", "--task-id", "$(KERUTA_TASK_ID)", "--api-url", "$(KERUTA_API_URL)"],
+        "env": env,
+        "workingDir": WORK_DIR,
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "work", "mountPath": WORK_DIR},
+            {"name": "artifacts", "mountPath": settings.artifacts_dir},
+        ],
+    }
+    resources = _resources(task, settings)
+    if resources:
+        container["resources"] = resources
+
+    volumes: list[dict[str, Any]] = [{"name": "artifacts", "emptyDir": {}}]
+    if needs_volume(task):
+        volumes.insert(0, {"name": "work", "persistentVolumeClaim": {"claimName": volume_claim_name(task, ctx)}})
+    else:
+        volumes.insert(0, {"name": "work", "emptyDir": {}})
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the agent talks to the keruta API, never to Kubernetes
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    pod_labels = dict(job_labels)
+    if task.repository_url:
+        pod_labels[LABEL_CLONES] = "true"  # the NetworkPolicy lets only these Pods reach git hosts
+        pod_spec["initContainers"] = [_clone_container(task, settings)]
+    if settings.service_account:
+        pod_spec["serviceAccountName"] = settings.service_account
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
+    if settings.node_selector:
+        pod_spec["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in settings.tolerations]
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(task.id, ctx.attempt),
+            "namespace": namespace_of(task, settings),
+            "labels": job_labels,
+            "annotations": {ANNOTATION_TASK: task.id},
+        },
+        "spec": {
+            "backoffLimit": settings.backoff_limit,
+            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+            # The agent enforces the task's timeout itself; this is the backstop (start-up, clone and
+            # the artifact hold included).
+            "activeDeadlineSeconds": timeout + settings.artifacts_hold_timeout + 300,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob",
+                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [AGENT_CONFIG_EXIT_CODE]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]},
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": {ANNOTATION_TASK: task.id}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _clone_container(task: Task, settings: KerutaSettings) -> dict[str, Any]:
+    env = [
+        {"name": "KERUTA_REPOSITORY_URL", "value": task.repository_url or ""},
+        {"name": "KERUTA_REPOSITORY_REF", "value": task.repository_ref or ""},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    if task.repository_secret:
+        for name, key in (("GIT_USERNAME", "username"), ("GIT_PASSWORD", "password")):
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {
+                "name": task.repository_secret, "key": key, "optional": name == "GIT_USERNAME"}}})
+    return {
+        "name": "clone",
+        "image": settings.git_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["/bin/sh", "-c", CLONE_SCRIPT],
+        "env": env,
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "work", "mountPath": WORK_DIR}],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+    }
+
+
+def build_pvc(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str, Any] | None:
+    """The task tree's volume, or None when the task needs none or names an existing claim."""
+    if not needs_volume(task) or task.pvc_name:
+        return None
+    root = ctx.root_task_id or task.id
+    spec: dict[str, Any] = {
+        "accessModes": [settings.default_pvc_access_mode],
+        "resources": {"requests": {"storage": settings.default_pvc_storage_size}},
+    }
+    storage_class = task.storage_class or settings.default_pvc_storage_class
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": pvc_name(root),
+            "namespace": namespace_of(task, settings),
+            "labels": {LABEL_NAME: "keruta", LABEL_MANAGED_BY: MANAGED_BY, LABEL_TASK: label_value(root)},
+            "annotations": {ANNOTATION_TASK: root},
+        },
+        "spec": spec,
+    }

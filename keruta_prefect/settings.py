@@ -8,6 +8,7 @@ README table and the parser can never disagree.
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +43,17 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+def _json_list(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError("expected a JSON list, e.g. [{\"key\": \"gpu\", \"operator\": \"Exists\"}]") from None
+    return value
+
+
 def _split_map(value: Any) -> Any:
     if isinstance(value, str):
         result: dict[str, str] = {}
@@ -60,6 +72,7 @@ ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 OptionalStr = Annotated[str | None, BeforeValidator(_blank_to_none)]
 StrList = Annotated[list[str], BeforeValidator(_split_list)]
 StrMap = Annotated[dict[str, str], BeforeValidator(_split_map)]
+JsonList = Annotated[list[dict[str, Any]], BeforeValidator(_json_list)]
 AccessMode = Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]
 
 
@@ -119,6 +132,12 @@ class KerutaSettings(BaseModel):
         K + "default-memory-limit", "agent memory limit; empty: none", "1Gi"
     )
     node_selector: StrMap = _key(K + "node-selector", "node selector for agent Pods, as k=v,k2=v2", {})
+    tolerations: JsonList = _key(K + "tolerations", "tolerations of agent Pods, as a JSON list", [])
+    git_image: str = _key(K + "git-image", "image of the init container that clones a task's repository",
+                          "alpine/git:2.47.2")
+    image_pull_grace_seconds: int = _key(
+        K + "image-pull-grace-seconds", "seconds an image may fail to pull before the task fails", 30, ge=0
+    )
     ttl_seconds_after_finished: int = _key(
         K + "ttl-seconds-after-finished", "seconds a finished Job is kept before Kubernetes deletes it", 3600,
         ge=0,
@@ -185,10 +204,19 @@ class KerutaSettings(BaseModel):
     def _namespace(cls, value: str) -> str:
         return check_dns_label(value)
 
-    @field_validator("default_image")
+    @field_validator("default_image", "git_image")
     @classmethod
     def _image(cls, value: str) -> str:
         return check_image(value)
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        allowed = {"key", "operator", "value", "effect", "tolerationSeconds"}
+        for item in value:
+            if not isinstance(item, dict) or not set(item) <= allowed:
+                raise ValueError(f"each toleration is an object with keys from {sorted(allowed)}")
+        return value
 
     @field_validator("default_pvc_storage_size")
     @classmethod
@@ -304,6 +332,8 @@ def settings_to_properties(settings: KerutaSettings) -> dict[str, str]:
             text = ""
         elif isinstance(value, bool):
             text = str(value).lower()
+        elif field == "tolerations":
+            text = json.dumps(value) if value else ""
         elif isinstance(value, list):
             text = ",".join(value)
         elif isinstance(value, dict):
@@ -335,4 +365,25 @@ def settings_markdown_table() -> str:
         description = (info.description or "").rsplit(" (`", 1)[0]
         default = defaults[key]
         rows.append(f"| `{key}` | {('`' + default + '`') if default else '(empty)'} | {description} |")
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n"
+
+
+def settings_properties_file() -> str:
+    """blocks/application.properties: every key with its description and default (kept in sync by a test)."""
+    defaults = settings_to_properties(KerutaSettings())
+    out = [
+        "# keruta-prefect settings: every key with its default (`keruta-prefect settings keys --format properties`).",
+        "# `keruta-prefect blocks seed --properties blocks/application.properties` stores them in the Prefect",
+        "# block `keruta-kubernetes-settings/default` if it does not exist yet; after that the block (editable",
+        "# in the Prefect UI) wins over this file. `--force` overwrites the block with this file.",
+        '# Empty values mean "not set" (see each description).',
+    ]
+    section = None
+    for field, key in FIELD_TO_KEY.items():
+        group = key.rsplit(".", 1)[0]
+        if group != section:
+            out += ["", f"# --- {group} ---"]
+            section = group
+        description = (KerutaSettings.model_fields[field].description or "").rsplit(" (`", 1)[0]
+        out += [f"# {description}", f"{key}={defaults[key]}"]
+    return "\n".join(out) + "\n"

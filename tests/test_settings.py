@@ -16,6 +16,7 @@ from keruta_prefect.settings import (
     parse_properties,
     settings_from_mapping,
     settings_markdown_table,
+    settings_properties_file,
     settings_to_properties,
 )
 
@@ -153,7 +154,9 @@ def test_sizes_accept_quantities_and_plain_bytes() -> None:
 
 def test_blocks_default_properties_file_is_exactly_the_defaults() -> None:
     """blocks/application.properties documents every key with the value the code uses."""
-    parsed = parse_properties((ROOT / "blocks" / "application.properties").read_bytes())
+    text = (ROOT / "blocks" / "application.properties").read_text()
+    assert text == settings_properties_file(), "regenerate: keruta-prefect settings keys --format properties"
+    parsed = parse_properties(text.encode())
     assert set(parsed) == set(PROPERTY_KEYS)
     assert settings_from_mapping(parsed) == KerutaSettings()
 

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--grace", help="seconds between SIGTERM and SIGKILL on timeout (default 2)")
         run.add_argument("--api-retry-seconds", help="how long to keep retrying the keruta API (default 300)")
         run.add_argument("--log-level", default=os.environ.get("KERUTA_LOG_LEVEL", "INFO"))
-        run.add_argument("--echo", action="store_true", help="also print the script's output")
+        run.add_argument("--echo", action="store_true", default=os.environ.get("KERUTA_ECHO", "") in ("1", "true"),
+                         help="also print the script's output (default: $KERUTA_ECHO)")
         run.set_defaults(func=cmd_run)
     log = sub.add_parser("log", help="send a log line: log LEVEL MESSAGE…")
     log.add_argument("level")

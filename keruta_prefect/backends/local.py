@@ -66,6 +66,7 @@ class LocalBackend:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KERUTA_")}
         env.update(task_env(task, self.settings))
         env.update({"KERUTA_API_URL": server.url, "KERUTA_API_TOKEN": token})
+        env.update(task.additional_env)
         command = [
             sys.executable, "-m", "keruta_prefect.agent", "run",
             "--task-id", task.id, "--api-url", server.url,
