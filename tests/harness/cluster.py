@@ -307,16 +307,16 @@ class Cluster:
         resource = request.resource
         params = dict(request.params)
         is_watch = params.get("watch", "").lower() in ("true", "1")
+        method = str(getattr(request.method, "value", request.method)).upper()
         if resource is None:
             return await fallback(request)
-        if resource.plural == "namespaces" and request.namespace and request.name is None and not is_watch:
+        if method == "GET" and re.fullmatch(r"/api/v1/namespaces/[^/]+", request.url.path):
             # kmock reads /api/v1/namespaces/NAME as a list in namespace NAME: it is a get of a Namespace.
             self.calls.append(Call("get", "", "namespaces", None, None, request.namespace))
             found = self.get(NAMESPACES, None, request.namespace)
             if found is None:
                 return error(404, "NotFound", f'namespaces "{request.namespace}" not found')
             return aiohttp.web.json_response(found)
-        method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
         verb = VERBS.get(method, method.lower())
         if method == "GET" and request.name is None:
             verb = "watch" if is_watch else "list"
