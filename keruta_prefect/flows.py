@@ -25,7 +25,14 @@ from prefect.tasks import exponential_backoff
 from sqlalchemy.exc import OperationalError
 
 from keruta_prefect.artifacts import CollectResult, storage_dir
-from keruta_prefect.backends.base import Backend, Outcome, RunContext, RunHandle, TransientBackendError
+from keruta_prefect.backends.base import (
+    Backend,
+    BackendError,
+    Outcome,
+    RunContext,
+    RunHandle,
+    TransientBackendError,
+)
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
 from keruta_prefect.models import (
     ArtifactInfo,
@@ -38,7 +45,7 @@ from keruta_prefect.models import (
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, TaskRunRow, get_store
 
-BackendName = Literal["local"]
+BackendName = Literal["local", "kubernetes"]
 
 
 class KerutaTaskFailed(Exception):
@@ -52,10 +59,6 @@ class KerutaTaskFailed(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable, so a deployment's caller gets it back whole
         return (KerutaTaskFailed, (self.result,))
-
-
-class TaskAlreadyRunning(RuntimeError):
-    pass
 
 
 def _retry_on(*types: type[BaseException]) -> Any:
@@ -76,7 +79,11 @@ def get_backend(name: str, settings: KerutaSettings, store: Store) -> Backend:
         from keruta_prefect.backends.local import LocalBackend
 
         return LocalBackend(settings, store)
-    raise ValueError(f"backend={name!r}: allowed: local")
+    if name == "kubernetes":
+        from keruta_prefect.backends.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(settings, store)
+    raise ValueError(f"backend={name!r}: allowed: local, kubernetes")
 
 
 # --- the steps --------------------------------------------------------------------------------------
@@ -84,7 +91,8 @@ def get_backend(name: str, settings: KerutaSettings, store: Store) -> Backend:
 @task(name="prepare-task", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(0.5),
       retry_condition_fn=_retry_on(OperationalError))
 def prepare_task(store: Store, task_id: str | None, task_spec: dict[str, Any] | str | None) -> Task:
-    """Get the task (by id) or create it (from a spec); a failed/cancelled task is queued again."""
+    """Get the task (by id) or create it (from a spec); a failed/cancelled task is queued again.
+    A task still IN_PROGRESS is returned as it is: the flow reattaches to its unfinished attempt."""
     if task_spec is not None:
         parsed = parse_task_spec(task_spec, source="task_spec")
         if task_id is not None and parsed.id != task_id:
@@ -96,9 +104,25 @@ def prepare_task(store: Store, task_id: str | None, task_spec: dict[str, Any] | 
         raise ValueError("give task_id (a stored task) or task_spec (a task in keruta's JSON form)")
     if current.status in (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.RETRYING):
         current = store.set_status(current.id, TaskStatus.PENDING, message="queued again")
-    elif current.status in (TaskStatus.IN_PROGRESS, TaskStatus.WAITING_FOR_INPUT):
-        raise TaskAlreadyRunning(f"task {current.id} is {current.status} in another run")
     return current
+
+
+def root_of(store: Store, task: Task) -> str:
+    """The id of the root of the task's tree (its own id when it has no parent)."""
+    current, seen = task, {task.id}
+    while current.parent_id and current.parent_id not in seen and len(seen) < 100:
+        seen.add(current.parent_id)
+        try:
+            current = store.get_task(current.parent_id)
+        except LookupError:
+            return current.parent_id or current.id
+    return current.id
+
+
+def handle_of(run: TaskRunRow) -> RunHandle:
+    return RunHandle(backend=run.backend, task_id=run.task_id, attempt=run.attempt, flow_run_id=run.flow_run_id,
+                     name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid,
+                     work_dir=None)
 
 
 @task(name="launch-agent", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(1),
@@ -178,7 +202,8 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
-def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK) -> list[str]:
+def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
+                         backend: str | None = None) -> list[str]:
     """Stop every agent a flow run started that has not finished, and mark its task CANCELLED.
 
     Used by the flow's on_cancellation/on_crashed hooks, which Prefect runs in the *runner* process:
@@ -187,22 +212,30 @@ def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK) 
     """
     store = get_store()
     settings = load_settings(settings_block)
+    runs = store.unfinished_runs(flow_run_id)
+    handles = {(run.backend, run.job_name): (handle_of(run), run.id) for run in runs}
+    if backend == "kubernetes" or any(run.backend == "kubernetes" for run in runs):
+        # By label too: a Job created just before a crash may never have been recorded.
+        k8s = get_backend("kubernetes", settings, store)
+        namespaces = {run.namespace for run in runs if run.namespace}
+        for handle in k8s.jobs_of_flow_run(flow_run_id, namespaces):  # type: ignore[attr-defined]
+            handles.setdefault((handle.backend, handle.name), (handle, None))
     stopped = []
-    for run in store.unfinished_runs(flow_run_id):
-        handle = RunHandle(backend=run.backend, task_id=run.task_id, attempt=run.attempt, flow_run_id=flow_run_id,
-                           name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid)
-        get_backend(run.backend, settings, store).cancel(handle)
-        _mark(store, run.task_id, TaskStatus.CANCELLED, "the flow run was cancelled")
-        assert run.id is not None
-        store.update_run(run.id, status=TaskStatus.CANCELLED.value, reason="CANCELLED",
-                         message="the flow run was cancelled", finished_at=datetime.now(UTC))
-        stopped.append(run.task_id)
+    for handle, run_id in handles.values():
+        get_backend(handle.backend, settings, store).cancel(handle)
+        if handle.task_id:
+            _mark(store, handle.task_id, TaskStatus.CANCELLED, "the flow run was cancelled")
+            stopped.append(handle.task_id)
+        if run_id is not None:
+            store.update_run(run_id, status=TaskStatus.CANCELLED.value, reason="CANCELLED",
+                             message="the flow run was cancelled", finished_at=datetime.now(UTC))
     return stopped
 
 
 def _on_cancel(_flow: Any, flow_run: Any, _state: Any) -> None:
     parameters = getattr(flow_run, "parameters", None) or {}
-    stop_flow_run_agents(str(flow_run.id), parameters.get("settings_block") or DEFAULT_BLOCK)
+    stop_flow_run_agents(str(flow_run.id), parameters.get("settings_block") or DEFAULT_BLOCK,
+                         parameters.get("backend"))
 
 
 def _mark(store: Store, task_id: str, status: TaskStatus, message: str) -> None:
@@ -225,7 +258,11 @@ def keruta_task(
     logger = get_run_logger()
     settings = load_settings(settings_block)
     store = get_store()
-    runner = get_backend(backend, settings, store)
+    try:
+        runner = get_backend(backend, settings, store)
+    except BackendError as exc:  # e.g. "Kubernetes integration is disabled (keruta.kubernetes.enabled=false)"
+        logger.error("%s", exc)
+        return Failed(message=str(exc))  # type: ignore[return-value]
     task_ = prepare_task(store, task_id, task_spec)
     if task_.status == TaskStatus.COMPLETED:
         # COMPLETED is final: running it again would be a new task. Answer with what was recorded
@@ -235,10 +272,28 @@ def keruta_task(
     logger.info("keruta task %s (%s) on the %s backend", task_.id, task_.title or "untitled", runner.name)
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
 
+    root = root_of(store, task_)
+    previous = store.runs(task_.id)
+    attempt = max((run.attempt for run in previous), default=0)
+    # An attempt a crashed flow run left unfinished: watch it again rather than start a duplicate.
+    unfinished = [run for run in previous if run.finished_at is None and run.backend == runner.name]
+    launched = 0
     result: TaskResult | None = None
-    for attempt in range(1, settings.task_max_attempts + 1):
-        ctx = RunContext(flow_run_id=flow_run_id, attempt=attempt)
-        handle, run_id = launch_agent(runner, store, task_, ctx)
+    while result is None:
+        if unfinished:
+            run = unfinished.pop()
+            assert run.id is not None
+            handle, run_id = handle_of(run), run.id
+            if not runner.exists(handle):
+                store.update_run(run_id, status=TaskStatus.FAILED.value, reason="LOST", finished_at=datetime.now(UTC),
+                                 message="the attempt's agent was gone when the flow came back to it")
+                continue
+            logger.info("reattaching to attempt %d of task %s (%s)", run.attempt, task_.id, handle.name)
+        else:
+            attempt += 1
+            launched += 1
+            ctx = RunContext(flow_run_id=flow_run_id, attempt=attempt, root_task_id=root)
+            handle, run_id = launch_agent(runner, store, task_, ctx)
         finished = False
         try:
             outcome = wait_for_agent(runner, handle, settings.prefect_log_max_lines)
@@ -250,20 +305,17 @@ def keruta_task(
                 store.update_run(run_id, status=TaskStatus.CANCELLED.value, reason="CANCELLED",
                                  message="the flow run was cancelled or stopped", finished_at=datetime.now(UTC))
         collected = collect_artifacts(runner, handle, settings)
-        will_retry = outcome.retryable and attempt < settings.task_max_attempts
-        if will_retry:
+        if outcome.retryable and launched < settings.task_max_attempts:
             # This attempt is over; the task lives on into the next one.
             store.update_run(run_id, status=TaskStatus.FAILED.value, exit_code=outcome.exit_code,
                              reason=outcome.reason, message=outcome.message, finished_at=datetime.now(UTC))
-            delay = min(2 ** attempt, 30)
+            delay = min(2 ** max(launched, 1), 30)
             logger.warning("attempt %d failed for a system reason (%s: %s); attempt %d in %ds",
-                           attempt, outcome.reason, outcome.message, attempt + 1, delay)
-            _mark(store, task_.id, TaskStatus.RETRYING, f"attempt {attempt} failed: {outcome.message}")
+                           handle.attempt, outcome.reason, outcome.message, attempt + 1, delay)
+            _mark(store, task_.id, TaskStatus.RETRYING, f"attempt {handle.attempt} failed: {outcome.message}")
             time.sleep(delay)
             continue
         result = record_run(store, run_id, task_, outcome, collected)
-        break
-    assert result is not None
     publish_summary(store, task_, result)
     if result.status != TaskStatus.COMPLETED:
         # A task that failed is an expected outcome, not a crash: a Failed state (no traceback) whose

@@ -30,6 +30,7 @@ class RunContext(BaseModel):
 
     flow_run_id: str | None = None
     attempt: int = 1
+    root_task_id: str | None = None  # the root of the task's tree (tasks of a tree share a volume)
 
 
 class RunHandle(BaseModel):
@@ -69,3 +70,5 @@ class Backend(Protocol):
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult: ...
 
     def cancel(self, handle: RunHandle) -> None: ...
+
+    def exists(self, handle: RunHandle) -> bool: ...

@@ -153,6 +153,10 @@ class LocalBackend:
         return collect_directory(source, dest, max_file_size=self.settings.artifacts_max_file_size,
                                  max_total_size=self.settings.artifacts_max_total_size)
 
+    def exists(self, handle: RunHandle) -> bool:
+        """Is the attempt's agent still running (in this process or another)?"""
+        return handle.pid is not None and handle.pid in session_processes(handle.pid)
+
     def cancel(self, handle: RunHandle) -> None:
         """Stop the agent and everything it started: SIGTERM to the agent (it stops the script
         gracefully and reports CANCELLED), then after the grace period SIGKILL to every process left in

@@ -204,7 +204,7 @@ class Cluster:
             await self.server.__aexit__(None, None, None)
             try:
                 await self.emulator.__aexit__(None, None, None)
-            except BaseException:  # noqa: BLE001 - errors the emulator collected are not the point at teardown
+            except BaseException:
                 pass
 
         try:
@@ -244,7 +244,7 @@ class Cluster:
 
     def get(self, resource: kmock.resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         key = (resource, namespace, name)
-        obj = self._objects()[key] if key in self._objects() else None
+        obj = self._objects()[key] if key in self._objects() else None  # noqa: SIM401 (no .get on kmock's array)
         if obj is None or obj.deleted:
             return None
         return copy.deepcopy(obj.raw)
@@ -697,7 +697,8 @@ class Cluster:
         failed = int(status.get("failed") or 0) + 1
         await self.patch(JOBS, namespace, job_name, {"status": {"failed": failed}})
         if failed > int(job["spec"].get("backoffLimit", 6)):
-            await self._fail_job(namespace, job_name, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+            await self._fail_job(namespace, job_name, "BackoffLimitExceeded",
+                                 "Job has reached the specified backoff limit")
         else:
             await self._new_pod(job)
 
@@ -1050,4 +1051,5 @@ class Cluster:
         return path
 
     def calls_of(self, verb: str | None = None, resource: str | None = None) -> list[Call]:
-        return [c for c in self.calls if (verb is None or c.verb == verb) and (resource is None or c.resource == resource)]
+        return [c for c in self.calls
+                if (verb is None or c.verb == verb) and (resource is None or c.resource == resource)]

@@ -1,0 +1,47 @@
+"""The official Kubernetes client, built once per cluster connection (not per call)."""
+
+from __future__ import annotations
+
+import threading
+
+import kubernetes.client
+import kubernetes.config
+from kubernetes.config.config_exception import ConfigException
+
+from keruta_prefect.backends.base import BackendError
+from keruta_prefect.settings import KerutaSettings
+
+_clients: dict[tuple[bool, str | None, str | None], kubernetes.client.ApiClient] = {}
+_lock = threading.Lock()
+
+
+def disabled_message() -> str:
+    return "Kubernetes integration is disabled (keruta.kubernetes.enabled=false)"
+
+
+def api_client(settings: KerutaSettings) -> kubernetes.client.ApiClient:
+    """The ApiClient for the settings' cluster connection; one per process and connection."""
+    if not settings.enabled:
+        raise BackendError(disabled_message())
+    key = (settings.in_cluster, settings.config_path, settings.context)
+    with _lock:
+        found = _clients.get(key)
+        if found is not None:
+            return found
+        configuration = kubernetes.client.Configuration()
+        try:
+            if settings.in_cluster:
+                kubernetes.config.load_incluster_config(client_configuration=configuration)
+            else:
+                kubernetes.config.load_kube_config(config_file=settings.config_path, context=settings.context,
+                                                   client_configuration=configuration)
+        except (ConfigException, OSError, TypeError) as exc:
+            where = "the in-cluster service account" if settings.in_cluster else (
+                f"kubeconfig {settings.config_path or '$KUBECONFIG or ~/.kube/config'}"
+                + (f" (context {settings.context})" if settings.context else ""))
+            raise BackendError(f"cannot load the cluster connection from {where}: {exc}") from None
+        # Many tasks in one process share this client: room for their concurrent calls.
+        configuration.connection_pool_maxsize = 64
+        client = kubernetes.client.ApiClient(configuration)
+        _clients[key] = client
+        return client

@@ -1,0 +1,206 @@
+"""How an agent Job is doing, from its Pods and (when needed) the Job itself. Pure: dicts in, verdict out.
+
+Every failure gets a short reason and a message that says what to do. ``retryable`` marks the system
+failures worth a new attempt; everything else fails the task at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from keruta_prefect.models import TaskStatus
+
+from ..base import Outcome
+
+PULL_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "RegistryUnavailable"}
+CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+# keruta-agent's exit codes (see keruta_prefect.agent.runner)
+AGENT_EXIT = {
+    0: (TaskStatus.COMPLETED, None, False, "the task completed"),
+    1: (TaskStatus.FAILED, "SCRIPT_FAILED", False, "the task's script failed"),
+    2: (TaskStatus.FAILED, "AGENT_CONFIG_ERROR", False,
+        "keruta-agent could not start the task (configuration error: token, task id or API URL); see its log"),
+    3: (TaskStatus.FAILED, "API_UNREACHABLE", True,
+        "keruta-agent could not reach the keruta API (check keruta.kubernetes.api-url, the Service and the "
+        "NetworkPolicy)"),
+    4: (TaskStatus.FAILED, "AGENT_ERROR", False, "keruta-agent hit an internal error; see its log"),
+    143: (TaskStatus.CANCELLED, "TERMINATED", False, "the agent was terminated (its Pod was deleted)"),
+}
+
+
+@dataclass
+class Verdict:
+    outcome: Outcome | None = None
+    notes: list[str] = field(default_factory=list)  # worth telling the user once each
+    started: list[str] = field(default_factory=list)  # pods whose main container has started (follow logs)
+    need_job: bool = False  # the Pods cannot tell: read the Job
+
+
+def _created(pod: dict[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def _statuses(pod: dict[str, Any], init: bool = False) -> list[dict[str, Any]]:
+    return (pod.get("status") or {}).get("initContainerStatuses" if init else "containerStatuses") or []
+
+
+def _main_state(pod: dict[str, Any]) -> dict[str, Any]:
+    for status in _statuses(pod):
+        if status.get("name") == "main":
+            return status.get("state") or {}
+    return {}
+
+
+def disrupted(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    return status.get("reason") == "Evicted" or any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def exit_outcome(code: int, terminated: dict[str, Any], pod_name: str, memory_limit: str | None) -> Outcome:
+    if terminated.get("reason") == "OOMKilled":
+        limit = f" (limit {memory_limit})" if memory_limit else ""
+        return Outcome(status=TaskStatus.FAILED, exit_code=code, reason="OOMKilled",
+                       message=f"the agent container ran out of memory{limit} and was killed; raise the task's "
+                               "resources.memoryLimit or keruta.kubernetes.default-memory-limit")
+    status, reason, retryable, message = AGENT_EXIT.get(
+        code, (TaskStatus.FAILED, "AGENT_KILLED" if code > 128 else "AGENT_ERROR", code > 128,
+               f"keruta-agent ended with exit code {code}" + (" (killed by a signal)" if code > 128 else "")))
+    return Outcome(status=status, exit_code=code, reason=reason, retryable=retryable, message=message)
+
+
+def diagnose(pods: list[dict[str, Any]], job: dict[str, Any] | None, *, waited: dict[str, float],
+             image_pull_grace: float, unschedulable_grace: float, job_known_missing: bool = False) -> Verdict:
+    """The verdict for a Job, given its Pods (any order), the Job if it was read, and how long each
+    waiting reason has been seen (``waited``: "pod/container/reason" → seconds)."""
+    verdict = Verdict()
+    if job_known_missing:
+        verdict.outcome = Outcome(status=TaskStatus.FAILED, reason="JOB_DELETED",
+                                  message="the Job was deleted by someone else before the task finished")
+        return verdict
+    if job is not None:
+        from_job = _job_outcome(job, pods)
+        if from_job is not None:
+            verdict.outcome = from_job
+            return verdict
+    for pod in sorted(pods, key=_created, reverse=True):
+        name = pod["metadata"]["name"]
+        main = _main_state(pod)
+        if "running" in main or "terminated" in main:
+            verdict.started.append(name)
+        if disrupted(pod):
+            verdict.notes.append(f"Pod {name} was disrupted ({(pod.get('status') or {}).get('message') or 'evicted'});"
+                                 " Kubernetes starts a replacement Pod (a system failure, not the task's)")
+            continue
+        if (pod.get("metadata") or {}).get("deletionTimestamp") and "terminated" not in main:
+            verdict.need_job = True
+            continue
+        if "terminated" in main:
+            terminated = main["terminated"]
+            limit = next(((c.get("resources") or {}).get("limits", {}).get("memory")
+                          for c in pod.get("spec", {}).get("containers", []) if c.get("name") == "main"), None)
+            verdict.outcome = exit_outcome(int(terminated.get("exitCode", 0)), terminated, name, limit)
+            return verdict
+        for status in _statuses(pod, init=True):
+            terminated = (status.get("state") or {}).get("terminated")
+            if terminated and int(terminated.get("exitCode", 0)) != 0:
+                verdict.outcome = Outcome(
+                    status=TaskStatus.FAILED, exit_code=int(terminated["exitCode"]), reason="INIT_FAILED",
+                    message=f"init container {status['name']} failed with exit code {terminated['exitCode']} "
+                            "(the repository could not be prepared); see the Pod's log of that container")
+                return verdict
+        waiting_outcome = _waiting(pod, waited, image_pull_grace, verdict)
+        if waiting_outcome is not None:
+            verdict.outcome = waiting_outcome
+            return verdict
+        scheduled = next((c for c in (pod.get("status") or {}).get("conditions") or []
+                          if c.get("type") == "PodScheduled"), None)
+        if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+            key = f"{name}/-/Unschedulable"
+            message = scheduled.get("message") or "no node fits"
+            if waited.get(key, 0) >= unschedulable_grace:
+                verdict.outcome = Outcome(
+                    status=TaskStatus.FAILED, reason="Unschedulable",
+                    message=f"no node can run the agent Pod: {message}; lower the task's resources or add capacity")
+                return verdict
+            verdict.notes.append(f"Pod {name} is not scheduled yet: {message}")
+        return verdict  # only the newest live Pod speaks
+    return verdict
+
+
+def _waiting(pod: dict[str, Any], waited: dict[str, float], grace: float, verdict: Verdict) -> Outcome | None:
+    name = pod["metadata"]["name"]
+    for init in (True, False):
+        for status in _statuses(pod, init=init):
+            waiting = (status.get("state") or {}).get("waiting")
+            if not waiting:
+                continue
+            reason = waiting.get("reason") or ""
+            message = waiting.get("message") or ""
+            container = status.get("name")
+            image = status.get("image") or ""
+            if reason == "InvalidImageName":
+                return Outcome(status=TaskStatus.FAILED, reason=reason,
+                               message=f"the image name {image!r} of container {container} is not valid: {message}")
+            if reason in PULL_ERRORS:
+                verdict.notes.append(f"Pod {name}: {reason} for image {image}: {message}")
+                if waited.get(f"{name}/{container}/{reason}", 0) >= grace or any(
+                        waited.get(f"{name}/{container}/{r}", 0) >= grace for r in PULL_ERRORS):
+                    return Outcome(status=TaskStatus.FAILED, reason="ImagePullBackOff",
+                                   message=f"image {image} cannot be pulled ({reason}: {message}); check the image "
+                                           "name and tag, and keruta.kubernetes.image-pull-secrets for private "
+                                           "registries")
+            if reason in CONFIG_ERRORS:
+                verdict.notes.append(f"Pod {name}: {reason}: {message}")
+                if waited.get(f"{name}/{container}/{reason}", 0) >= grace:
+                    hint = ""
+                    if "secret" in message.lower():
+                        hint = ("; create it, e.g. kubectl create secret generic keruta-api-token "
+                                "--from-literal=token=… (see keruta.kubernetes.token-secret-name)")
+                    return Outcome(status=TaskStatus.FAILED, reason=reason,
+                                   message=f"container {container} cannot be configured: {message}{hint}")
+    return None
+
+
+def waiting_keys(pods: list[dict[str, Any]]) -> set[str]:
+    """The "pod/container/reason" keys of everything waiting now (for ``waited``)."""
+    keys = set()
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        for init in (True, False):
+            for status in _statuses(pod, init=init):
+                waiting = (status.get("state") or {}).get("waiting")
+                if waiting and waiting.get("reason"):
+                    keys.add(f"{name}/{status.get('name')}/{waiting['reason']}")
+        for condition in (pod.get("status") or {}).get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
+                keys.add(f"{name}/-/Unschedulable")
+    return keys
+
+
+def _job_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        kind, reason = condition.get("type"), condition.get("reason") or ""
+        if kind in ("Complete", "SuccessCriteriaMet"):
+            return Outcome(status=TaskStatus.COMPLETED, exit_code=0, message="the task completed")
+        if kind in ("Failed", "FailureTarget"):
+            if reason == "DeadlineExceeded":
+                deadline = job.get("spec", {}).get("activeDeadlineSeconds")
+                return Outcome(status=TaskStatus.FAILED, reason="DeadlineExceeded",
+                               message=f"the Job ran longer than its deadline ({deadline}s); raise the task's "
+                                       "timeoutSeconds")
+            if reason == "PodFailurePolicy":
+                return Outcome(status=TaskStatus.FAILED, exit_code=2, reason="AGENT_CONFIG_ERROR",
+                               message=f"{AGENT_EXIT[2][3]} ({condition.get('message', '')})")
+            last = sorted(pods, key=_created)[-1] if pods else None
+            terminated = _main_state(last).get("terminated") if last else None
+            if terminated:
+                outcome = exit_outcome(int(terminated.get("exitCode", 1)), terminated, last["metadata"]["name"], None)
+                return outcome.model_copy(update={"message": f"{outcome.message} ({reason})"})
+            return Outcome(status=TaskStatus.FAILED, reason=reason or "JobFailed",
+                           message=condition.get("message") or "the Job failed")
+    return None
