@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="keruta-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
@@ -26,6 +27,9 @@ for _name in ("KERUTA_DATABASE_URL", "KERUTA_API_TOKEN", "KERUTA_PROPERTIES", "K
 import pytest  # noqa: E402
 
 from keruta_prefect.api import ApiServer, create_app  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.harness.cluster import Cluster
 from keruta_prefect.store import Store, get_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,3 +115,42 @@ def run_agent(api: Api, task_id: str, work_dir: Path, *args: str, timeout: float
     command = [sys.executable, "-m", "keruta_prefect.agent", "run", "--task-id", task_id, "--api-url", api.url,
                "--work-dir", str(work_dir), "--artifacts-dir", str(work_dir / "artifacts"), *args]
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A realistic cluster on kmock whose kubelet really runs the agent (see tests/harness)."""
+    from tests.harness.cluster import Cluster
+
+    running = Cluster(tmp_path / "cluster", kubelet="run").start()
+    yield running
+    _stop_watches()
+    running.stop()
+
+
+@pytest.fixture
+def manual_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """The same cluster, but the test drives Pod status itself (no processes)."""
+    from tests.harness.cluster import Cluster
+
+    running = Cluster(tmp_path / "cluster", kubelet="manual").start()
+    yield running
+    _stop_watches()
+    running.stop()
+
+
+def _stop_watches() -> None:
+    from keruta_prefect.backends.kubernetes import watch
+
+    watch.stop_all()
+
+
+@pytest.fixture(autouse=True)
+def _quick_watches() -> Iterator[None]:
+    """Shorter watch timeouts so restarts happen within a test (the logic is the same)."""
+    from keruta_prefect.backends.kubernetes import watch
+
+    saved = dict(watch.DEFAULT_TUNING.__dict__)
+    watch.DEFAULT_TUNING.__dict__.update(server_timeout=5, read_timeout=3, backoff=0.1, idle_seconds=2)
+    yield
+    watch.DEFAULT_TUNING.__dict__.update(saved)

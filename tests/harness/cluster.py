@@ -168,10 +168,12 @@ class Cluster:
         self.processes: dict[tuple[str, str], asyncio.subprocess.Process] = {}
         self.oom: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.finished_pods: set[tuple[str | None, str]] = set()
         self.validation_errors: list[str] = []
 
     # --- life cycle ----------------------------------------------------------------------------------
     def start(self) -> Cluster:
+        self.root.mkdir(parents=True, exist_ok=True)
         self.thread.start()
         self.call(self._start())
         return self
@@ -581,7 +583,9 @@ class Cluster:
             self._spawn(self._start_job(obj))
         elif resource == PODS and kind == "MODIFIED":
             phase = (obj.get("status") or {}).get("phase")
-            if phase in ("Succeeded", "Failed") and not obj["metadata"].get("annotations", {}).get("harness/seen"):
+            key = (obj["metadata"].get("namespace"), obj["metadata"]["name"])
+            if phase in ("Succeeded", "Failed") and key not in self.finished_pods:
+                self.finished_pods.add(key)  # the controller reacts to a Pod's end once
                 self._spawn(self._pod_finished(obj))
 
     def _react_deleted(self, resource: kmock.resource, obj: dict[str, Any]) -> None:
@@ -662,7 +666,10 @@ class Cluster:
         job_name = meta.get("labels", {}).get("job-name")
         if not job_name or meta.get("deletionTimestamp"):
             return
-        await self.patch(PODS, namespace, meta["name"], {"metadata": {"annotations": {"harness/seen": "1"}}})
+        if pod["status"]["phase"] == "Failed" and not any(
+                c.get("type") == "DisruptionTarget" for c in pod["status"].get("conditions") or []):
+            await asyncio.sleep(0.05)  # an eviction marks the Pod before its container ends: see it whole
+            pod = self.get(PODS, namespace, meta["name"]) or pod
         job = self.get(JOBS, namespace, job_name)
         if job is None or self._job_finished(job):
             return

@@ -23,7 +23,7 @@ from keruta_prefect.backends.base import BackendError, LogSink, Outcome, RunCont
 from keruta_prefect.backends.kubernetes.client import api_client
 from keruta_prefect.backends.kubernetes.diagnose import diagnose, waiting_keys
 from keruta_prefect.backends.kubernetes.logs import LogFollower
-from keruta_prefect.backends.kubernetes.watch import WatchTuning, shared_watch
+from keruta_prefect.backends.kubernetes.watch import DEFAULT_TUNING, WatchTuning, shared_watch
 from keruta_prefect.manifest import (
     ANNOTATION_TASK,
     LABEL_ATTEMPT,
@@ -73,7 +73,7 @@ class KubernetesBackend:
         self.api = api_client(settings)  # BackendError when disabled or unconfigured
         self.batch = kubernetes.client.BatchV1Api(self.api)
         self.core = kubernetes.client.CoreV1Api(self.api)
-        self.tuning = tuning or WatchTuning()
+        self.tuning = tuning or DEFAULT_TUNING
 
     # --- launch ------------------------------------------------------------------------------------
     def launch(self, task: Task, ctx: RunContext) -> RunHandle:

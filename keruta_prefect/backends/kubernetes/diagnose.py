@@ -94,7 +94,9 @@ def diagnose(pods: list[dict[str, Any]], job: dict[str, Any] | None, *, waited: 
             verdict.notes.append(f"Pod {name} was disrupted ({(pod.get('status') or {}).get('message') or 'evicted'});"
                                  " Kubernetes starts a replacement Pod (a system failure, not the task's)")
             continue
-        if (pod.get("metadata") or {}).get("deletionTimestamp") and "terminated" not in main:
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            # Someone is deleting the Pod: only the Job can say whether it is gone (deleted by someone
+            # else) or about to start a replacement.
             verdict.need_job = True
             continue
         if "terminated" in main:

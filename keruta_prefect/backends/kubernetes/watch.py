@@ -39,6 +39,9 @@ class WatchTuning:
     idle_seconds: float = 30  # a watch nobody listens to stops after this
 
 
+DEFAULT_TUNING = WatchTuning()
+
+
 class Subscription:
     def __init__(self, watch: NamespaceWatch, job: str) -> None:
         self.watch = watch

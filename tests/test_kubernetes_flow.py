@@ -1,0 +1,241 @@
+"""The keruta-task flow on the Kubernetes backend, against the harness cluster (kmock + a kubelet that
+really runs keruta-agent against a real keruta API on loopback)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from keruta_prefect.blocks import seed
+from keruta_prefect.flows import KerutaTaskFailed, keruta_task
+from keruta_prefect.manifest import job_name
+from keruta_prefect.settings import KerutaSettings
+from keruta_prefect.store import Store
+from tests.conftest import Api
+from tests.harness.cluster import Cluster
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture
+def k8s(cluster: Cluster, api: Api) -> tuple[Cluster, str]:
+    """A cluster with the token Secret, and a settings block pointing at it and at the keruta API."""
+    cluster.create_secret("keruta-api-token", {"token": api.token})
+    name = f"k8s-{uuid.uuid4().hex[:8]}"
+    seed(KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, default_image="keruta-agent:test",
+                        image_pull_grace_seconds=1, crash_loop_back_off_timeout_ms=1000, artifacts_mode="off"),
+         name=name)
+    return cluster, name
+
+
+def run(block: str, spec: dict[str, object]) -> object:
+    return keruta_task(task_spec=spec, backend="kubernetes", settings_block=block, return_state=True)
+
+
+def result_of(state: object) -> object:
+    try:
+        return state.result()  # type: ignore[attr-defined]
+    except KerutaTaskFailed as exc:
+        return exc.result
+
+
+def test_a_task_runs_as_a_job_and_completes_with_its_logs(k8s: tuple[Cluster, str], store: Store) -> None:
+    cluster, block = k8s
+    state = run(block, {"id": "k-ok", "title": "on k8s", "script": "echo hello from the pod\necho second >&2"})
+    result = result_of(state)
+    assert (result.status, result.exit_code, result.backend) == ("COMPLETED", 0, "kubernetes")
+    assert result.job_name == job_name("k-ok", 1) and result.namespace == "default"
+    [run_row] = store.runs("k-ok")
+    assert run_row.job_uid and run_row.job_name == job_name("k-ok", 1)
+    agent_lines = [r.message for r in store.logs("k-ok") if r.source.startswith("agent-")]
+    assert sorted(agent_lines) == ["hello from the pod", "second"]
+    [job] = cluster.jobs()
+    assert job["metadata"]["labels"]["keruta.io/task-id"] == "k-ok"
+    assert job["metadata"]["labels"]["keruta.io/flow-run-id"] == run_row.flow_run_id
+    assert not cluster.validation_errors
+    requests = [c for c in cluster.calls if c.resource in ("jobs", "pods", "persistentvolumeclaims")]
+    assert len(requests) <= 6, requests
+
+
+def test_a_failing_script_fails_without_retry(k8s: tuple[Cluster, str], store: Store) -> None:
+    _cluster, block = k8s
+    result = result_of(run(block, {"id": "k-fail", "script": "echo nope\nexit 5"}))
+    assert (result.status, result.reason, result.exit_code) == ("FAILED", "SCRIPT_EXIT_5", 1)
+    assert len(store.runs("k-fail")) == 1
+
+
+def test_an_image_that_cannot_be_pulled_fails_fast_and_is_not_retried(k8s: tuple[Cluster, str], store: Store) -> None:
+    cluster, block = k8s
+    cluster.unpullable.add("registry.example.com/missing:1")
+    result = result_of(run(block, {"id": "k-pull", "image": "registry.example.com/missing:1", "script": "true"}))
+    assert (result.status, result.reason) == ("FAILED", "ImagePullBackOff")
+    assert "registry.example.com/missing:1 cannot be pulled" in result.message
+    assert "image-pull-secrets" in result.message
+    assert len(store.runs("k-pull")) == 1
+
+
+def test_a_missing_token_secret_is_named(cluster: Cluster, api: Api, store: Store) -> None:
+    block = f"k8s-{uuid.uuid4().hex[:8]}"
+    seed(KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, image_pull_grace_seconds=1,
+                        artifacts_mode="off"), name=block)
+    result = result_of(run(block, {"id": "k-secret", "script": "true"}))
+    assert (result.status, result.reason) == ("FAILED", "CreateContainerConfigError")
+    assert 'secret "keruta-api-token" not found' in result.message and "kubectl create secret" in result.message
+
+
+def test_a_wrong_token_is_an_agent_configuration_error_that_fails_the_job_at_once(
+        cluster: Cluster, api: Api, store: Store) -> None:
+    cluster.create_secret("keruta-api-token", {"token": "not-the-token"})
+    block = f"k8s-{uuid.uuid4().hex[:8]}"
+    seed(KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, artifacts_mode="off"), name=block)
+    result = result_of(run(block, {"id": "k-token", "script": "true"}))
+    assert (result.status, result.reason, result.exit_code) == ("FAILED", "AGENT_CONFIG_ERROR", 2)
+    assert len(store.runs("k-token")) == 1
+
+
+def test_an_unschedulable_pod_fails_naming_the_resource(k8s: tuple[Cluster, str], store: Store) -> None:
+    _cluster, block = k8s
+    result = result_of(run(block, {"id": "k-big", "resources": {"cpuRequest": "64"}, "script": "true"}))
+    assert (result.status, result.reason) == ("FAILED", "Unschedulable")
+    assert "Insufficient cpu" in result.message
+
+
+def test_oom_killed_is_reported_with_the_limit(k8s: tuple[Cluster, str], store: Store) -> None:
+    cluster, block = k8s
+    import threading
+
+    name = job_name("k-oom", 1)
+
+    def kill_when_running() -> None:
+        pod = cluster.wait_for(lambda: next((p for p in cluster.pods(job=name)
+                                             if p.get("status", {}).get("phase") == "Running"), None), timeout=30)
+        cluster.wait_for(lambda: store.count_logs("k-oom") > 0, timeout=30)
+        cluster.oom_kill(pod["metadata"]["name"])
+
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    result = result_of(run(block, {"id": "k-oom", "script": "echo allocating\nsleep 60"}))
+    killer.join()
+    assert (result.status, result.reason, result.exit_code) == ("FAILED", "OOMKilled", 137)
+    assert "limit 1Gi" in result.message
+    assert len(store.runs("k-oom")) == 1
+
+
+def test_an_evicted_pod_is_replaced_and_the_task_completes(k8s: tuple[Cluster, str], store: Store) -> None:
+    cluster, block = k8s
+    import threading
+
+    name = job_name("k-evict", 1)
+    marker = cluster.root / "evicted-once"
+
+    def evict_first_pod() -> None:
+        pod = cluster.wait_for(lambda: next((p for p in cluster.pods(job=name)
+                                             if p.get("status", {}).get("phase") == "Running"), None), timeout=30)
+        cluster.wait_for(lambda: store.count_logs("k-evict") > 0, timeout=30)
+        marker.touch()
+        cluster.evict(pod["metadata"]["name"])
+
+    evictor = threading.Thread(target=evict_first_pod)
+    evictor.start()
+    script = f'echo started\nif [ ! -e "{marker}" ]; then sleep 60; fi\necho finished'
+    result = result_of(run(block, {"id": "k-evict", "script": script}))
+    evictor.join()
+    assert result.status == "COMPLETED"
+    assert len(cluster.pods(job=name)) == 2  # the evicted Pod and its replacement
+    assert len(store.runs("k-evict")) == 1  # Kubernetes replaced the Pod within the same attempt
+
+
+def test_a_job_deleted_by_someone_else_fails_the_task_clearly(k8s: tuple[Cluster, str], store: Store) -> None:
+    cluster, block = k8s
+    import threading
+
+    name = job_name("k-gone", 1)
+
+    def delete_when_running() -> None:
+        cluster.wait_for(lambda: store.count_logs("k-gone") > 0, timeout=30)
+        cluster.delete_job(name)
+
+    deleter = threading.Thread(target=delete_when_running)
+    deleter.start()
+    result = result_of(run(block, {"id": "k-gone", "script": "echo working\nsleep 60"}))
+    deleter.join()
+    assert (result.status, result.reason) == ("FAILED", "JOB_DELETED")
+    assert "deleted by someone else" in result.message
+
+
+def test_watch_expiry_and_drops_mid_run_are_survived(k8s: tuple[Cluster, str], store: Store) -> None:
+    cluster, block = k8s
+    import threading
+
+    def disturb() -> None:
+        cluster.wait_for(lambda: store.count_logs("k-410") > 0, timeout=30)
+        cluster.expire_watches()  # 410 Gone: relist
+        cluster.wait_for(lambda: len(cluster.calls_of("watch", "pods")) >= 2 and cluster.watches()
+                         and not any(s.expire for s in cluster.watches()), timeout=10)
+        cluster.drop_watches()  # connection reset: resume
+
+    disturber = threading.Thread(target=disturb)
+    disturber.start()
+    result = result_of(run(block, {"id": "k-410", "script": "echo one\nsleep 3\necho two"}))
+    disturber.join()
+    assert result.status == "COMPLETED"
+    watches = cluster.calls_of("watch", "pods")
+    assert len(watches) >= 3  # first, after 410 (with a relist), after the drop
+
+
+def test_api_server_errors_on_create_are_retried(k8s: tuple[Cluster, str], store: Store) -> None:
+    cluster, block = k8s
+    cluster.fail(2, 503, verb="create", resource="jobs")
+    result = result_of(run(block, {"id": "k-503", "script": "echo ok"}))
+    assert result.status == "COMPLETED"
+    assert len(cluster.calls_of("create", "jobs")) == 3
+    assert len(cluster.jobs()) == 1
+
+
+def test_kubernetes_disabled_fails_at_once(cluster: Cluster, api: Api, store: Store) -> None:
+    block = f"k8s-{uuid.uuid4().hex[:8]}"
+    seed(KerutaSettings(enabled=False, config_path=str(cluster.kubeconfig())), name=block)
+    state = run(block, {"id": "k-off", "script": "true"})
+    assert state.is_failed()
+    assert state.message == "Kubernetes integration is disabled (keruta.kubernetes.enabled=false)"
+    assert store.list_tasks() == [] and cluster.calls_of("create") == []
+
+
+def test_a_repository_is_cloned_and_a_child_task_shares_the_volume(k8s: tuple[Cluster, str], store: Store) -> None:
+    cluster, block = k8s
+    cluster.add_git_remote("https://git.example.com/team/app.git", {"README": "hello repo\n"})
+    parent = result_of(run(block, {"id": "k-parent", "repositoryUrl": "https://git.example.com/team/app.git",
+                                   "script": "cat README\necho from-parent > shared.txt"}))
+    assert parent.status == "COMPLETED"
+    child = result_of(run(block, {"id": "k-child", "parentId": "k-parent",
+                                  "repositoryUrl": "https://git.example.com/team/app.git",
+                                  "script": "cat shared.txt"}))
+    assert child.status == "COMPLETED"
+    assert [r.message for r in store.logs("k-parent") if r.source.startswith("agent-")] == ["hello repo"]
+    assert [r.message for r in store.logs("k-child") if r.source.startswith("agent-")] == ["from-parent"]
+    claims = [c for c in cluster.calls if c.resource == "persistentvolumeclaims" and c.verb == "create"]
+    assert len(claims) == 2 and claims[0].name == claims[1].name  # one volume for the tree
+
+
+def test_a_failing_clone_fails_the_task_as_an_init_failure(k8s: tuple[Cluster, str], store: Store) -> None:
+    _cluster, block = k8s
+    result = result_of(run(block, {"id": "k-clone", "repositoryUrl": "https://git.example.com/nowhere.git",
+                                   "script": "true"}))
+    assert (result.status, result.reason) == ("FAILED", "INIT_FAILED")
+    assert "init container clone failed" in result.message
+
+
+def test_a_job_name_taken_by_something_else_is_a_clear_error(k8s: tuple[Cluster, str], store: Store) -> None:
+    cluster, block = k8s
+    from tests.harness.cluster import JOBS
+
+    stranger = {"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": job_name("k-name", 1), "namespace": "default", "labels": {"app": "other"}},
+                "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                               "containers": [{"name": "c", "image": "busybox:1"}]}}}}
+    cluster.call(cluster.put(JOBS, stranger))
+    state = run(block, {"id": "k-name", "script": "true"})
+    assert state.is_failed()
+    assert f"a Job named {job_name('k-name', 1)} already exists in namespace default and is not attempt 1" \
+        in state.message
