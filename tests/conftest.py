@@ -151,6 +151,7 @@ def _quick_watches() -> Iterator[None]:
     from keruta_prefect.backends.kubernetes import watch
 
     saved = dict(watch.DEFAULT_TUNING.__dict__)
-    watch.DEFAULT_TUNING.__dict__.update(server_timeout=5, read_timeout=3, backoff=0.1, idle_seconds=2)
+    # The harness sends a bookmark every second; a healthy watch is never silent for 4 s.
+    watch.DEFAULT_TUNING.__dict__.update(server_timeout=5, read_timeout=4, backoff=0.1, idle_seconds=2)
     yield
     watch.DEFAULT_TUNING.__dict__.update(saved)

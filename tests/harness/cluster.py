@@ -156,7 +156,7 @@ class Cluster:
         self.faults: list[Fault] = []
         self.denied: set[tuple[str, str | None, str]] = set()  # (resource, subresource, verb)
         self.namespaces: set[str] = {"default"}
-        self.bookmark_interval = 5.0
+        self.bookmark_interval = 1.0
         self.log_drop_after: int | None = None  # cut the next log stream after N lines (mid-line)
         # nodes and kubelet
         self.node_cpu = 4.0
@@ -169,6 +169,7 @@ class Cluster:
         self.oom: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.finished_pods: set[tuple[str | None, str]] = set()
+        self.peak_watches = 0  # most watch streams open at the same time
         self.validation_errors: list[str] = []
 
     # --- life cycle ----------------------------------------------------------------------------------
@@ -384,8 +385,8 @@ class Cluster:
         dry_run = request.params.get("dryRun") == "All"
         if self.validate and plural in VALIDATED:
             for version in versions():
-                try:
-                    kubernetes_validate.validate(obj, version, strict=True)
+                try:  # off the loop: validation takes ~30 ms a version, and watches must keep flowing
+                    await asyncio.to_thread(kubernetes_validate.validate, obj, version, strict=True)
                 except kubernetes_validate.ValidationError as exc:
                     message = f"{KINDS[plural]}.{request.resource.group or 'core'} \"{meta.get('name')}\" is " \
                               f"invalid for Kubernetes {version}: {exc.message}"
@@ -486,6 +487,7 @@ class Cluster:
             last = int(since)
         stream = Stream("watch")
         self.streams.append(stream)
+        self.peak_watches = max(self.peak_watches, len(self.watches()))
         try:
             last_bookmark = time.monotonic()
             while True:
@@ -959,6 +961,7 @@ class Cluster:
         """Manual kubelet: the main container ends with ``exit_code``."""
         state = {"terminated": {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"),
                                 "startedAt": now_iso(), "finishedAt": now_iso()}}
+        self.logs.setdefault((namespace, pod, "main"), ContainerLog()).finished = True
         self.call(self.set_container(namespace, pod, "main", state, phase="Succeeded" if exit_code == 0 else "Failed",
                                      extra=extra))
 
