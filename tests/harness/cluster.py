@@ -245,7 +245,18 @@ class Cluster:
         assert self.emulator is not None
         return self.emulator.objects
 
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a read of the store on the cluster's loop (the only thread that changes it)."""
+        if threading.current_thread() is self.thread:
+            return fn(*args)
+
+        async def read() -> Any:
+            return fn(*args)
+        return self.call(read())
+
     def get(self, resource: kmock.resource, namespace: str | None, name: str) -> dict[str, Any] | None:
+        if threading.current_thread() is not self.thread:
+            return self._on_loop(self.get, resource, namespace, name)
         key = (resource, namespace, name)
         obj = self._objects()[key] if key in self._objects() else None  # noqa: SIM401 (no .get on kmock's array)
         if obj is None or obj.deleted:
@@ -253,6 +264,8 @@ class Cluster:
         return copy.deepcopy(obj.raw)
 
     def items(self, resource: kmock.resource, namespace: str | None = None) -> list[dict[str, Any]]:
+        if threading.current_thread() is not self.thread:
+            return self._on_loop(self.items, resource, namespace)
         out = []
         for (res, ns, _name), obj in self._objects().items():
             if res == resource and not obj.deleted and (namespace is None or ns == namespace):
