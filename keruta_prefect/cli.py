@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from keruta_prefect.models import TaskSpecError
+from keruta_prefect.backends.base import BackendError
+from keruta_prefect.models import Task, TaskSpecError
 from keruta_prefect.settings import (
     KerutaSettings,
     SettingsError,
@@ -86,14 +87,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from keruta_prefect.models import parse_task_spec
-
-    path = Path(args.task_file)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"--task-file={args.task_file!r}: {exc.strerror}") from None
-    spec = parse_task_spec(data, source=str(path))  # fail fast, before Prefect starts
+    spec = _task_file(args.task_file)  # fail fast, before Prefect starts
     if args.properties:
         os.environ["KERUTA_PROPERTIES"] = str(Path(args.properties).resolve())
         _settings(args.properties)
@@ -122,6 +116,69 @@ def cmd_run(args: argparse.Namespace) -> int:
         if result.artifacts_note:
             print(f"artifacts: {result.artifacts_note}")
     return EXIT_OK if result.status == "COMPLETED" else EXIT_TASK_FAILED
+
+
+def _task_file(path_text: str) -> Task:
+    from keruta_prefect.models import parse_task_spec
+
+    path = Path(path_text)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--task-file={path_text!r}: {exc.strerror}") from None
+    return parse_task_spec(data, source=str(path))
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """The Job (and PVC) of a task as YAML, offline; --server-dry-run asks the cluster to check them."""
+    import yaml
+
+    from keruta_prefect.manifest import JobContext, build_job, build_pvc
+
+    settings = _settings(args.properties)
+    task = _task_file(args.task_file)
+    ctx = JobContext(attempt=args.attempt, root_task_id=task.parent_id)
+    documents = [doc for doc in (build_pvc(task, settings, ctx), build_job(task, settings, ctx)) if doc]
+    print(yaml.safe_dump_all(documents, sort_keys=False, allow_unicode=True), end="")
+    if args.server_dry_run:
+        import kubernetes.client
+        from kubernetes.client.exceptions import ApiException
+
+        from keruta_prefect.backends.kubernetes import api_error
+        from keruta_prefect.backends.kubernetes.client import api_client
+
+        api = api_client(settings)
+        for doc in documents:
+            namespace, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
+            try:
+                if doc["kind"] == "Job":
+                    kubernetes.client.BatchV1Api(api).create_namespaced_job(namespace, doc, dry_run="All",
+                                                                             _preload_content=False)
+                else:
+                    kubernetes.client.CoreV1Api(api).create_namespaced_persistent_volume_claim(
+                        namespace, doc, dry_run="All", _preload_content=False)
+            except ApiException as exc:
+                if exc.status == 409:
+                    print(f"✓ {doc['kind']} {name} exists already in {namespace}", file=sys.stderr)
+                    continue
+                raise UsageError(str(api_error(exc, f"the cluster refuses {doc['kind']} {name}"))) from None
+            print(f"✓ the cluster accepts {doc['kind']} {namespace}/{name} (server-side dry run)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from keruta_prefect.backends.kubernetes.doctor import run_checks
+
+    if args.properties or not args.settings_block:
+        settings = _settings(args.properties)
+    else:
+        from keruta_prefect.blocks import KerutaKubernetesSettings
+
+        settings = KerutaKubernetesSettings.load(args.settings_block).settings()
+    checks = run_checks(settings, args.namespace, emit=lambda check: print(check.line(), flush=True))
+    failed = sum(not c.ok for c in checks)
+    print(f"{len(checks) - failed} passed, {failed} failed")
+    return EXIT_OK if failed == 0 else EXIT_TASK_FAILED
 
 
 def cmd_tasks_logs(args: argparse.Namespace) -> int:
@@ -159,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one task (a JSON task spec) through the keruta-task flow")
     run.add_argument("--task-file", required=True)
-    run.add_argument("--backend", default="local", choices=["local"])
+    run.add_argument("--backend", default="local", choices=["local", "kubernetes"])
     run.add_argument("--settings-block", default="default")
     run.add_argument("--properties", help="application.properties used if the settings block does not exist yet")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -190,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--block", default="default", help="keruta-api block holding the token")
     api.set_defaults(func=cmd_api)
 
+    render = sub.add_parser("render", help="the agent Job (and volume) of a task as YAML, offline")
+    render.add_argument("--task-file", required=True)
+    render.add_argument("--properties", help="settings (default: the built-in defaults)")
+    render.add_argument("--attempt", type=int, default=1)
+    render.add_argument("--server-dry-run", action="store_true", help="also ask the cluster to validate them")
+    render.set_defaults(func=cmd_render)
+
+    doctor = sub.add_parser("doctor", help="check the cluster connection, namespace, permissions and token Secret")
+    doctor.add_argument("--properties", help="settings file (default: the built-in defaults)")
+    doctor.add_argument("--settings-block", help="or: the stored settings block of this name")
+    doctor.add_argument("--namespace", help="default: keruta.kubernetes.default-namespace")
+    doctor.set_defaults(func=cmd_doctor)
+
     tasks = sub.add_parser("tasks", help="stored tasks")
     tsub = tasks.add_subparsers(dest="tasks_command", required=True)
     tlist = tsub.add_parser("list")
@@ -213,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as exc:
         print(f"keruta-prefect: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BackendError as exc:
+        print(f"keruta-prefect: {exc}", file=sys.stderr)
+        return EXIT_TASK_FAILED
     except KeyboardInterrupt:
         return 130
 

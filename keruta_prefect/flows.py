@@ -119,6 +119,36 @@ def root_of(store: Store, task: Task) -> str:
     return current.id
 
 
+def tree_done(store: Store, root: str) -> bool:
+    """Is every task of the tree rooted at ``root`` in a final status?"""
+    pending, seen = [root], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            if not store.get_task(current).status.terminal:
+                return False
+        except LookupError:
+            pass
+        pending.extend(child.id for child in store.children(current))
+    return True
+
+
+def release_volume(store: Store, runner: Backend, settings: KerutaSettings, task: Task, root: str) -> None:
+    """A task tree's volume is deleted when its last unfinished task ends (keruta.kubernetes.pvc-retention=
+    delete); tasks of the tree submitted later start with a fresh volume."""
+    from keruta_prefect.manifest import namespace_of, needs_volume, pvc_name
+
+    delete_volume = getattr(runner, "delete_volume", None)
+    if delete_volume is None or settings.pvc_retention != "delete" or not needs_volume(task) or task.pvc_name:
+        return
+    if tree_done(store, root):
+        delete_volume(namespace_of(task, settings), pvc_name(root))
+        get_run_logger().info("task tree %s is done: its volume %s was deleted", root, pvc_name(root))
+
+
 def handle_of(run: TaskRunRow) -> RunHandle:
     return RunHandle(backend=run.backend, task_id=run.task_id, attempt=run.attempt, flow_run_id=run.flow_run_id,
                      name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid,
@@ -316,6 +346,7 @@ def keruta_task(
             time.sleep(delay)
             continue
         result = record_run(store, run_id, task_, outcome, collected)
+        release_volume(store, runner, settings, task_, root)
     publish_summary(store, task_, result)
     if result.status != TaskStatus.COMPLETED:
         # A task that failed is an expected outcome, not a crash: a Failed state (no traceback) whose

@@ -214,6 +214,10 @@ class Store:
         except TaskExists:
             return self.get_task(task.id), False
 
+    def children(self, task_id: str) -> list[Task]:
+        with self.session() as s:
+            return [row.to_task() for row in s.exec(select(TaskRow).where(TaskRow.parent_id == task_id))]
+
     def get_task(self, task_id: str) -> Task:
         with self.session() as s:
             row = s.get(TaskRow, task_id)

@@ -205,17 +205,25 @@ def test_kubernetes_disabled_fails_at_once(cluster: Cluster, api: Api, store: St
 def test_a_repository_is_cloned_and_a_child_task_shares_the_volume(k8s: tuple[Cluster, str], store: Store) -> None:
     cluster, block = k8s
     cluster.add_git_remote("https://git.example.com/team/app.git", {"README": "hello repo\n"})
+    from keruta_prefect.models import Task
+
+    # The child is known before the parent finishes, so the tree is not done and its volume stays.
+    store.create_task(Task.model_validate({"id": "k-child", "parentId": "k-parent",
+                                           "repositoryUrl": "https://git.example.com/team/app.git",
+                                           "script": "cat shared.txt"}))
     parent = result_of(run(block, {"id": "k-parent", "repositoryUrl": "https://git.example.com/team/app.git",
                                    "script": "cat README\necho from-parent > shared.txt"}))
     assert parent.status == "COMPLETED"
-    child = result_of(run(block, {"id": "k-child", "parentId": "k-parent",
-                                  "repositoryUrl": "https://git.example.com/team/app.git",
-                                  "script": "cat shared.txt"}))
+    assert len(cluster.calls_of("delete", "persistentvolumeclaims")) == 0  # the tree goes on
+    child = result_of(keruta_task(task_id="k-child", backend="kubernetes", settings_block=block,
+                                  return_state=True))
     assert child.status == "COMPLETED"
     assert [r.message for r in store.logs("k-parent") if r.source.startswith("agent-")] == ["hello repo"]
     assert [r.message for r in store.logs("k-child") if r.source.startswith("agent-")] == ["from-parent"]
     claims = [c for c in cluster.calls if c.resource == "persistentvolumeclaims" and c.verb == "create"]
     assert len(claims) == 2 and claims[0].name == claims[1].name  # one volume for the tree
+    [deleted] = cluster.calls_of("delete", "persistentvolumeclaims")  # …deleted when the tree is done
+    assert deleted.name == claims[0].name
 
 
 def test_a_failing_clone_fails_the_task_as_an_init_failure(k8s: tuple[Cluster, str], store: Store) -> None:

@@ -324,6 +324,11 @@ class Cluster:
         params = dict(request.params)
         is_watch = params.get("watch", "").lower() in ("true", "1")
         method = str(getattr(request.method, "value", request.method)).upper()
+        if request.url.path in ("/version", "/version/"):  # the official client asks for /version/
+            return aiohttp.web.json_response({
+                "major": "1", "minor": "33", "gitVersion": "v1.33.0-harness", "gitCommit": "0" * 40,
+                "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24.0",
+                "compiler": "gc", "platform": "linux/amd64"})
         if resource is None:
             return await fallback(request)
         if method == "GET" and re.fullmatch(r"/api/v1/namespaces/[^/]+", request.url.path):
@@ -440,6 +445,8 @@ class Cluster:
         if request.resource.plural == "pods":
             self._spawn(self.delete_pod(request.namespace or "", name))
             return aiohttp.web.json_response(current, status=200)
+        if request.resource.plural == "persistentvolumeclaims":  # the volume's files go with it
+            shutil.rmtree(self.root / "pvcs" / (request.namespace or "") / name, ignore_errors=True)
         await self.remove(request.resource, request.namespace, name)
         return aiohttp.web.json_response(current, status=200)
 

@@ -1,0 +1,144 @@
+"""`keruta-prefect doctor`: the seed's FAQ as checks, each printed ✓/✗ with the fix.
+
+PERMISSIONS is the one list of what the backend does to the cluster: the doctor checks it with
+SelfSubjectAccessReviews, deployments/rbac.yaml grants exactly it, and a test compares both with the
+calls the backend really makes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import kubernetes.client
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
+
+from keruta_prefect.backends.base import BackendError
+from keruta_prefect.backends.kubernetes.client import api_client
+from keruta_prefect.manifest import JobContext, build_job
+from keruta_prefect.models import Task
+from keruta_prefect.settings import KerutaSettings
+from keruta_prefect.validation import IMAGE_REF
+
+# (API group, resource, subresource, verb): what keruta-prefect's Kubernetes backend calls.
+PERMISSIONS: list[tuple[str, str, str | None, str]] = [
+    ("batch", "jobs", None, "create"),
+    ("batch", "jobs", None, "get"),
+    ("batch", "jobs", None, "list"),
+    ("batch", "jobs", None, "delete"),
+    ("", "pods", None, "list"),
+    ("", "pods", None, "watch"),
+    ("", "pods", "log", "get"),
+    ("", "persistentvolumeclaims", None, "create"),
+    ("", "persistentvolumeclaims", None, "delete"),
+]
+# The doctor's own look at the token Secret (restricted to that one Secret in the Role).
+SECRET_PERMISSION = ("", "secrets", None, "get")
+
+
+@dataclass
+class Check:
+    ok: bool
+    text: str
+    fix: str = ""
+
+    def line(self) -> str:
+        return f"{'✓' if self.ok else '✗'} {self.text}" + (f"\n    fix: {self.fix}" if not self.ok and self.fix else "")
+
+
+def _detail(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
+
+
+def run_checks(settings: KerutaSettings, namespace: str | None = None,
+               emit: Callable[[Check], None] | None = None) -> list[Check]:
+    namespace = namespace or settings.default_namespace
+    checks: list[Check] = []
+
+    def add(check: Check) -> None:
+        checks.append(check)
+        if emit is not None:
+            emit(check)
+
+    try:
+        api = api_client(settings)
+    except BackendError as exc:
+        add(Check(False, str(exc), "set keruta.kubernetes.config-path / context, or in-cluster=true in a Pod"))
+        return checks
+    try:
+        version = kubernetes.client.VersionApi(api).get_code()
+        add(Check(True, f"cluster reachable at {api.configuration.host} (Kubernetes {version.git_version})"))
+    except (ApiException, OSError, ValueError, urllib3.exceptions.HTTPError) as exc:
+        cause = getattr(exc, "reason", None) or exc
+        text = str(cause).split(": ", 1)[-1] if ": " in str(cause) else str(cause)
+        add(Check(False, f"cannot reach the cluster at {api.configuration.host}: {text[:200]}",
+                  "check the kubeconfig (keruta.kubernetes.config-path, context) and the network"))
+        return checks
+
+    batch = kubernetes.client.BatchV1Api(api)
+    sample = build_job(Task(id="keruta-doctor", title="doctor"), settings, JobContext())
+    try:
+        batch.create_namespaced_job(namespace, sample, dry_run="All", _preload_content=False)
+        add(Check(True, f"namespace {namespace} exists and accepts agent Jobs (server-side dry run)"))
+    except ApiException as exc:
+        detail = _detail(exc)
+        if exc.status == 404:
+            add(Check(False, f"namespace {namespace} does not exist ({detail})",
+                      f"kubectl create namespace {namespace}, or set keruta.kubernetes.default-namespace"))
+        elif exc.status == 403:
+            add(Check(False, f"cannot create Jobs in namespace {namespace}: {detail}",
+                      "kubectl apply -f deployments/rbac.yaml (and bind it to the account keruta-prefect uses)"))
+        else:
+            add(Check(False, f"the cluster refuses the agent Job: HTTP {exc.status}: {detail}",
+                      "keruta-prefect render --server-dry-run shows the manifest the cluster refuses"))
+
+    authz = kubernetes.client.AuthorizationV1Api(api)
+    for group, resource, subresource, verb in [*PERMISSIONS, SECRET_PERMISSION]:
+        name = settings.token_secret_name if resource == "secrets" else None
+        review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                  "spec": {"resourceAttributes": {"namespace": namespace, "group": group, "resource": resource,
+                                                  "verb": verb, **({"subresource": subresource} if subresource else {}),
+                                                  **({"name": name} if name else {})}}}
+        what = f"{verb} {resource}{'/' + subresource if subresource else ''}{'.' + group if group else ''}"
+        try:
+            answer = json.loads(authz.create_self_subject_access_review(review, _preload_content=False).data)
+            allowed = bool((answer.get("status") or {}).get("allowed"))
+        except ApiException as exc:
+            add(Check(False, f"cannot ask whether it may {what}: HTTP {exc.status}: {_detail(exc)}"))
+            continue
+        add(Check(allowed, f"may {what} in {namespace}",
+                  f"grant `{verb}` on `{resource}{'/' + subresource if subresource else ''}`: "
+                  "kubectl apply -f deployments/rbac.yaml"))
+
+    core = kubernetes.client.CoreV1Api(api)
+    secret_name, key = settings.token_secret_name, settings.token_secret_key
+    try:
+        secret = core.read_namespaced_secret(secret_name, namespace)
+        keys = set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
+        if key in keys:
+            add(Check(True, f"Secret {secret_name} has the key {key} (the agents' API token)"))
+        else:
+            add(Check(False, f"Secret {secret_name} has no key {key} (it has: {', '.join(sorted(keys)) or 'none'})",
+                      f"kubectl create secret generic {secret_name} --from-literal={key}=<token> (or set "
+                      "keruta.kubernetes.token-secret-key)"))
+    except ApiException as exc:
+        if exc.status == 404:
+            add(Check(False, f"Secret {secret_name} not found in namespace {namespace}",
+                      f"kubectl -n {namespace} create secret generic {secret_name} --from-literal={key}=<token>"))
+        else:
+            add(Check(False, f"cannot read Secret {secret_name}: HTTP {exc.status}: {_detail(exc)}"))
+
+    image = settings.default_image
+    if not IMAGE_REF.match(image):
+        add(Check(False, f"default image {image!r} is not a valid image reference",
+                  "set keruta.kubernetes.default-image, e.g. registry.example.com/keruta-agent:1.0"))
+    else:
+        pinned = not image.endswith(":latest") and (":" in image.rsplit("/", 1)[-1] or "@" in image)
+        add(Check(True, f"default image {image} looks valid"
+                  + ("" if pinned else " (not pinned to a version: runs may differ over time)")))
+    return checks
