@@ -232,7 +232,7 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
             signal.signal(signal.SIGTERM, previous)
 
     unsent = shipper.close(config.retry_seconds)
-    exit_code = {"COMPLETED": EXIT_OK, "FAILED": EXIT_TASK_FAILED, "CANCELLED": EXIT_TERMINATED}[status]
+    exit_code = {"COMPLETED": EXIT_OK, "FAILED": EXIT_TASK_FAILED, "TERMINATED": EXIT_TERMINATED}[status]
     if unsent:
         spool = config.work_dir / ".keruta" / "unsent-logs.jsonl"
         spool.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +241,11 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
                 out.write(json.dumps(item) + "\n")
         log.error("%d log lines could not be sent; kept in %s", len(unsent), spool)
         exit_code = EXIT_API_UNREACHABLE
+    if status == "TERMINATED":
+        # SIGTERM comes from a cancel, an eviction, a node drain or a deleted Job: the agent cannot tell
+        # which, so it reports no final status; whoever stopped it (the flow) knows and decides. (A
+        # CANCELLED here would also make an evicted task's replacement Pod fail on IN_PROGRESS.)
+        return exit_code
     try:
         client.set_status(task_id, status, message=message, error_code=error_code)
     except ApiRejected as exc:
@@ -299,7 +304,7 @@ def _execute(path: Path, config: AgentConfig, env: dict[str, str], shipper: LogS
     elapsed = time.monotonic() - started
     if terminated.is_set():
         shipper.emit("ERROR", "keruta-agent received SIGTERM; the script was stopped")
-        return "CANCELLED", "TERMINATED", "the agent was terminated (SIGTERM) and stopped the script"
+        return "TERMINATED", "TERMINATED", "the agent was terminated (SIGTERM) and stopped the script"
     if timed_out:
         message = f"script timed out after {timeout:g}s and was stopped"
         shipper.emit("ERROR", message)

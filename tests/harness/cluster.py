@@ -1021,9 +1021,13 @@ class Cluster:
                 {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
                  "message": "Eviction API: evicting"}]}})
             proc = self.processes.get((namespace, pod))
-            if proc is not None:
-                self._signal(proc, signal.SIGKILL)
-                await proc.wait()
+            if proc is not None:  # the kubelet stops the container as on any deletion: SIGTERM, grace, SIGKILL
+                self._signal(proc, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), self.grace_seconds)
+                except TimeoutError:
+                    self._signal(proc, signal.SIGKILL)
+                    await proc.wait()
             await self.set_container(namespace, pod, "main", {"terminated": {
                 "exitCode": 137, "reason": "Error", "startedAt": now_iso(), "finishedAt": now_iso()}},
                 phase="Failed", extra={"reason": "Evicted", "message": "The node was low on resource: memory."})
