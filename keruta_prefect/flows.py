@@ -236,7 +236,7 @@ def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
                          backend: str | None = None) -> list[str]:
     """Stop every agent a flow run started that has not finished, and mark its task CANCELLED.
 
-    Used by the flow's on_cancellation/on_crashed hooks, which Prefect runs in the *runner* process:
+    Used by the flow's on_cancellation hook, which Prefect runs in the *runner* process:
     the agents are found through the run records (flow-run id), never through in-memory handles.
     Returns the ids of the tasks stopped.
     """
@@ -277,7 +277,9 @@ def _mark(store: Store, task_id: str, status: TaskStatus, message: str) -> None:
 
 # --- the flow ---------------------------------------------------------------------------------------
 
-@flow(name="keruta-task", on_cancellation=[_on_cancel], on_crashed=[_on_cancel])
+# Cancelling stops the agents. A crash does not: the Job goes on (bounded by its deadline and TTL) and
+# a rerun of the flow reattaches to it instead of starting the task over.
+@flow(name="keruta-task", on_cancellation=[_on_cancel])
 def keruta_task(
     task_id: str | None = None,
     task_spec: dict[str, Any] | None = None,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,32 +118,31 @@ def run_agent(api: Api, task_id: str, work_dir: Path, *args: str, timeout: float
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+@contextmanager
+def _running_cluster(root: Path, kubelet: str) -> Iterator[Cluster]:
+    from keruta_prefect.backends.kubernetes import watch
+    from tests.harness.cluster import Cluster
+
+    running = Cluster(root, kubelet=kubelet).start()
+    try:
+        yield running
+    finally:
+        watch.stop_all()  # before the cluster goes: no watch thread outlives its API server
+        running.stop()
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A realistic cluster on kmock whose kubelet really runs the agent (see tests/harness)."""
-    from tests.harness.cluster import Cluster
-
-    running = Cluster(tmp_path / "cluster", kubelet="run").start()
-    yield running
-    _stop_watches()
-    running.stop()
+    with _running_cluster(tmp_path / "cluster", "run") as running:
+        yield running
 
 
 @pytest.fixture
 def manual_cluster(tmp_path: Path) -> Iterator[Cluster]:
     """The same cluster, but the test drives Pod status itself (no processes)."""
-    from tests.harness.cluster import Cluster
-
-    running = Cluster(tmp_path / "cluster", kubelet="manual").start()
-    yield running
-    _stop_watches()
-    running.stop()
-
-
-def _stop_watches() -> None:
-    from keruta_prefect.backends.kubernetes import watch
-
-    watch.stop_all()
+    with _running_cluster(tmp_path / "cluster", "manual") as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)

@@ -235,6 +235,14 @@ class Cluster:
         assert self.changed is not None
         return self.changed
 
+    async def _wait_change(self, timeout: float) -> None:
+        """Until the store or a log changes, or ``timeout`` seconds."""
+        async with self._cond():
+            try:
+                await asyncio.wait_for(self._cond().wait(), timeout)
+            except TimeoutError:
+                pass
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
@@ -532,11 +540,7 @@ class Cluster:
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
                         return response
-                async with self._cond():
-                    try:
-                        await asyncio.wait_for(self._cond().wait(), wait)
-                    except TimeoutError:
-                        pass
+                await self._wait_change(wait)
         except (ConnectionResetError, RuntimeError):
             return response
         finally:
@@ -584,11 +588,7 @@ class Cluster:
                     sent += 1
                 if not follow or log.finished:
                     return response
-                async with self._cond():
-                    try:
-                        await asyncio.wait_for(self._cond().wait(), 0.5)
-                    except TimeoutError:
-                        pass
+                await self._wait_change(0.5)
         except (ConnectionResetError, RuntimeError):
             return response
         finally:
