@@ -149,3 +149,20 @@ def test_a_silent_watch_is_re_established(manual_cluster: Cluster, store: Store)
     waiter.join(30)
     assert outcome and outcome[0].status == "COMPLETED"
     assert len(cluster.calls_of("watch", "pods")) >= 2
+
+
+def test_api_server_errors_on_the_watch_are_survived(manual_cluster: Cluster, store: Store) -> None:
+    cluster = manual_cluster
+    backend = KubernetesBackend(settings_for(cluster), store)
+    handle = backend.launch(store.create_task(Task(id="k-5xx")), RunContext(attempt=1))
+    pod = cluster.wait_for_pod(handle.name)["metadata"]["name"]
+    cluster.fail(2, 500, verb="list", resource="pods")
+    cluster.fail(2, 503, verb="watch", resource="pods")
+    outcome: list[Outcome] = []
+    waiter = threading.Thread(target=lambda: outcome.append(backend.wait(handle)))
+    waiter.start()
+    cluster.wait_for(lambda: cluster.watches(), timeout=30, what="the watch after the errors")
+    cluster.finish_pod(pod, 0)
+    waiter.join(30)
+    assert outcome and outcome[0].status == "COMPLETED"
+    assert len(cluster.calls_of("list", "pods")) == 3 and len(cluster.calls_of("watch", "pods")) >= 3
