@@ -917,10 +917,19 @@ class Cluster:
 
     @staticmethod
     def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        """Signal the container: SIGTERM reaches its main process group (as the runtime sends it to PID 1);
+        SIGKILL ends every process of its session, as a container's end does."""
+        from keruta_prefect.backends.local import session_processes
+
+        targets = session_processes(proc.pid) if sig == signal.SIGKILL else [proc.pid]
+        for pid in targets or [proc.pid]:
+            try:
+                if pid == proc.pid:
+                    os.killpg(pid, sig)
+                else:
+                    os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     async def delete_pod(self, namespace: str, name: str) -> None:
         """Graceful deletion: deletionTimestamp, SIGTERM, grace period, SIGKILL, then the Pod is gone."""

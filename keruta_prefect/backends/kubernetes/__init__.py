@@ -36,7 +36,7 @@ from keruta_prefect.manifest import (
     label_value,
     namespace_of,
 )
-from keruta_prefect.models import Task, TaskStatus
+from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import LogLine, Store
 
@@ -218,9 +218,12 @@ class KubernetesBackend:
                                               "message": task.message or outcome.message})
         return outcome
 
-    # --- artifacts (the agent's files reach the store through the API in this version) -------------
+    # --- artifacts -------------------------------------------------------------------------------------
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult:
-        return CollectResult()
+        """Collection from agent Pods (exec/tar, or the agent's uploads) is the artifacts feature's; until
+        then a Kubernetes run says plainly that its files were not collected."""
+        return CollectResult(lost="artifacts not collected: collecting files from agent Pods is not built yet "
+                                  "(set keruta.artifacts.mode=off to silence this)")
 
     # --- cancel ------------------------------------------------------------------------------------
     def cancel(self, handle: RunHandle) -> None:
@@ -275,4 +278,4 @@ def parse_stamp(stamp: str) -> datetime | None:
         return None
 
 
-__all__ = ["KubernetesBackend", "TaskStatus", "WatchTuning"]
+__all__ = ["KubernetesBackend", "WatchTuning", "api_error"]
