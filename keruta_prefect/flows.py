@@ -8,8 +8,8 @@ Each Prefect task is one step with one reason to retry:
 - record-run is retried on database errors.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Prefect rebuilds the flow's parameter model from its
+# signature when a deployment runs it, and string annotations do not resolve there.
 import re
 import time
 from datetime import UTC, datetime
