@@ -937,16 +937,22 @@ class Cluster:
             return
         await self.patch(PODS, namespace, name, {"metadata": {"deletionTimestamp": now_iso(),
                                                               "deletionGracePeriodSeconds": int(self.grace_seconds)}})
-        proc = self.processes.get((namespace, name))
-        if proc is not None:
-            self._signal(proc, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), self.grace_seconds)
-            except TimeoutError:
-                self._signal(proc, signal.SIGKILL)
-                await proc.wait()
+        if await self._stop_container(namespace, name):
             await asyncio.sleep(0.05)
         await self.remove(PODS, namespace, name)
+
+    async def _stop_container(self, namespace: str, pod: str) -> bool:
+        """What the kubelet does to stop a container: SIGTERM, the grace period, SIGKILL. False if none ran."""
+        proc = self.processes.get((namespace, pod))
+        if proc is None:
+            return False
+        self._signal(proc, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.grace_seconds)
+        except TimeoutError:
+            self._signal(proc, signal.SIGKILL)
+            await proc.wait()
+        return True
 
     # --- what a test does to the cluster (thread-safe) -----------------------------------------------
     def pods(self, namespace: str = "default", job: str | None = None) -> list[dict[str, Any]]:
@@ -1029,14 +1035,7 @@ class Cluster:
             await self.patch(PODS, namespace, pod, {"status": {"conditions": [
                 {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
                  "message": "Eviction API: evicting"}]}})
-            proc = self.processes.get((namespace, pod))
-            if proc is not None:  # the kubelet stops the container as on any deletion: SIGTERM, grace, SIGKILL
-                self._signal(proc, signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), self.grace_seconds)
-                except TimeoutError:
-                    self._signal(proc, signal.SIGKILL)
-                    await proc.wait()
+            await self._stop_container(namespace, pod)  # as on any deletion
             await self.set_container(namespace, pod, "main", {"terminated": {
                 "exitCode": 137, "reason": "Error", "startedAt": now_iso(), "finishedAt": now_iso()}},
                 phase="Failed", extra={"reason": "Evicted", "message": "The node was low on resource: memory."})
