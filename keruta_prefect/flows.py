@@ -34,6 +34,7 @@ from keruta_prefect.backends.base import (
     TransientBackendError,
 )
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
+from keruta_prefect.manifest import namespace_of, needs_volume, pvc_name
 from keruta_prefect.models import (
     ArtifactInfo,
     InvalidTransition,
@@ -139,8 +140,6 @@ def tree_done(store: Store, root: str) -> bool:
 def release_volume(store: Store, runner: Backend, settings: KerutaSettings, task: Task, root: str) -> None:
     """A task tree's volume is deleted when its last unfinished task ends (keruta.kubernetes.pvc-retention=
     delete); tasks of the tree submitted later start with a fresh volume."""
-    from keruta_prefect.manifest import namespace_of, needs_volume, pvc_name
-
     delete_volume = getattr(runner, "delete_volume", None)
     if delete_volume is None or settings.pvc_retention != "delete" or not needs_volume(task) or task.pvc_name:
         return

@@ -12,6 +12,7 @@ import re
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -179,11 +180,7 @@ def create_app(
             level = line.level.upper()
             if level not in LEVELS:
                 raise HTTPException(422, f"level={line.level!r}: allowed: {', '.join(sorted(LEVELS))}")
-            ts = None
-            if line.ts is not None:
-                from datetime import UTC, datetime
-
-                ts = datetime.fromtimestamp(line.ts, UTC)
+            ts = datetime.fromtimestamp(line.ts, UTC) if line.ts is not None else None
             lines.append(LogLine(seq=line.seq if line.seq is not None else index, level=level,
                                  message=line.message, ts=ts))
         stored = store.add_logs(task_id, source, lines)
