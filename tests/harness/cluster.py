@@ -170,6 +170,7 @@ class Cluster:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.finished_pods: set[tuple[str | None, str]] = set()
         self.peak_watches = 0  # most watch streams open at the same time
+        self.exec_commands: list[list[str]] = []
         self.validation_errors: list[str] = []
 
     # --- life cycle ----------------------------------------------------------------------------------
@@ -375,6 +376,8 @@ class Cluster:
             return error(404, "NotFound", f'namespaces "{request.namespace}" not found')
         if request.subresource == "log":
             return await self._serve_log(request)
+        if request.subresource == "exec":
+            return await self._serve_exec(request)
         if is_watch:
             return await self._serve_watch(request)
         if verb == "list":
@@ -793,6 +796,61 @@ class Cluster:
                 await self.patch(PODS, namespace, name, {"status": {"phase": phase}})
 
     @staticmethod
+    def _localize(text: str, mounts: dict[str, Path]) -> str:
+        """A path inside the container, as the local directory that plays its volume."""
+        for mount, path in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+            if text == mount or text.startswith(mount + "/"):
+                return str(path) + text[len(mount):]
+        return text.replace("cd /work", f"cd {mounts.get('/work', '/work')}")
+
+    def _mounts(self, pod: dict[str, Any], container: str) -> dict[str, Path]:
+        volumes = self._volumes(pod["metadata"]["namespace"], pod["metadata"]["name"], pod["spec"])
+        spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
+        return {m["mountPath"]: volumes[m["name"]] for m in spec.get("volumeMounts") or []}
+
+    async def _serve_exec(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """pods/exec over a real WebSocket, speaking the Kubernetes channel protocol: the command runs
+        in the Pod's (mapped) volumes; stdout and stderr stream as channel 1 and 2 frames, and the
+        exit status comes on channel 3 before the close."""
+        namespace, name = request.namespace or "", request.name or ""
+        pod = self.get(PODS, namespace, name)
+        if pod is None:
+            return error(404, "NotFound", f'pods "{name}" not found')
+        container = request.params.get("container") or pod["spec"]["containers"][0]["name"]
+        if "running" not in self._container_state(pod, container):
+            return error(400, "BadRequest", f"container {container} is not valid for pod {name}: not running")
+        command = request._raw_request.query.getall("command", [])
+        mounts = self._mounts(pod, container)
+        argv = [self._localize(part, mounts) for part in command]
+        ws = aiohttp.web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"))
+        await ws.prepare(request._raw_request)
+        self.exec_commands.append(command)
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            await ws.send_bytes(b"\x03" + json.dumps({"metadata": {}, "status": "Failure",
+                                                       "message": f"exec failed: {exc}"}).encode())
+            await ws.close()
+            return ws
+
+        async def pump(stream: asyncio.StreamReader, channel: bytes) -> None:
+            while chunk := await stream.read(32 * 1024):
+                await ws.send_bytes(channel + chunk)
+
+        assert proc.stdout is not None and proc.stderr is not None
+        await asyncio.gather(pump(proc.stdout, b"\x01"), pump(proc.stderr, b"\x02"))
+        code = await proc.wait()
+        status = {"metadata": {}, "status": "Success"} if code == 0 else {
+            "metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+            "message": f"command terminated with non-zero exit code: {code}",
+            "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}
+        await ws.send_bytes(b"\x03" + json.dumps(status).encode())
+        await ws.close()
+        return ws
+
+    @staticmethod
     def _requests(spec: dict[str, Any]) -> tuple[float, float]:
         from keruta_prefect.validation import parse_quantity
 
@@ -866,10 +924,7 @@ class Cluster:
         mounts = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts") or []}
 
         def local(text: str) -> str:
-            for mount, path in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
-                if text == mount or text.startswith(mount + "/"):
-                    return str(path) + text[len(mount):]
-            return text.replace("cd /work", f"cd {mounts.get('/work', '/work')}")
+            return self._localize(text, mounts)
 
         expand = lambda text: re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), text)  # noqa: E731
         command = [local(expand(part)) for part in (container.get("command") or []) + (container.get("args") or [])]

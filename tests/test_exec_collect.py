@@ -1,0 +1,82 @@
+"""Collecting an agent container's files with tar over the exec WebSocket (the harness serves the
+Kubernetes channel protocol on a real WebSocket)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from keruta_prefect.artifacts import ArchiveRejected
+from keruta_prefect.backends.base import RunContext
+from keruta_prefect.backends.kubernetes import KubernetesBackend
+from keruta_prefect.backends.kubernetes.exec import ArtifactsLost, collect_directory
+from keruta_prefect.models import Task
+from keruta_prefect.settings import KerutaSettings
+from keruta_prefect.store import Store
+from tests.harness.cluster import Cluster
+
+
+def running_pod(cluster: Cluster, store: Store) -> tuple[KubernetesBackend, str, Path]:
+    backend = KubernetesBackend(KerutaSettings(config_path=str(cluster.kubeconfig()), artifacts_mode="off"), store)
+    handle = backend.launch(store.create_task(Task(id=f"x-{len(cluster.jobs())}")), RunContext(attempt=1))
+    pod = cluster.wait_for_pod(handle.name)["metadata"]["name"]
+    cluster.run_pod(pod)
+    files = cluster.root / "pods" / "default" / pod / "artifacts"  # the Pod's /.keruta/doc
+    files.mkdir(parents=True, exist_ok=True)
+    return backend, pod, files
+
+
+def collect(backend: KubernetesBackend, pod: str, dest: Path) -> object:
+    return collect_directory(backend.api, "default", pod, "/.keruta/doc", dest, max_file_size=64 * 2**20,
+                             max_total_size=256 * 2**20)
+
+
+def test_files_come_over_the_websocket_whole_and_checksummed(manual_cluster: Cluster, store: Store,
+                                                             tmp_path: Path) -> None:
+    backend, pod, files = running_pod(manual_cluster, store)
+    expected = {f"logs/part-{i}.txt": f"part {i}\n".encode() * 50 for i in range(200)}
+    expected["empty"] = b""
+    expected["blob.bin"] = os.urandom(5 * 2**20)  # many WebSocket frames
+    for name, data in expected.items():
+        (files / name).parent.mkdir(parents=True, exist_ok=True)
+        (files / name).write_bytes(data)
+    result = collect(backend, pod, tmp_path / "out")
+    assert {f.path: f.sha256 for f in result.files} == {n: hashlib.sha256(d).hexdigest() for n, d in expected.items()}
+    assert manual_cluster.exec_commands == [["tar", "cf", "-", "-C", "/.keruta/doc", "."]]
+
+
+def test_exec_forbidden_names_the_missing_permission(manual_cluster: Cluster, store: Store, tmp_path: Path) -> None:
+    backend, pod, _files = running_pod(manual_cluster, store)
+    manual_cluster.deny("pods", "create", "exec")
+    with pytest.raises(ArtifactsLost, match=r"forbidden: grant `create` on `pods/exec`"):
+        collect(backend, pod, tmp_path / "out")
+
+
+def test_a_pod_that_is_gone_or_has_stopped(manual_cluster: Cluster, store: Store, tmp_path: Path) -> None:
+    backend, pod, _files = running_pod(manual_cluster, store)
+    manual_cluster.finish_pod(pod, 0)
+    with pytest.raises(ArtifactsLost, match="not running any more"):
+        collect(backend, pod, tmp_path / "out")
+    manual_cluster.call(manual_cluster.delete_pod("default", pod))
+    with pytest.raises(ArtifactsLost, match="is gone"):
+        collect(backend, pod, tmp_path / "out")
+
+
+def test_a_link_out_of_the_container_rejects_the_collection(manual_cluster: Cluster, store: Store,
+                                                            tmp_path: Path) -> None:
+    backend, pod, files = running_pod(manual_cluster, store)
+    (files / "report.txt").write_text("ok")
+    (files / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(ArchiveRejected, match=r"unsafe entry '\./passwd'"):
+        collect(backend, pod, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_tar_failing_in_the_container_says_why(manual_cluster: Cluster, store: Store, tmp_path: Path) -> None:
+    backend, pod, _files = running_pod(manual_cluster, store)
+    with pytest.raises(ArtifactsLost, match=r"tar in Pod \S+ failed: command terminated with non-zero exit code"):
+        collect_directory(backend.api, "default", pod, "/no/such/directory", tmp_path / "out",
+                          max_file_size=2**20, max_total_size=2**20)
