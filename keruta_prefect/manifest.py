@@ -188,6 +188,9 @@ def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str
         {"name": "KERUTA_ARTIFACTS_DIR", "value": settings.artifacts_dir},
         {"name": "KERUTA_TIMEOUT", "value": str(timeout)},
         {"name": "KERUTA_ECHO", "value": "1"},  # script output also in the Pod log (the live view)
+        # exec mode: the agent keeps the container until the flow has collected its files
+        {"name": "KERUTA_HOLD_SECONDS",
+         "value": str(settings.artifacts_hold_timeout if settings.artifacts_mode == "exec" else 0)},
         {"name": "HOME", "value": WORK_DIR},
     ]
     env += _env_list(task.additional_env)  # last: $(KERUTA_…) references in these values resolve

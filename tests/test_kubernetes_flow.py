@@ -4,6 +4,7 @@ really runs keruta-agent against a real keruta API on loopback)."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +248,42 @@ def test_a_job_name_taken_by_something_else_is_a_clear_error(k8s: tuple[Cluster,
     assert state.is_failed()
     assert f"a Job named {job_name('k-name', 1)} already exists in namespace default and is not attempt 1" \
         in state.message
+
+
+def test_files_are_collected_from_the_holding_agent_and_the_pod_then_completes(
+        cluster: Cluster, api: Api, store: Store) -> None:
+    cluster.create_secret("keruta-api-token", {"token": api.token})
+    block = f"k8s-{uuid.uuid4().hex[:8]}"
+    seed(KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, artifacts_hold_timeout=60),
+         name=block)
+    script = ("mkdir -p $KERUTA_ARTIFACTS_DIR/out\necho report > $KERUTA_ARTIFACTS_DIR/out/report.txt\n"
+              ": > $KERUTA_ARTIFACTS_DIR/empty\necho done")
+    result = result_of(run(block, {"id": "k-files", "script": script}))
+    assert result.status == "COMPLETED" and result.artifacts_note is None
+    assert sorted(a.path for a in result.artifacts) == ["empty", "out/report.txt"]
+    assert Path(next(a.location for a in result.artifacts if a.path == "out/report.txt")).read_text() == "report\n"
+    assert sorted(a.path for a in store.artifacts("k-files")) == ["empty", "out/report.txt"]
+    name = job_name("k-files", 1)
+    cluster.wait_for(lambda: any(c.get("type") == "Complete" for c in
+                                 ((cluster.job(name) or {}).get("status") or {}).get("conditions") or []),
+                     timeout=20, what="the Job to complete once the agent is released")
+    assert cluster.exec_commands[0][:2] == ["tar", "cf"] and cluster.exec_commands[1][0] == "touch"
+
+
+def test_a_vanished_flow_never_leaves_a_zombie_pod_and_late_collection_says_why(
+        cluster: Cluster, api: Api, store: Store) -> None:
+    from keruta_prefect.backends.base import RunContext
+    from keruta_prefect.backends.kubernetes import KubernetesBackend
+    from keruta_prefect.models import Task
+
+    cluster.create_secret("keruta-api-token", {"token": api.token})
+    settings = KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, artifacts_hold_timeout=1)
+    backend = KubernetesBackend(settings, store)
+    task = store.create_task(Task.model_validate({"id": "k-hold", "script": "echo x > $KERUTA_ARTIFACTS_DIR/f"}))
+    handle = backend.launch(task, RunContext(attempt=1))
+    assert backend.wait(handle).status == "COMPLETED"  # the agent now holds… and nobody collects
+    cluster.wait_for(lambda: any(c.get("type") == "Complete" for c in
+                                 ((cluster.job(handle.name) or {}).get("status") or {}).get("conditions") or []),
+                     timeout=20, what="the agent to give up holding")
+    late = backend.collect(handle, cluster.root / "late")
+    assert late.files == [] and late.lost is not None and late.lost.startswith("artifacts lost: the agent's Pod")

@@ -144,12 +144,13 @@ def test_the_role_matches_the_calls_the_backend_really_makes(tmp_path: Path, clu
 
     cluster.create_secret("keruta-api-token", {"token": api.token})
     cluster.add_git_remote("https://git.example.com/r.git", {"f": "x"})
-    settings = KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, artifacts_mode="off")
+    settings = KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, artifacts_hold_timeout=30)
     block = f"rbac-{uuid.uuid4().hex[:8]}"
     seed(settings, name=block)
     store = get_store()
-    assert keruta_task(task_spec={"id": "r1", "repositoryUrl": "https://git.example.com/r.git", "script": "ls"},
-                       backend="kubernetes", settings_block=block).status == "COMPLETED"
+    assert keruta_task(task_spec={"id": "r1", "repositoryUrl": "https://git.example.com/r.git",
+                                  "script": "ls > $KERUTA_ARTIFACTS_DIR/listing.txt"},
+                       backend="kubernetes", settings_block=block).artifacts[0].path == "listing.txt"
     backend = KubernetesBackend(settings, store)
     long_task = store.create_task(Task.model_validate({"id": "r2", "script": "sleep 60"}))
     backend.launch(long_task, RunContext(flow_run_id="rbac-run", attempt=1))

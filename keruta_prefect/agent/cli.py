@@ -49,6 +49,11 @@ def _float(name: str, value: str | None) -> float | None:
     return number
 
 
+def _hold(text: str) -> float:
+    """Seconds to hold for collection: 0 (no hold) or a positive number."""
+    return 0.0 if text.strip() in ("0", "0.0") else (_float("--hold-seconds", text) or 0.0)
+
+
 def _client(args: argparse.Namespace) -> KerutaClient:
     retry = _float("--api-retry-seconds", getattr(args, "api_retry_seconds", None)) or 30.0
     return KerutaClient(_env("KERUTA_API_URL", getattr(args, "api_url", None)), _env("KERUTA_API_TOKEN"),
@@ -71,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         grace_seconds=_float("--grace", args.grace) or 2.0,
         retry_seconds=_float("--api-retry-seconds", args.api_retry_seconds
                              or os.environ.get("KERUTA_API_RETRY_SECONDS")) or 300.0,
+        hold_seconds=_hold(args.hold_seconds or os.environ.get("KERUTA_HOLD_SECONDS") or "0"),
     )
     with KerutaClient(config.api_url, config.token, retry_seconds=config.retry_seconds) as client:
         return run_task(config, client, echo=args.echo)
@@ -156,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--timeout", help="seconds the script may run (default: the task's, or none)")
         run.add_argument("--grace", help="seconds between SIGTERM and SIGKILL on timeout (default 2)")
         run.add_argument("--api-retry-seconds", help="how long to keep retrying the keruta API (default 300)")
+        run.add_argument("--hold-seconds", help="after the final report, wait this long for the files to be "
+                                                "collected (default: $KERUTA_HOLD_SECONDS or 0)")
         run.add_argument("--log-level", default=os.environ.get("KERUTA_LOG_LEVEL", "INFO"))
         run.add_argument("--echo", action="store_true", default=os.environ.get("KERUTA_ECHO", "") in ("1", "true"),
                          help="also print the script's output (default: $KERUTA_ECHO)")

@@ -53,6 +53,7 @@ class AgentConfig:
     timeout: float | None = None
     grace_seconds: float = 2.0
     retry_seconds: float = 300.0
+    hold_seconds: float = 0.0  # after the final report, wait this long for the files to be collected
 
 
 class LogShipper:
@@ -222,14 +223,9 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
 
     shipper = LogShipper(client, task_id)
     terminated = threading.Event()
-    previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: terminated.set())
-    try:
-        status, error_code, message = _execute(path, config, env, shipper, timeout, terminated, echo)
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, lambda *_: terminated.set())  # kept through the hold that follows
+    status, error_code, message = _execute(path, config, env, shipper, timeout, terminated, echo)
 
     unsent = shipper.close(config.retry_seconds)
     exit_code = {"COMPLETED": EXIT_OK, "FAILED": EXIT_TASK_FAILED, "TERMINATED": EXIT_TERMINATED}[status]
@@ -254,7 +250,28 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
     except ApiError as exc:
         log.error("%s", exc)
         return EXIT_API_UNREACHABLE
+    hold_for_collection(config, terminated)
     return exit_code
+
+
+COLLECTED_MARKER = ".collected"
+READY_LINE = "artifacts ready"
+
+
+def hold_for_collection(config: AgentConfig, terminated: threading.Event) -> None:
+    """Keep the container (and so its files) alive until the flow has collected them (it writes the
+    marker), or the hold timeout passes — so a flow that vanished never leaves a zombie Pod."""
+    if config.hold_seconds <= 0:
+        return
+    marker = config.artifacts_dir / COLLECTED_MARKER
+    log.info("%s in %s; holding up to %gs for collection", READY_LINE, config.artifacts_dir, config.hold_seconds)
+    deadline = time.monotonic() + config.hold_seconds
+    while not marker.exists() and not terminated.is_set() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if marker.exists():
+        log.info("artifacts collected; exiting")
+    else:
+        log.warning("artifacts were not collected within %gs; exiting", config.hold_seconds)
 
 
 def _execute(path: Path, config: AgentConfig, env: dict[str, str], shipper: LogShipper,

@@ -18,10 +18,12 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from keruta_prefect.artifacts import CollectResult
+from keruta_prefect.agent.runner import COLLECTED_MARKER, READY_LINE
+from keruta_prefect.artifacts import ArchiveRejected, CollectResult
 from keruta_prefect.backends.base import BackendError, LogSink, Outcome, RunContext, RunHandle, TransientBackendError
 from keruta_prefect.backends.kubernetes.client import api_client
 from keruta_prefect.backends.kubernetes.diagnose import diagnose, waiting_keys
+from keruta_prefect.backends.kubernetes.exec import ArtifactsLost, collect_directory, exec_command
 from keruta_prefect.backends.kubernetes.logs import LogFollower
 from keruta_prefect.backends.kubernetes.watch import DEFAULT_TUNING, WatchTuning, shared_watch
 from keruta_prefect.manifest import (
@@ -130,6 +132,7 @@ class KubernetesBackend:
         subscription = watch.subscribe(handle.name)
         seen_waiting: dict[str, float] = {}
         followers: dict[str, LogFollower] = {}
+        holding: set[str] = set()  # pods whose agent has reported and holds its files for collection
         said: set[str] = set()
         job: dict[str, Any] | None = None
         job_missing = False
@@ -161,7 +164,10 @@ class KubernetesBackend:
                             on_log("WARN", note)
                 for pod in verdict.started:
                     if pod not in followers:
-                        followers[pod] = self._follow(handle, pod, subscription, on_log)
+                        followers[pod] = self._follow(handle, pod, subscription, on_log, holding)
+                if verdict.outcome is None and holding:
+                    # The agent finished and keeps its container for collection: its own report is the outcome.
+                    verdict.outcome = self._reported_outcome(handle)
                 if verdict.outcome is not None:
                     for follower in followers.values():
                         follower.join(15)  # the rest of the log, before the outcome is recorded
@@ -180,7 +186,14 @@ class KubernetesBackend:
                 return None, True
             raise api_error(exc, f"read Job {handle.name}") from None
 
-    def _follow(self, handle: RunHandle, pod: str, subscription: Any, on_log: LogSink | None) -> LogFollower:
+    def _reported_outcome(self, handle: RunHandle) -> Outcome:
+        task = self.store.get_task(handle.task_id)
+        if task.status == "COMPLETED":
+            return Outcome(status=task.status, exit_code=0, message=task.message or "the task completed")
+        return self._with_task_report(handle, Outcome(status=task.status, exit_code=1, reason="SCRIPT_FAILED"))
+
+    def _follow(self, handle: RunHandle, pod: str, subscription: Any, on_log: LogSink | None,
+                holding: set[str]) -> LogFollower:
         source = f"pod/{pod}"[:64]
 
         def finished() -> bool:
@@ -193,6 +206,8 @@ class KubernetesBackend:
             return True  # the Pod is gone
 
         def on_line(stamp: str, text: str) -> None:
+            if text.startswith(f"keruta-agent INFO {READY_LINE}"):
+                holding.add(pod)
             level = "ERROR" if " ERROR " in text[:30] else "WARN" if " WARNING " in text[:30] else "INFO"
             if on_log is not None:
                 on_log(level, text)
@@ -220,10 +235,41 @@ class KubernetesBackend:
 
     # --- artifacts -------------------------------------------------------------------------------------
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult:
-        """Collection from agent Pods (exec/tar, or the agent's uploads) is the artifacts feature's; until
-        then a Kubernetes run says plainly that its files were not collected."""
-        return CollectResult(lost="artifacts not collected: collecting files from agent Pods is not built yet "
-                                  "(set keruta.artifacts.mode=off to silence this)")
+        """exec mode: tar the agent's artifacts directory out of its holding container, then release it.
+        Whatever prevents it is recorded as "artifacts lost: <reason>"; the task's status stays as it is."""
+        if self.settings.artifacts_mode != "exec":
+            return CollectResult(lost=f"artifacts not collected from the Pod (keruta.artifacts.mode="
+                                      f"{self.settings.artifacts_mode})")
+        pod = self._holding_pod(handle)
+        if pod is None:
+            return CollectResult(lost="artifacts lost: the agent's Pod is gone or its container has stopped "
+                                      "(was keruta.artifacts.hold-timeout too short?)")
+        source = self.settings.artifacts_dir
+        try:
+            return collect_directory(self.api, handle.namespace or "", pod, source, dest,
+                                     max_file_size=self.settings.artifacts_max_file_size,
+                                     max_total_size=self.settings.artifacts_max_total_size)
+        except (ArtifactsLost, ArchiveRejected) as exc:
+            return CollectResult(lost=f"artifacts lost: {exc}")
+        finally:
+            try:  # release the agent: it exits and the Job completes
+                exec_command(self.api, handle.namespace or "", pod,
+                             ["touch", f"{source}/{COLLECTED_MARKER}"]).run_forever(timeout=10)  # type: ignore[attr-defined]
+            except ArtifactsLost:
+                pass
+
+    def _holding_pod(self, handle: RunHandle) -> str | None:
+        watch = shared_watch(self.api, handle.namespace or "", self.tuning)
+        subscription = watch.subscribe(handle.name)
+        try:
+            for pod in sorted(subscription.pods(), key=lambda p: p["metadata"].get("creationTimestamp", ""),
+                              reverse=True):
+                for status in (pod.get("status") or {}).get("containerStatuses") or []:
+                    if status.get("name") == "main" and "running" in (status.get("state") or {}):
+                        return str(pod["metadata"]["name"])
+        finally:
+            subscription.close()
+        return None
 
     # --- cancel ------------------------------------------------------------------------------------
     def cancel(self, handle: RunHandle) -> None:

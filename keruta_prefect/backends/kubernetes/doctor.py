@@ -31,6 +31,7 @@ PERMISSIONS: list[tuple[str, str, str | None, str]] = [
     ("", "pods", None, "list"),
     ("", "pods", None, "watch"),
     ("", "pods", "log", "get"),
+    ("", "pods", "exec", "create"),  # artifact collection (keruta.artifacts.mode=exec)
     ("", "persistentvolumeclaims", None, "create"),
     ("", "persistentvolumeclaims", None, "delete"),
 ]
