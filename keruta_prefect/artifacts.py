@@ -27,6 +27,7 @@ class CollectResult:
     files: list[ArtifactInfo] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     lost: str | None = None  # "artifacts lost: <reason>" when nothing could be collected
+    uploaded: bool = False  # the agent uploaded them through the API: they are recorded already
 
     @property
     def total_bytes(self) -> int:

@@ -109,13 +109,23 @@ class KerutaClient:
                      what=f"send {len(lines)} log lines of {task_id}", retry_seconds=retry_seconds)
 
     def upload_artifact(self, task_id: str, path: Path, relative: str, description: str | None = None) -> None:
+        handles: list[Any] = []
+
         def build() -> dict[str, Any]:
-            # A fresh read of the file for every attempt: a failed attempt may have consumed it.
-            return {"files": {"file": (path.name, path.read_bytes())},
+            # A fresh handle for every attempt (a failed attempt may have consumed the last one); httpx
+            # streams it from disk, so a large file is never whole in memory.
+            for handle in handles:
+                handle.close()
+            handles[:] = [path.open("rb")]
+            return {"files": {"file": (path.name, handles[0])},
                     "data": {"description": description or "", "path": relative}}
 
-        self.request("POST", f"/api/v1/tasks/{task_id}/artifacts", build=build,
-                     what=f"upload artifact {relative} of {task_id}")
+        try:
+            self.request("POST", f"/api/v1/tasks/{task_id}/artifacts", build=build,
+                         what=f"upload artifact {relative} of {task_id}")
+        finally:
+            for handle in handles:
+                handle.close()
 
     def health(self) -> bool:
         try:

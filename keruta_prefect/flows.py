@@ -206,7 +206,10 @@ def record_run(store: Store, run_id: int, task: Task, outcome: Outcome, collecte
             pass  # the agent (or a cancel) already set a final status; that word stands
     store.update_run(run_id, status=outcome.status.value, exit_code=outcome.exit_code, reason=outcome.reason,
                      message=outcome.message, finished_at=datetime.now(UTC), artifacts_note=collected.note())
-    store.add_artifacts(task.id, run_id, collected.files)
+    if collected.uploaded:
+        store.claim_uploads(task.id, run_id)
+    else:
+        store.add_artifacts(task.id, run_id, collected.files)
     return recorded_result(store, task.id)
 
 

@@ -188,6 +188,7 @@ def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str
         {"name": "KERUTA_ARTIFACTS_DIR", "value": settings.artifacts_dir},
         {"name": "KERUTA_TIMEOUT", "value": str(timeout)},
         {"name": "KERUTA_ECHO", "value": "1"},  # script output also in the Pod log (the live view)
+        {"name": "KERUTA_ARTIFACTS_MODE", "value": settings.artifacts_mode},
         # exec mode: the agent keeps the container until the flow has collected its files
         {"name": "KERUTA_HOLD_SECONDS",
          "value": str(settings.artifacts_hold_timeout if settings.artifacts_mode == "exec" else 0)},

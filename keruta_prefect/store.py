@@ -382,6 +382,17 @@ class Store:
                 s.add(ArtifactRow(task_id=task_id, run_id=run_id, **item.model_dump()))
             s.commit()
 
+    def claim_uploads(self, task_id: str, run_id: int) -> list[ArtifactInfo]:
+        """The files the agent uploaded through the API (recorded without a run) now belong to ``run_id``."""
+        with self.session() as s:
+            rows = list(s.exec(select(ArtifactRow).where(ArtifactRow.task_id == task_id,
+                                                         ArtifactRow.run_id == None)))  # noqa: E711
+            for row in rows:
+                row.run_id = run_id
+                s.add(row)
+            s.commit()
+            return [ArtifactInfo(path=r.path, size=r.size, sha256=r.sha256, location=r.location) for r in rows]
+
     def artifacts(self, task_id: str) -> list[ArtifactRow]:
         with self.session() as s:
             return list(s.exec(select(ArtifactRow).where(ArtifactRow.task_id == task_id).order_by(ArtifactRow.id)))  # type: ignore[arg-type]

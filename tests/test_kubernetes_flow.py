@@ -287,3 +287,25 @@ def test_a_vanished_flow_never_leaves_a_zombie_pod_and_late_collection_says_why(
                      timeout=20, what="the agent to give up holding")
     late = backend.collect(handle, cluster.root / "late")
     assert late.files == [] and late.lost is not None and late.lost.startswith("artifacts lost: the agent's Pod")
+
+
+def test_upload_mode_sends_files_through_the_api_and_reports_what_was_refused(
+        cluster: Cluster, store: Store, keruta_home: Path) -> None:
+    small_api = Api(store, keruta_home / "uploads", max_file_size=1000).start()  # a 1000-byte file cap
+    try:
+        cluster.create_secret("keruta-api-token", {"token": small_api.token})
+        block = f"k8s-{uuid.uuid4().hex[:8]}"
+        seed(KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=small_api.url, artifacts_mode="upload"),
+             name=block)
+        script = ("mkdir -p $KERUTA_ARTIFACTS_DIR/out\necho report > $KERUTA_ARTIFACTS_DIR/out/report.txt\n"
+                  "head -c 2000 /dev/zero > $KERUTA_ARTIFACTS_DIR/big.bin")
+        result = result_of(run(block, {"id": "k-upload", "script": script}))
+    finally:
+        small_api.stop()
+    assert result.status == "COMPLETED"
+    assert [a.path for a in result.artifacts] == ["out/report.txt"]
+    [row] = store.artifacts("k-upload")
+    assert row.run_id == store.runs("k-upload")[0].id  # claimed by the run
+    assert any("artifact big.bin not kept" in r.message and "1000-byte file cap" in r.message
+               for r in store.logs("k-upload"))
+    assert cluster.exec_commands == []  # no exec needed in upload mode

@@ -77,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         retry_seconds=_float("--api-retry-seconds", args.api_retry_seconds
                              or os.environ.get("KERUTA_API_RETRY_SECONDS")) or 300.0,
         hold_seconds=_hold(args.hold_seconds or os.environ.get("KERUTA_HOLD_SECONDS") or "0"),
+        upload=os.environ.get("KERUTA_ARTIFACTS_MODE", "") == "upload",
     )
     with KerutaClient(config.api_url, config.token, retry_seconds=config.retry_seconds) as client:
         return run_task(config, client, echo=args.echo)

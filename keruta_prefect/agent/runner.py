@@ -54,6 +54,7 @@ class AgentConfig:
     grace_seconds: float = 2.0
     retry_seconds: float = 300.0
     hold_seconds: float = 0.0  # after the final report, wait this long for the files to be collected
+    upload: bool = False  # push the artifacts directory to the keruta API before the final report
 
 
 class LogShipper:
@@ -227,6 +228,8 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
         signal.signal(signal.SIGTERM, lambda *_: terminated.set())  # kept through the hold that follows
     status, error_code, message = _execute(path, config, env, shipper, timeout, terminated, echo)
 
+    if config.upload and status != "TERMINATED":
+        upload_artifacts(config, client, shipper)
     unsent = shipper.close(config.retry_seconds)
     exit_code = {"COMPLETED": EXIT_OK, "FAILED": EXIT_TASK_FAILED, "TERMINATED": EXIT_TERMINATED}[status]
     if unsent:
@@ -252,6 +255,24 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
         return EXIT_API_UNREACHABLE
     hold_for_collection(config, terminated)
     return exit_code
+
+
+def upload_artifacts(config: AgentConfig, client: KerutaClient, shipper: LogShipper) -> None:
+    """Upload mode (no pods/exec on the cluster): every regular file of the artifacts directory goes to
+    POST /api/v1/tasks/{id}/artifacts. A file the API refuses (over a cap) is reported, not dropped silently."""
+    root = config.artifacts_dir
+    if not root.is_dir():
+        return
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        relative = path.relative_to(root).as_posix()
+        if relative == COLLECTED_MARKER:
+            continue
+        try:
+            client.upload_artifact(config.task_id, path, relative)
+        except ApiRejected as exc:
+            shipper.emit("ERROR", f"artifact {relative} not kept: {exc.detail}")
+        except ApiError as exc:
+            shipper.emit("ERROR", f"artifact {relative} not uploaded: {exc}")
 
 
 COLLECTED_MARKER = ".collected"

@@ -237,9 +237,10 @@ class KubernetesBackend:
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult:
         """exec mode: tar the agent's artifacts directory out of its holding container, then release it.
         Whatever prevents it is recorded as "artifacts lost: <reason>"; the task's status stays as it is."""
+        if self.settings.artifacts_mode == "upload":
+            return CollectResult(uploaded=True)  # the agent sent them to the keruta API, which recorded them
         if self.settings.artifacts_mode != "exec":
-            return CollectResult(lost=f"artifacts not collected from the Pod (keruta.artifacts.mode="
-                                      f"{self.settings.artifacts_mode})")
+            return CollectResult()
         pod = self._holding_pod(handle)
         if pod is None:
             return CollectResult(lost="artifacts lost: the agent's Pod is gone or its container has stopped "

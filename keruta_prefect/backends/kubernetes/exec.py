@@ -7,6 +7,7 @@ apply while it streams. The exec's own status (channel 3) and stderr tell why a 
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import re
@@ -16,6 +17,7 @@ import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import stream
 from kubernetes.stream.ws_client import _IgnoredIO
+from websocket import ABNF, WebSocketConnectionClosedException
 
 from keruta_prefect.artifacts import ArchiveRejected, CollectResult, extract_tar_stream
 
@@ -27,39 +29,62 @@ class ArtifactsLost(RuntimeError):
 
 
 class _ExecReader(io.RawIOBase):
-    """The exec's stdout channel as a readable byte stream (stderr and the status kept aside)."""
+    """The exec's stdout channel as a readable byte stream; stderr (its tail) and the status aside.
+
+    Frames are taken one at a time from the client's WebSocket: WSClient.update() would drain every
+    frame already available into one growing bytes object (quadratic, and the whole archive in memory
+    when the sender is faster than the reader). Here memory holds only what the extractor has not read.
+    """
 
     def __init__(self, client: object, timeout: float) -> None:
-        self.client = client
-        self.timeout = timeout
-        self.buffer = b""
+        self.socket = client.sock  # type: ignore[attr-defined]
+        self.socket.settimeout(timeout)
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.offset = 0
         self.stderr = b""
         self.status = b""
+        self.closed_by_server = False
 
     def readable(self) -> bool:
         return True
 
     def _pull(self) -> None:
-        client = self.client
-        client.update(timeout=self.timeout)  # type: ignore[attr-defined]
-        self.buffer += client.read_channel(STDOUT)  # type: ignore[attr-defined]
-        self.stderr = (self.stderr + client.read_channel(STDERR))[-4096:]  # type: ignore[attr-defined]
-        self.status += client.read_channel(ERROR)  # type: ignore[attr-defined]
+        try:
+            opcode, frame = self.socket.recv_data_frame(True)
+        except (WebSocketConnectionClosedException, OSError):
+            self.closed_by_server = True
+            return
+        if opcode == ABNF.OPCODE_CLOSE:
+            self.closed_by_server = True
+            return
+        data = frame.data
+        if not data:
+            return
+        channel, payload = data[0], data[1:]
+        if channel == STDOUT and payload:
+            self.chunks.append(payload)
+        elif channel == STDERR:
+            self.stderr = (self.stderr + payload)[-4096:]
+        elif channel == ERROR:
+            self.status += payload
 
     def readinto(self, target: bytearray) -> int:  # type: ignore[override]
-        while not self.buffer and self.client.is_open():  # type: ignore[attr-defined]
+        while not self.chunks and not self.closed_by_server:
             self._pull()
-        if not self.buffer:
-            self._pull()  # what arrived with the close
-        size = min(len(target), len(self.buffer))
-        target[:size] = self.buffer[:size]
-        self.buffer = self.buffer[size:]
+        if not self.chunks:
+            return 0
+        head = self.chunks[0]
+        size = min(len(target), len(head) - self.offset)
+        target[:size] = memoryview(head)[self.offset:self.offset + size]
+        self.offset += size
+        if self.offset == len(head):
+            self.chunks.popleft()
+            self.offset = 0
         return size
 
     def drain(self) -> None:
-        while self.client.is_open():  # type: ignore[attr-defined]
+        while not self.closed_by_server:
             self._pull()
-        self._pull()
 
 
 def _refusal(exc: ApiException, pod: str) -> ArtifactsLost:
