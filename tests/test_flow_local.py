@@ -45,6 +45,8 @@ def test_a_task_spec_runs_to_completed_with_logs_run_record_and_artifacts(store:
 
     summary = markdown_artifact("keruta-e2e-ok")
     assert "**COMPLETED**" in summary and "hello flow" in summary
+    table = markdown_artifact("keruta-e2e-ok-files")  # the files, as a table artifact on the flow run
+    assert "sub/out.txt" in table and result.artifacts[0].sha256 in table
 
 
 def test_a_failing_script_fails_the_flow_run_with_the_exit_code_and_no_retry(store: Store) -> None:
@@ -150,3 +152,10 @@ def test_cancel_hook_stops_the_agents_of_a_flow_run_found_by_its_id(store: Store
     assert (run.status, run.finished_at is not None) == ("CANCELLED", True)
     assert session_processes(handle.pid) == []  # the agent, the script and the script's `sleep` are gone
     assert stop_flow_run_agents("flow-run-123") == []  # nothing left to stop
+
+
+def test_a_hostile_link_in_the_work_directory_loses_the_artifacts_but_not_the_task(store: Store) -> None:
+    script = "ln -s /etc/passwd $KERUTA_ARTIFACTS_DIR/passwd\necho fine > $KERUTA_ARTIFACTS_DIR/ok.txt"
+    result = keruta_task(task_spec={"id": "e2e-hostile", "script": script})
+    assert result.status == "COMPLETED" and result.artifacts == []
+    assert result.artifacts_note is not None and result.artifacts_note.startswith("artifacts lost: unsafe entry")

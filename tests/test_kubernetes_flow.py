@@ -309,3 +309,16 @@ def test_upload_mode_sends_files_through_the_api_and_reports_what_was_refused(
     assert any("artifact big.bin not kept" in r.message and "1000-byte file cap" in r.message
                for r in store.logs("k-upload"))
     assert cluster.exec_commands == []  # no exec needed in upload mode
+
+
+def test_exec_forbidden_loses_the_artifacts_with_the_reason_and_keeps_the_status(
+        cluster: Cluster, api: Api, store: Store) -> None:
+    cluster.create_secret("keruta-api-token", {"token": api.token})
+    cluster.deny("pods", "create", "exec")
+    block = f"k8s-{uuid.uuid4().hex[:8]}"
+    seed(KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, artifacts_hold_timeout=20),
+         name=block)
+    result = result_of(run(block, {"id": "k-noexec", "script": "echo x > $KERUTA_ARTIFACTS_DIR/f"}))
+    assert result.status == "COMPLETED" and result.artifacts == []
+    assert "artifacts lost: exec into Pod" in result.artifacts_note and "`pods/exec`" in result.artifacts_note
+    assert store.runs("k-noexec")[0].artifacts_note == result.artifacts_note

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from keruta_prefect.agent import runner as agent_exit
 from keruta_prefect.api import ApiServer, create_app
-from keruta_prefect.artifacts import CollectResult, collect_directory
+from keruta_prefect.artifacts import ArchiveRejected, CollectResult, extract_tar_stream
 from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle
 from keruta_prefect.manifest import task_env
 from keruta_prefect.models import Task, TaskStatus
@@ -149,9 +149,22 @@ class LocalBackend:
                        message=agent_said or f"keruta-agent exited with code {code}")
 
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult:
+        """The work directory's artifacts, through the very path a Pod's take: a tar stream into the safe
+        extractor (caps, checksums, hostile-entry rejection)."""
         source = Path(handle.work_dir or ".") / ".keruta" / "artifacts"
-        return collect_directory(source, dest, max_file_size=self.settings.artifacts_max_file_size,
-                                 max_total_size=self.settings.artifacts_max_total_size)
+        if not source.is_dir():
+            return CollectResult()
+        tar = subprocess.Popen(["tar", "cf", "-", "-C", str(source), "."], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        assert tar.stdout is not None
+        try:
+            return extract_tar_stream(tar.stdout, dest, max_file_size=self.settings.artifacts_max_file_size,
+                                      max_total_size=self.settings.artifacts_max_total_size)
+        except ArchiveRejected as exc:
+            return CollectResult(lost=f"artifacts lost: {exc}")
+        finally:
+            tar.stdout.close()
+            tar.wait()
 
     def exists(self, handle: RunHandle) -> bool:
         """Is the attempt's agent still running (in this process or another)?"""
