@@ -82,15 +82,15 @@ def test_tar_failing_in_the_container_says_why(manual_cluster: Cluster, store: S
                           max_file_size=2**20, max_total_size=2**20)
 
 
-def test_a_large_file_over_the_websocket_keeps_memory_flat() -> None:
-    """The benchmark in smoke mode, in its own process: 64 MiB over exec, peak RSS growth measured."""
+def test_a_200_mb_artifact_over_the_websocket_keeps_memory_flat() -> None:
+    """The benchmark in its own process: 200 MiB over exec, peak RSS growth measured (no timing asserted)."""
     import re
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "benchmarks.artifacts", "64", "50"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.artifacts", "200", "50"], capture_output=True, text=True,
                           timeout=300, cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| one file of 64 MiB"))
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| one file of 200 MiB"))
     growth = float(re.findall(r"([0-9.]+) MiB \|$", row)[0])
     assert growth < 100, row
