@@ -42,7 +42,8 @@ class CollectResult:
         return " | ".join(parts) or None
 
 
-def storage_dir(root: Path, task_id: str, attempt: int) -> Path:
+def attempt_dir(root: Path, task_id: str, attempt: int) -> Path:
+    """`<root>/<task id, path-safe>/attempt-<n>`: where an attempt's files live (work or storage)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", task_id)
     return root / safe / f"attempt-{attempt}"
 

@@ -24,7 +24,7 @@ from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 from sqlalchemy.exc import OperationalError
 
-from keruta_prefect.artifacts import CollectResult, storage_dir
+from keruta_prefect.artifacts import CollectResult, attempt_dir
 from keruta_prefect.backends.base import (
     Backend,
     BackendError,
@@ -150,8 +150,7 @@ def release_volume(store: Store, runner: Backend, settings: KerutaSettings, task
 
 def handle_of(run: TaskRunRow) -> RunHandle:
     return RunHandle(backend=run.backend, task_id=run.task_id, attempt=run.attempt, flow_run_id=run.flow_run_id,
-                     name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid,
-                     work_dir=None)
+                     name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid)
 
 
 @task(name="launch-agent", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(1),
@@ -188,7 +187,7 @@ def wait_for_agent(backend: Backend, handle: RunHandle, max_prefect_lines: int) 
 def collect_artifacts(backend: Backend, handle: RunHandle, settings: KerutaSettings) -> CollectResult:
     if settings.artifacts_mode == "off":
         return CollectResult()
-    dest = storage_dir(settings.storage_root(), handle.task_id, handle.attempt)
+    dest = attempt_dir(settings.storage_root(), handle.task_id, handle.attempt)
     try:
         return backend.collect(handle, dest)
     except OSError as exc:
@@ -256,11 +255,8 @@ def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
     for handle, run_id in handles.values():
         get_backend(handle.backend, settings, store).cancel(handle)
         if handle.task_id:
-            _mark(store, handle.task_id, TaskStatus.CANCELLED, "the flow run was cancelled")
             stopped.append(handle.task_id)
-        if run_id is not None:
-            store.update_run(run_id, status=TaskStatus.CANCELLED.value, reason="CANCELLED",
-                             message="the flow run was cancelled", finished_at=datetime.now(UTC))
+        _cancelled(store, handle.task_id, run_id, "the flow run was cancelled")
     return stopped
 
 
@@ -268,6 +264,15 @@ def _on_cancel(_flow: Any, flow_run: Any, _state: Any) -> None:
     parameters = getattr(flow_run, "parameters", None) or {}
     stop_flow_run_agents(str(flow_run.id), parameters.get("settings_block") or DEFAULT_BLOCK,
                          parameters.get("backend"))
+
+
+def _cancelled(store: Store, task_id: str, run_id: int | None, message: str) -> None:
+    """A stopped attempt: the task CANCELLED (unless it already ended) and its run closed."""
+    if task_id:
+        _mark(store, task_id, TaskStatus.CANCELLED, message)
+    if run_id is not None:
+        store.update_run(run_id, status=TaskStatus.CANCELLED.value, reason="CANCELLED", message=message,
+                         finished_at=datetime.now(UTC))
 
 
 def _mark(store: Store, task_id: str, status: TaskStatus, message: str) -> None:
@@ -335,9 +340,7 @@ def keruta_task(
         finally:
             if not finished:  # cancelled, crashed or interrupted while waiting: never leave the agent behind
                 runner.cancel(handle)
-                _mark(store, task_.id, TaskStatus.CANCELLED, "the flow run was cancelled or stopped")
-                store.update_run(run_id, status=TaskStatus.CANCELLED.value, reason="CANCELLED",
-                                 message="the flow run was cancelled or stopped", finished_at=datetime.now(UTC))
+                _cancelled(store, task_.id, run_id, "the flow run was cancelled or stopped")
         collected = collect_artifacts(runner, handle, settings)
         if outcome.retryable and launched < settings.task_max_attempts:
             # This attempt is over; the task lives on into the next one.

@@ -7,7 +7,6 @@ name and the offending value (see :func:`one_line`), so a person always sees fie
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from typing import Any
 
 from pydantic import ValidationError
@@ -137,10 +136,3 @@ def _friendly(item: Any) -> str:
     if kind == "string_too_long":
         return f"must be at most {ctx.get('max_length')} characters"
     return str(item["msg"])
-
-
-def unique(values: Iterable[str]) -> list[str]:
-    seen: dict[str, None] = {}
-    for v in values:
-        seen.setdefault(v, None)
-    return list(seen)

@@ -70,8 +70,6 @@ class LogShipper:
         self._pending: list[dict[str, Any]] = []
         self._closing = threading.Event()
         self._close_deadline = 0.0
-        self.sent = 0
-        self.failed: ApiError | None = None
         self._thread = threading.Thread(target=self._run, name="log-shipper", daemon=True)
         self._thread.start()
 
@@ -118,19 +116,16 @@ class LogShipper:
                 budget = max(0.0, self._close_deadline - time.monotonic()) if closing else 0.0
                 self.client.post_logs(self.task_id, self.source, batch, retry_seconds=budget)
             except ApiRejected as exc:
-                self.failed = exc
                 log.error("keruta API rejected log lines: %s", exc)
                 return
-            except ApiError as exc:
+            except ApiError:
                 if closing and time.monotonic() >= self._close_deadline:
-                    self.failed = exc
                     return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
             del self._pending[: len(batch)]
-            self.sent += len(batch)
 
     def close(self, timeout: float) -> list[dict[str, Any]]:
         """Flush everything; returns the lines that could not be delivered (empty on success)."""
@@ -177,10 +172,6 @@ def _pump(stream: IO[bytes], level: str, shipper: LogShipper, echo: bool) -> Non
         shipper.emit(level, line)
         if echo:
             print(line, flush=True)
-
-
-class Terminated(Exception):
-    pass
 
 
 def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -> int:

@@ -44,7 +44,6 @@ class RunHandle(BaseModel):
     namespace: str | None = None
     uid: str | None = None
     pid: int | None = None
-    work_dir: str | None = None
 
 
 class Outcome(BaseModel):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import secrets
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from keruta_prefect.agent import runner as agent_exit
 from keruta_prefect.api import ApiServer, create_app
-from keruta_prefect.artifacts import ArchiveRejected, CollectResult, extract_tar_stream
+from keruta_prefect.artifacts import ArchiveRejected, CollectResult, attempt_dir, extract_tar_stream
 from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle
 from keruta_prefect.manifest import task_env
 from keruta_prefect.models import Task, TaskStatus
@@ -46,10 +45,6 @@ def embedded_api(store: Store, settings: KerutaSettings) -> tuple[ApiServer, str
         return found
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
 class LocalBackend:
     name = "local"
 
@@ -61,7 +56,7 @@ class LocalBackend:
 
     def launch(self, task: Task, ctx: RunContext) -> RunHandle:
         server, token = embedded_api(self.store, self.settings)
-        work_dir = self.settings.work_root() / _safe(task.id) / f"attempt-{ctx.attempt}"
+        work_dir = self._work_dir(task.id, ctx.attempt)
         (work_dir / ".keruta").mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("KERUTA_")}
         env.update(task_env(task, self.settings))
@@ -84,7 +79,11 @@ class LocalBackend:
         key = f"{task.id}/{ctx.attempt}"
         self._procs[key] = proc
         return RunHandle(backend=self.name, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
-                         name=work_dir.name, pid=proc.pid, work_dir=str(work_dir))
+                         name=work_dir.name, pid=proc.pid)
+
+    def _work_dir(self, task_id: str, attempt: int) -> Path:
+        """Derived from the task and attempt, so a flow that comes back to an attempt finds it again."""
+        return attempt_dir(self.settings.work_root(), task_id, attempt)
 
     def wait(self, handle: RunHandle, on_log: LogSink | None = None) -> Outcome:
         proc = self._procs.get(f"{handle.task_id}/{handle.attempt}")
@@ -120,7 +119,7 @@ class LocalBackend:
 
     def _outcome(self, handle: RunHandle, code: int) -> Outcome:
         task = self.store.get_task(handle.task_id)
-        agent_said = _last_line(Path(handle.work_dir or ".") / ".keruta" / "agent.log")
+        agent_said = _last_line(self._work_dir(handle.task_id, handle.attempt) / ".keruta" / "agent.log")
         if code == UNKNOWN_EXIT:
             # Only what the agent reported is known: a final status stands, anything else was lost.
             if task.status.terminal:
@@ -151,7 +150,7 @@ class LocalBackend:
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult:
         """The work directory's artifacts, through the very path a Pod's take: a tar stream into the safe
         extractor (caps, checksums, hostile-entry rejection)."""
-        source = Path(handle.work_dir or ".") / ".keruta" / "artifacts"
+        source = self._work_dir(handle.task_id, handle.attempt) / ".keruta" / "artifacts"
         if not source.is_dir():
             return CollectResult()
         tar = subprocess.Popen(["tar", "cf", "-", "-C", str(source), "."], stdout=subprocess.PIPE,

@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from keruta_prefect.agent.runner import COLLECTED_MARKER, READY_LINE
 from keruta_prefect.artifacts import ArchiveRejected, CollectResult
 from keruta_prefect.backends.base import BackendError, LogSink, Outcome, RunContext, RunHandle, TransientBackendError
-from keruta_prefect.backends.kubernetes.client import api_client
+from keruta_prefect.backends.kubernetes.client import api_client, api_detail
 from keruta_prefect.backends.kubernetes.diagnose import diagnose, waiting_keys
 from keruta_prefect.backends.kubernetes.exec import ArtifactsLost, collect_directory, exec_command
 from keruta_prefect.backends.kubernetes.logs import LogFollower
@@ -46,16 +46,10 @@ log = logging.getLogger("keruta.kubernetes")
 TRANSIENT = {0, 408, 429, 500, 502, 503, 504}
 
 
-def _detail(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except (ValueError, AttributeError):
-        return str(exc.reason)
-
 
 def api_error(exc: ApiException, what: str) -> Exception:
     """An ApiException as a retryable or a permanent error with one line for a person."""
-    detail = _detail(exc)
+    detail = api_detail(exc)
     if exc.status in TRANSIENT:
         return TransientBackendError(f"{what}: HTTP {exc.status}: {detail}")
     if exc.status == 403:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import kubernetes.client
 import kubernetes.config
+from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from keruta_prefect.backends.base import BackendError
@@ -45,3 +47,11 @@ def api_client(settings: KerutaSettings) -> kubernetes.client.ApiClient:
         client = kubernetes.client.ApiClient(configuration)
         _clients[key] = client
         return client
+
+
+def api_detail(exc: ApiException) -> str:
+    """The message of the Status object the API server answered with (or the HTTP reason)."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)

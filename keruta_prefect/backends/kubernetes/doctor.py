@@ -16,7 +16,7 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from keruta_prefect.backends.base import BackendError
-from keruta_prefect.backends.kubernetes.client import api_client
+from keruta_prefect.backends.kubernetes.client import api_client, api_detail
 from keruta_prefect.manifest import JobContext, build_job
 from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
@@ -48,12 +48,6 @@ class Check:
     def line(self) -> str:
         return f"{'✓' if self.ok else '✗'} {self.text}" + (f"\n    fix: {self.fix}" if not self.ok and self.fix else "")
 
-
-def _detail(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except ValueError:
-        return str(exc.reason)
 
 
 def run_checks(settings: KerutaSettings, namespace: str | None = None,
@@ -87,7 +81,7 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
         batch.create_namespaced_job(namespace, sample, dry_run="All", _preload_content=False)
         add(Check(True, f"namespace {namespace} exists and accepts agent Jobs (server-side dry run)"))
     except ApiException as exc:
-        detail = _detail(exc)
+        detail = api_detail(exc)
         if exc.status == 404:
             add(Check(False, f"namespace {namespace} does not exist ({detail})",
                       f"kubectl create namespace {namespace}, or set keruta.kubernetes.default-namespace"))
@@ -110,7 +104,7 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
             answer = json.loads(authz.create_self_subject_access_review(review, _preload_content=False).data)
             allowed = bool((answer.get("status") or {}).get("allowed"))
         except ApiException as exc:
-            add(Check(False, f"cannot ask whether it may {what}: HTTP {exc.status}: {_detail(exc)}"))
+            add(Check(False, f"cannot ask whether it may {what}: HTTP {exc.status}: {api_detail(exc)}"))
             continue
         add(Check(allowed, f"may {what} in {namespace}",
                   f"grant `{verb}` on `{resource}{'/' + subresource if subresource else ''}`: "
@@ -132,7 +126,7 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
             add(Check(False, f"Secret {secret_name} not found in namespace {namespace}",
                       f"kubectl -n {namespace} create secret generic {secret_name} --from-literal={key}=<token>"))
         else:
-            add(Check(False, f"cannot read Secret {secret_name}: HTTP {exc.status}: {_detail(exc)}"))
+            add(Check(False, f"cannot read Secret {secret_name}: HTTP {exc.status}: {api_detail(exc)}"))
 
     image = settings.default_image
     if not IMAGE_REF.match(image):

@@ -35,8 +35,7 @@ class LogFollower:
         self.last_stamp: str | None = None
         self.same_stamp = 0  # lines already passed on that carry exactly last_stamp
         self.lines = 0
-        self.requests = 0
-        self.done = threading.Event()
+        self._skip = 0  # after a resume: lines at exactly last_stamp that come again
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"keruta-log-{pod}", daemon=True)
         self.thread.start()
@@ -57,7 +56,6 @@ class LogFollower:
             "GET", "/api/v1/namespaces/{namespace}/pods/{name}/log",
             path_params={"namespace": self.namespace, "name": self.pod},
             query_params=query, auth_settings=["BearerToken"])
-        self.requests += 1
         response = self.api.call_api(*params, _request_timeout=(10, self.read_timeout))
         if not 200 <= response.status <= 299:
             response.read()
@@ -84,50 +82,47 @@ class LogFollower:
 
     def _run(self) -> None:
         backoff = 0.2
-        self._skip = 0
-        try:
-            while not self._stop.is_set():
-                try:
-                    response = self._request()
-                except ApiException as exc:
-                    if exc.status == 404:
-                        return  # the Pod is gone
-                    if exc.status == 400 and self.finished():
+        while not self._stop.is_set():
+            try:
+                response = self._request()
+            except ApiException as exc:
+                if exc.status == 404:
+                    return  # the Pod is gone
+                if exc.status == 400 and self.finished():
+                    return
+                time.sleep(backoff)  # 400: not started yet; 5xx: the API is busy
+                backoff = min(backoff * 2, 5)
+                continue
+            except (urllib3.exceptions.HTTPError, OSError):
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5)
+                continue
+            # Lines carrying the last timestamp seen come again after a resume: skip that many.
+            self._skip = self.same_stamp if self.last_stamp else 0
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            pending = ""
+            clean = False
+            try:
+                for chunk in response.stream(65536, decode_content=True):
+                    pending += decoder.decode(chunk)
+                    *complete, pending = pending.split("\n")
+                    for line in complete:
+                        stamp, _, text = line.partition(" ")
+                        self._accept(stamp, text.rstrip("\r"))
+                    backoff = 0.2
+                    if self._stop.is_set():
                         return
-                    time.sleep(backoff)  # 400: not started yet; 5xx: the API is busy
-                    backoff = min(backoff * 2, 5)
-                    continue
-                except (urllib3.exceptions.HTTPError, OSError):
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 5)
-                    continue
-                # Lines carrying the last timestamp seen come again after a resume: skip that many.
-                self._skip = self.same_stamp if self.last_stamp else 0
-                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                pending = ""
-                clean = False
-                try:
-                    for chunk in response.stream(65536, decode_content=True):
-                        pending += decoder.decode(chunk)
-                        *complete, pending = pending.split("\n")
-                        for line in complete:
-                            stamp, _, text = line.partition(" ")
-                            self._accept(stamp, text.rstrip("\r"))
-                        backoff = 0.2
-                        if self._stop.is_set():
-                            return
-                    clean = True
-                except (urllib3.exceptions.HTTPError, OSError):
-                    pass  # dropped mid-stream: the partial line in `pending` comes again after the resume
-                finally:
-                    response.release_conn()
-                if clean:
-                    pending += decoder.decode(b"", final=True)
-                    if pending:
-                        stamp, _, text = pending.partition(" ")
-                        self._accept(stamp, text)
-                    if self.finished():
-                        return
-                time.sleep(backoff if not clean else 0.05)
-        finally:
-            self.done.set()
+                clean = True
+            except (urllib3.exceptions.HTTPError, OSError):
+                pass  # dropped mid-stream: the partial line in `pending` comes again after the resume
+            finally:
+                response.release_conn()
+            if clean:
+                pending += decoder.decode(b"", final=True)
+                if pending:
+                    stamp, _, text = pending.partition(" ")
+                    self._accept(stamp, text)
+                if self.finished():
+                    return
+            time.sleep(backoff if not clean else 0.05)
+

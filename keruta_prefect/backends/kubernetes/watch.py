@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +71,6 @@ class NamespaceWatch:
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._idle_since: float | None = None
-        self.connections = 0  # watch requests made (for tests and benchmarks)
-        self.relists = 0
         self.thread = threading.Thread(target=self._run, name=f"keruta-watch-{namespace}", daemon=True)
         self.thread.start()
 
@@ -120,7 +117,6 @@ class NamespaceWatch:
 
     # --- the watch loop ----------------------------------------------------------------------------
     def _relist(self) -> str:
-        self.relists += 1
         response = self.core.list_namespaced_pod(self.namespace, label_selector=SELECTOR, _preload_content=False,
                                                  _request_timeout=(10, 60))
         body = json.loads(response.data)
@@ -145,7 +141,6 @@ class NamespaceWatch:
             try:
                 if version is None:
                     version = self._relist()
-                self.connections += 1
                 # deserialize stays on: the client's ERROR (410) handling needs it (with deserialize=False
                 # it fails with KeyError 'raw_object' instead of raising ApiException(410)).
                 stream = kubernetes.watch.Watch().stream(
@@ -204,5 +199,3 @@ def stop_all() -> None:
             watch.stop()
         _watches.clear()
 
-
-OnLine = Callable[[str, str], None]
