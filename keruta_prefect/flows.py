@@ -10,8 +10,11 @@ Each Prefect task is one step with one reason to retry:
 
 # No `from __future__ import annotations` here: Prefect rebuilds the flow's parameter model from its
 # signature when a deployment runs it, and string annotations do not resolve there.
+import contextvars
 import re
+import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -89,23 +92,72 @@ def get_backend(name: str, settings: KerutaSettings, store: Store) -> Backend:
 
 # --- the steps --------------------------------------------------------------------------------------
 
+class TaskClaimed(RuntimeError):
+    """Another live flow run holds the task: it runs it (never two at once)."""
+
+    def __init__(self, task_id: str, holder: str) -> None:
+        super().__init__(f"task {task_id!r} is claimed by flow run {holder}, which is still running; "
+                         "cancel that flow run to run the task here")
+        self.task_id, self.holder = task_id, holder
+
+
+def flow_run_alive(flow_run_id: str) -> bool:
+    """Is this flow run still able to run a task (not in a final state)? Unknown runs are not."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        run_id = uuid.UUID(flow_run_id)
+    except ValueError:
+        return False
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            return False
+    return run.state is not None and not run.state.is_final()
+
+
+def claim_task(store: Store, task_id: str, owner: str, handed_over_by: str | None = None) -> Task:
+    """Make ``owner`` the one flow run that runs this task, atomically (see Store.claim).
+
+    A FAILED/CANCELLED task is queued again. A claim held by a flow run that ended (a crashed
+    dispatcher) is taken over; one held by a live flow run raises TaskClaimed. A task that is no
+    longer PENDING (IN_PROGRESS from a crashed run, COMPLETED) is returned as it is."""
+    replacing: tuple[str | None, ...] = (None, handed_over_by)
+    for _ in range(3):
+        claimed = store.claim(task_id, owner, replacing=replacing, requeue=True)
+        if claimed is not None:
+            return claimed
+        current = store.get_task(task_id)
+        holder = store.claim_of(task_id)
+        if current.status != TaskStatus.PENDING:
+            return current
+        if holder and flow_run_alive(holder):
+            raise TaskClaimed(task_id, holder)
+        replacing = (None, handed_over_by, holder)
+    raise TaskClaimed(task_id, store.claim_of(task_id) or "?")
+
+
 @task(name="prepare-task", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(0.5),
       retry_condition_fn=_retry_on(OperationalError))
-def prepare_task(store: Store, task_id: str | None, task_spec: dict[str, Any] | str | None) -> Task:
-    """Get the task (by id) or create it (from a spec); a failed/cancelled task is queued again.
-    A task still IN_PROGRESS is returned as it is: the flow reattaches to its unfinished attempt."""
+def prepare_task(store: Store, task_id: str | None, task_spec: dict[str, Any] | str | None, owner: str,
+                 handed_over_by: str | None = None) -> Task:
+    """Get the task (by id) or create it (from a spec), and claim it for this flow run; a failed or
+    cancelled task is queued again. A task still IN_PROGRESS is returned as it is: the flow
+    reattaches to its unfinished attempt."""
     if task_spec is not None:
         parsed = parse_task_spec(task_spec, source="task_spec")
         if task_id is not None and parsed.id != task_id:
             parsed = parsed.model_copy(update={"id": task_id})
-        current, _created = store.get_or_create_task(parsed)
+        current, _created = store.get_or_create_task(parsed, claimed_by=owner)  # no dispatcher can take it first
     elif task_id is not None:
         current = store.get_task(task_id)
     else:
         raise ValueError("give task_id (a stored task) or task_spec (a task in keruta's JSON form)")
-    if current.status in (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.RETRYING):
-        current = store.set_status(current.id, TaskStatus.PENDING, message="queued again")
-    return current
+    if current.status == TaskStatus.COMPLETED:
+        return current
+    return claim_task(store, current.id, owner, handed_over_by)
 
 
 def root_of(store: Store, task: Task) -> str:
@@ -141,7 +193,8 @@ def release_volume(store: Store, runner: Backend, settings: KerutaSettings, task
     """A task tree's volume is deleted when its last unfinished task ends (keruta.kubernetes.pvc-retention=
     delete); tasks of the tree submitted later start with a fresh volume."""
     delete_volume = getattr(runner, "delete_volume", None)
-    if delete_volume is None or settings.pvc_retention != "delete" or not needs_volume(task) or task.pvc_name:
+    if (delete_volume is None or settings.pvc_retention != "delete" or task.pvc_name
+            or not needs_volume(task, has_children=bool(store.children(task.id)))):
         return
     if tree_done(store, root):
         delete_volume(namespace_of(task, settings), pvc_name(root))
@@ -165,9 +218,60 @@ def launch_agent(backend: Backend, store: Store, task: Task, ctx: RunContext) ->
     return handle, run.id
 
 
+class ProgressReporter:
+    """A Prefect progress artifact that follows the percentage the agent reports (`keruta-agent progress`).
+
+    The agent reports to the keruta API, which stores it with the task; a thread reads it once a second
+    (whichever backend, whichever process serves the API) and updates the artifact when it changes."""
+
+    def __init__(self, store: Store, task_id: str, interval: float = 1.0) -> None:
+        self.store, self.task_id, self.interval = store, task_id, interval
+        self.artifact_id: uuid.UUID | None = None
+        self.last: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        progress = self.store.get_task(self.task_id).progress
+        if progress is None or progress == self.last:
+            return
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                progress, key=_artifact_key(self.task_id) + "-progress",
+                description=f"progress reported by keruta task {self.task_id}")
+        else:
+            update_progress_artifact(self.artifact_id, progress)
+        self.last = progress
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except Exception as exc:  # progress is a courtesy: never let it break the wait
+                get_run_logger().debug("progress not updated: %s", exc)
+
+    def __enter__(self) -> "ProgressReporter":
+        context = contextvars.copy_context()  # the artifact belongs to this task run and flow run
+        self._thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True,
+                                        name=f"keruta-progress-{self.task_id}")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            self.poll()  # the last word (e.g. 100) before the wait ends
+        except Exception:
+            pass
+
+
 @task(name="wait-for-agent", cache_policy=NO_CACHE, retries=5, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=_retry_on(TransientBackendError))
-def wait_for_agent(backend: Backend, handle: RunHandle, max_prefect_lines: int) -> Outcome:
+def wait_for_agent(backend: Backend, store: Store, handle: RunHandle, max_prefect_lines: int) -> Outcome:
     logger = get_run_logger()
     count = 0
 
@@ -180,7 +284,8 @@ def wait_for_agent(backend: Backend, handle: RunHandle, max_prefect_lines: int) 
             logger.warning("more task log lines are stored in the keruta database only "
                            "(keruta.logs.prefect-max-lines=%d)", max_prefect_lines)
 
-    return backend.wait(handle, on_log)
+    with ProgressReporter(store, handle.task_id):
+        return backend.wait(handle, on_log)
 
 
 @task(name="collect-artifacts", cache_policy=NO_CACHE)
@@ -292,8 +397,11 @@ def keruta_task(
     task_spec: dict[str, Any] | None = None,
     backend: BackendName = "local",
     settings_block: str = DEFAULT_BLOCK,
+    claim: str | None = None,
 ) -> TaskResult:
-    """Run one keruta task: by ``task_id`` (a stored task) or ``task_spec`` (keruta's camelCase JSON)."""
+    """Run one keruta task: by ``task_id`` (a stored task) or ``task_spec`` (keruta's camelCase JSON).
+
+    ``claim`` is set by keruta-dispatch: the flow run that claimed the task hands it over to this one."""
     logger = get_run_logger()
     settings = load_settings(settings_block)
     store = get_store()
@@ -302,14 +410,14 @@ def keruta_task(
     except BackendError as exc:  # e.g. "Kubernetes integration is disabled (keruta.kubernetes.enabled=false)"
         logger.error("%s", exc)
         return Failed(message=str(exc))  # type: ignore[return-value]
-    task_ = prepare_task(store, task_id, task_spec)
+    flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
+    task_ = prepare_task(store, task_id, task_spec, flow_run_id or f"process-{uuid.uuid4()}", claim)
     if task_.status == TaskStatus.COMPLETED:
         # COMPLETED is final: running it again would be a new task. Answer with what was recorded
         # (this also makes a rerun of a flow run that crashed after the task completed harmless).
         logger.info("keruta task %s is already COMPLETED; returning its recorded result", task_.id)
         return recorded_result(store, task_.id)
     logger.info("keruta task %s (%s) on the %s backend", task_.id, task_.title or "untitled", runner.name)
-    flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
 
     root = root_of(store, task_)
     previous = store.runs(task_.id)
@@ -331,11 +439,12 @@ def keruta_task(
         else:
             attempt += 1
             launched += 1
-            ctx = RunContext(flow_run_id=flow_run_id, attempt=attempt, root_task_id=root)
+            ctx = RunContext(flow_run_id=flow_run_id, attempt=attempt, root_task_id=root,
+                             has_children=bool(store.children(task_.id)))
             handle, run_id = launch_agent(runner, store, task_, ctx)
         finished = False
         try:
-            outcome = wait_for_agent(runner, handle, settings.prefect_log_max_lines)
+            outcome = wait_for_agent(runner, store, handle, settings.prefect_log_max_lines)
             finished = True
         finally:
             if not finished:  # cancelled, crashed or interrupted while waiting: never leave the agent behind

@@ -59,6 +59,7 @@ class JobContext(BaseModel):
     attempt: int = 1
     flow_run_id: str | None = None
     root_task_id: str | None = None  # the root of the task's tree (for the shared volume)
+    has_children: bool = False  # a parent shares its volume with the children that run after it
 
 
 def _digest(text: str, length: int = 10) -> str:
@@ -127,9 +128,9 @@ def namespace_of(task: Task, settings: KerutaSettings) -> str:
     return task.namespace or settings.default_namespace
 
 
-def needs_volume(task: Task) -> bool:
+def needs_volume(task: Task, has_children: bool = False) -> bool:
     """Repository tasks and task trees share files on a volume; a lone script gets an emptyDir."""
-    return bool(task.repository_url or task.parent_id or task.pvc_name)
+    return bool(task.repository_url or task.parent_id or task.pvc_name or has_children)
 
 
 def volume_claim_name(task: Task, ctx: JobContext) -> str:
@@ -214,7 +215,7 @@ def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str
         container["resources"] = resources
 
     volumes: list[dict[str, Any]] = [{"name": "artifacts", "emptyDir": {}}]
-    if needs_volume(task):
+    if needs_volume(task, ctx.has_children):
         volumes.insert(0, {"name": "work", "persistentVolumeClaim": {"claimName": volume_claim_name(task, ctx)}})
     else:
         volumes.insert(0, {"name": "work", "emptyDir": {}})
@@ -297,7 +298,7 @@ def _clone_container(task: Task, settings: KerutaSettings) -> dict[str, Any]:
 
 def build_pvc(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str, Any] | None:
     """The task tree's volume, or None when the task needs none or names an existing claim."""
-    if not needs_volume(task) or task.pvc_name:
+    if not needs_volume(task, ctx.has_children) or task.pvc_name:
         return None
     root = ctx.root_task_id or task.id
     spec: dict[str, Any] = {

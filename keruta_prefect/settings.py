@@ -160,7 +160,13 @@ class KerutaSettings(BaseModel):
         "keruta.task.max-attempts", "attempts per task when an attempt fails for a system reason", 3, ge=1
     )
     processing_delay_ms: int = _key(
-        "keruta.task.processor.processing-delay", "milliseconds between dispatcher runs", 5000, ge=100
+        "keruta.task.processor.processing-delay",
+        "milliseconds between dispatcher runs (keruta-dispatch follows it on its next run)", 5000, ge=100
+    )
+    processor_concurrency: int = _key(
+        "keruta.task.processor.concurrency",
+        "slots of the Prefect global concurrency limit `keruta-tasks` when it is created (then edit it in the UI)",
+        10, ge=1, le=10000,
     )
     monitoring_delay_ms: int = _key(
         "keruta.task.processor.monitoring-delay", "milliseconds between monitor checks", 10000, ge=100

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -52,7 +52,7 @@ class TaskRow(SQLModel, table=True):
     progress: int | None = None
     message: str | None = Field(default=None, sa_column=Column(Text))
     error_code: str | None = None
-    claimed_by: str | None = None
+    claimed_by: str | None = Field(default=None, max_length=128)  # the flow run that is to run it
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
 
@@ -198,8 +198,9 @@ class Store:
             yield session
 
     # --- tasks -------------------------------------------------------------------------------------
-    def create_task(self, task: Task) -> Task:
+    def create_task(self, task: Task, claimed_by: str | None = None) -> Task:
         row = TaskRow.from_task(task)
+        row.claimed_by = claimed_by
         try:
             with self.session() as s:
                 s.add(row)
@@ -208,9 +209,10 @@ class Store:
             raise TaskExists(task.id) from None
         return row.to_task()
 
-    def get_or_create_task(self, task: Task) -> tuple[Task, bool]:
+    def get_or_create_task(self, task: Task, claimed_by: str | None = None) -> tuple[Task, bool]:
+        """The stored task of this id, or ``task`` stored now (claimed by ``claimed_by``, if given)."""
         try:
-            return self.create_task(task), True
+            return self.create_task(task, claimed_by), True
         except TaskExists:
             return self.get_task(task.id), False
 
@@ -254,6 +256,8 @@ class Store:
                 row.error_code = error_code
                 if status in (TaskStatus.IN_PROGRESS, TaskStatus.PENDING, TaskStatus.RETRYING):
                     row.progress = None
+                if status == TaskStatus.PENDING:
+                    row.claimed_by = None  # queued again: anyone may claim it
             elif error_code is not None:
                 row.error_code = error_code
             if message is not None:
@@ -264,6 +268,45 @@ class Store:
             s.add(row)
             s.commit()
             return row.to_task()
+
+    # --- claims (who runs a PENDING task) ---------------------------------------------------------
+    def claim(self, task_id: str, owner: str, *, replacing: Collection[str | None] = (None,),
+              requeue: bool = False) -> Task | None:
+        """Make ``owner`` (a flow run) the one that runs this PENDING task, atomically: only if the task
+        is PENDING and its claim is ``owner`` already or one of ``replacing`` (None: unclaimed).
+        ``requeue`` first moves a FAILED/CANCELLED task back to PENDING in the same transaction.
+        Returns the claimed task, or None when someone else holds it (or it is no longer PENDING)."""
+        with self.session() as s:
+            row = s.exec(select(TaskRow).where(TaskRow.id == task_id).with_for_update()).first()
+            if row is None:
+                raise TaskNotFound(task_id)
+            if requeue and row.status in (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.RETRYING):
+                check_transition(TaskStatus(row.status), TaskStatus.PENDING)
+                row.status, row.progress, row.error_code = TaskStatus.PENDING.value, None, None
+                row.message, row.claimed_by = "queued again", None
+            if row.status != TaskStatus.PENDING.value:
+                return None
+            if row.claimed_by != owner and row.claimed_by not in replacing:
+                return None
+            row.claimed_by = owner
+            row.updated_at = _now()
+            s.add(row)
+            s.commit()
+            return row.to_task()
+
+    def claim_of(self, task_id: str) -> str | None:
+        with self.session() as s:
+            row = s.get(TaskRow, task_id)
+            if row is None:
+                raise TaskNotFound(task_id)
+            return row.claimed_by
+
+    def pending(self, limit: int = 100) -> list[tuple[Task, str | None]]:
+        """PENDING tasks by priority (highest first), then age, with who holds each claim."""
+        with self.session() as s:
+            query = (select(TaskRow).where(TaskRow.status == TaskStatus.PENDING.value)
+                     .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.id).limit(limit))  # type: ignore[attr-defined]
+            return [(row.to_task(), row.claimed_by) for row in s.exec(query)]
 
     # --- logs --------------------------------------------------------------------------------------
     def add_log_listener(self, listener: Callable[[str, list[LogRow]], None]) -> Callable[[], None]:

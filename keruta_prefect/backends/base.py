@@ -31,6 +31,7 @@ class RunContext(BaseModel):
     flow_run_id: str | None = None
     attempt: int = 1
     root_task_id: str | None = None  # the root of the task's tree (tasks of a tree share a volume)
+    has_children: bool = False  # the task is a parent: its volume outlives it for its children
 
 
 class RunHandle(BaseModel):

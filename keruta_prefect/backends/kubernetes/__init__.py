@@ -73,7 +73,8 @@ class KubernetesBackend:
 
     # --- launch ------------------------------------------------------------------------------------
     def launch(self, task: Task, ctx: RunContext) -> RunHandle:
-        jctx = JobContext(attempt=ctx.attempt, flow_run_id=ctx.flow_run_id, root_task_id=ctx.root_task_id)
+        jctx = JobContext(attempt=ctx.attempt, flow_run_id=ctx.flow_run_id, root_task_id=ctx.root_task_id,
+                          has_children=ctx.has_children)
         namespace = namespace_of(task, self.settings)
         pvc = build_pvc(task, self.settings, jctx)
         if pvc is not None:
