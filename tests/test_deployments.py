@@ -1,0 +1,121 @@
+"""The README's deployment round trip, command by command, from a copy of the checkout:
+a Prefect server, a process work pool, `prefect deploy --all`, a worker, `prefect deployment run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from keruta_prefect.models import TaskStatus, parse_task_spec
+from keruta_prefect.store import Store
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def prefect(*args: str, env: dict[str, str], cwd: Path, timeout: float = 180) -> str:
+    done = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """What `prefect deploy` needs from a clone: prefect.yaml and the thin flows/ and blocks/ layers."""
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    shutil.copy(ROOT / "prefect.yaml", copy)
+    for folder in ("flows", "blocks"):
+        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+@pytest.fixture
+def env(keruta_home: Path) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def worker(env: dict[str, str], checkout: Path, tmp_path: Path) -> Iterator[Path]:
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "keruta-process",
+                                    "--limit", "4"], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield log
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wait_until(condition: object, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; worker log:\n{log.read_text()[-3000:]}")
+
+
+def test_deploy_all_then_a_worker_runs_task_dispatch_and_pipeline_deployments(
+        env: dict[str, str], checkout: Path, store: Store, request: pytest.FixtureRequest) -> None:
+    from prefect.client.orchestration import get_client
+
+    from keruta_prefect.blocks import KerutaKubernetesSettings, load_settings
+
+    prefect("work-pool", "create", "keruta-process", "--type", "process", "--overwrite", env=env, cwd=checkout)
+    out = prefect("--no-prompt", "deploy", "--all", env=env, cwd=checkout)
+    for name in ("keruta-task/default", "keruta-pipeline/default", "keruta-dispatch/default"):
+        assert f"Deployment '{name}' successfully created" in " ".join(out.split()), out
+    log = request.getfixturevalue("worker")
+
+    # 1. One task by inline spec: `prefect deployment run 'keruta-task/default' --param task_spec=…`
+    spec = {"id": "rt-task", "title": "round trip", "script": "echo hello from a deployment"}
+    prefect("deployment", "run", "keruta-task/default", "--param", f"task_spec={json.dumps(spec)}", "--watch",
+            env=env, cwd=checkout)
+    assert store.get_task("rt-task").status == TaskStatus.COMPLETED
+    assert "hello from a deployment" in [row.message for row in store.logs("rt-task")]
+
+    # 2. The dispatcher: PENDING tasks → claimed → flow runs of keruta-task/default on the worker.
+    #    It also follows keruta.task.processor.processing-delay, edited in the settings block ("the UI").
+    load_settings("default")
+    block = KerutaKubernetesSettings.load("default")
+    block.processing_delay_ms = 2000
+    block.save("default", overwrite=True)
+    for i, priority in enumerate((1, 5)):
+        store.create_task(parse_task_spec({"id": f"rt-pending-{i}", "priority": priority,
+                                           "script": f"echo dispatched {i}"}))
+    prefect("deployment", "run", "keruta-dispatch/default", "--watch", env=env, cwd=checkout)
+    wait_until(lambda: all(store.get_task(f"rt-pending-{i}").status == TaskStatus.COMPLETED for i in range(2)),
+               180, "the dispatched tasks to complete", log)
+    assert all(len(store.runs(f"rt-pending-{i}")) == 1 for i in range(2))
+    with get_client(sync_client=True) as client:
+        dispatch = client.read_deployment_by_name("keruta-dispatch/default")
+        [schedule] = client.read_deployment_schedules(dispatch.id)
+        assert schedule.slug == "processing-delay"
+        assert schedule.schedule.interval == timedelta(seconds=2)  # type: ignore[union-attr]
+
+    # 3. A pipeline: a parent, then two children.
+    parent = {"id": f"rt-parent-{uuid.uuid4().hex[:6]}", "script": "echo parent"}
+    children = [{"id": f"{parent['id']}-{i}", "script": f"echo child {i}"} for i in range(2)]
+    prefect("deployment", "run", "keruta-pipeline/default", "--param", f"parent={json.dumps(parent)}",
+            "--param", f"children={json.dumps(children)}", "--watch", env=env, cwd=checkout)
+    for task_id in [parent["id"]] + [c["id"] for c in children]:
+        assert store.get_task(task_id).status == TaskStatus.COMPLETED
+        assert store.get_task(task_id).parent_id == (None if task_id == parent["id"] else parent["id"])
