@@ -159,3 +159,23 @@ def test_a_hostile_link_in_the_work_directory_loses_the_artifacts_but_not_the_ta
     result = keruta_task(task_spec={"id": "e2e-hostile", "script": script})
     assert result.status == "COMPLETED" and result.artifacts == []
     assert result.artifacts_note is not None and result.artifacts_note.startswith("artifacts lost: unsafe entry")
+
+
+def test_a_progress_artifact_follows_the_agent_while_it_runs(store: Store) -> None:
+    import threading
+    import time
+
+    spec = {"id": "e2e-progress", "script": "keruta-agent progress 30\nsleep 3\nkeruta-agent progress 70\nsleep 3"}
+    runner = threading.Thread(target=keruta_task, kwargs={"task_spec": spec})
+    runner.start()
+    seen: list[str] = []
+    while runner.is_alive():
+        try:
+            value = markdown_artifact("keruta-e2e-progress-progress")
+        except AssertionError:
+            value = None
+        if value is not None and (not seen or seen[-1] != value):
+            seen.append(value)
+        time.sleep(0.2)
+    runner.join()
+    assert [float(v) for v in seen] == [30.0, 70.0]  # updated in place while the task ran
