@@ -7,6 +7,7 @@ ends with exit code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -57,9 +58,13 @@ def cmd_blocks_seed(args: argparse.Namespace) -> int:
     settings = _settings(args.properties)
     from keruta_prefect.blocks import seed
 
+    print(f"seeding blocks '{args.name}' in the Prefect server…", file=sys.stderr)
     report = seed(settings, name=args.name, force=args.force)
-    for line in report.lines():
-        print(line)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        for line in report.lines():
+            print(line)
     return EXIT_OK
 
 
@@ -175,9 +180,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         from keruta_prefect.blocks import KerutaKubernetesSettings
 
         settings = KerutaKubernetesSettings.load(args.settings_block).settings()
-    checks = run_checks(settings, args.namespace, emit=lambda check: print(check.line(), flush=True))
+    emit = None if args.json else (lambda check: print(check.line(), flush=True))
+    checks = run_checks(settings, args.namespace, emit=emit)
     failed = sum(not c.ok for c in checks)
-    print(f"{len(checks) - failed} passed, {failed} failed")
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
+    else:
+        print(f"{len(checks) - failed} passed, {failed} failed")
     return EXIT_OK if failed == 0 else EXIT_TASK_FAILED
 
 
@@ -186,9 +195,91 @@ def cmd_tasks_logs(args: argparse.Namespace) -> int:
 
     store = get_store()
     store.get_task(args.task_id)
-    for row in store.logs(args.task_id):
-        print(f"{row.ts.isoformat()} {row.level:5} {row.message}")
+    rows = store.logs(args.task_id)
+    if args.json:
+        print(json.dumps([{"ts": r.ts.isoformat(), "source": r.source, "seq": r.seq, "level": r.level,
+                           "message": r.message} for r in rows], indent=2))
+    else:
+        for row in rows:
+            print(f"{row.ts.isoformat()} {row.level:5} {row.message}")
     return EXIT_OK
+
+
+def cmd_tasks_add(args: argparse.Namespace) -> int:
+    """Store a task as PENDING: keruta-dispatch picks it up (highest priority first)."""
+    from keruta_prefect.store import TaskExists, get_store
+
+    task = _task_file(args.task_file)
+    try:
+        stored = get_store().create_task(task)
+    except TaskExists as exc:
+        raise UsageError(f"{exc} (id={task.id!r}; give another id, or none for a fresh one)") from None
+    if args.json:
+        print(stored.model_dump_json(by_alias=True, indent=2))
+    else:
+        print(f"{stored.id}\t{stored.status}\tpriority {stored.priority}\t{stored.title}")
+    return EXIT_OK
+
+
+def _at_least_one(**values: int) -> None:
+    for name, value in values.items():
+        if not 1 <= value <= 1000:
+            raise UsageError(f"--{name.replace('_', '-')}={value}: must be between 1 and 1000")
+
+
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    """One pass of keruta-dispatch in this process (the deployment runs it on a schedule)."""
+    from keruta_prefect.pipelines import keruta_dispatch
+
+    _at_least_one(max_tasks=args.max_tasks, concurrency=args.concurrency)
+    print(f"dispatching up to {args.max_tasks} PENDING tasks on the {args.backend} backend…", file=sys.stderr)
+    result = keruta_dispatch(max_tasks=args.max_tasks, concurrency=args.concurrency, backend=args.backend,
+                             settings_block=args.settings_block, concurrency_limit=args.concurrency_limit or None)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        for run in result.runs:
+            print(f"{run.status}\t{run.task_id}" + (f"\t{run.error}" if run.error else ""))
+        print(f"{len(result.claimed)} tasks dispatched")
+    return EXIT_OK if all(r.status == "COMPLETED" for r in result.runs) else EXIT_TASK_FAILED
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """A pipeline file: {"parent": {...} | "id" | null, "children": [...]} through keruta-pipeline."""
+    from keruta_prefect.pipelines import PipelineFailed, check_pipeline, keruta_pipeline
+
+    _at_least_one(concurrency=args.concurrency)
+    path = Path(args.file)
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"--file={args.file!r}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UsageError(f"--file={args.file!r}: not JSON: {exc}") from None
+    if not isinstance(data, dict) or set(data) - {"parent", "children"}:
+        raise TaskSpecError(f"{args.file}: expected an object with 'parent' and/or 'children'")
+    children = data.get("children") or []
+    if not isinstance(children, list):
+        raise TaskSpecError(f"{args.file}: children={str(children)[:60]!r}: expected a list of task specs or ids")
+    check_pipeline(data.get("parent"), children)  # fail fast, before Prefect starts
+    print(f"running a pipeline of {len(children) + (1 if data.get('parent') else 0)} tasks, "
+          f"{args.concurrency} at a time, on the {args.backend} backend…", file=sys.stderr)
+    state = keruta_pipeline(parent=data.get("parent"), children=children, concurrency=args.concurrency,
+                            backend=args.backend, settings_block=args.settings_block,
+                            concurrency_limit=args.concurrency_limit or None, return_state=True)
+    try:
+        result = state.result()
+    except PipelineFailed as exc:
+        result = exc.result
+    except Exception as exc:
+        raise UsageError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        for run in result.runs:
+            print(f"{run.status}\t{run.task_id}" + (f"\t{run.error}" if run.error else ""))
+        print(", ".join(f"{n} {status}" for status, n in sorted(result.counts().items())))
+    return EXIT_OK if result.completed else EXIT_TASK_FAILED
 
 
 def cmd_tasks_list(args: argparse.Namespace) -> int:
@@ -238,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--properties")
     seed.add_argument("--name", default="default")
     seed.add_argument("--force", action="store_true", help="overwrite existing documents")
+    seed.add_argument("--json", action="store_true")
     seed.set_defaults(func=cmd_blocks_seed)
 
     api = sub.add_parser("api", help="serve the keruta API")
@@ -258,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--properties", help="settings file (default: the built-in defaults)")
     doctor.add_argument("--settings-block", help="or: the stored settings block of this name")
     doctor.add_argument("--namespace", help="default: keruta.kubernetes.default-namespace")
+    doctor.add_argument("--json", action="store_true")
     doctor.set_defaults(func=cmd_doctor)
 
     tasks = sub.add_parser("tasks", help="stored tasks")
@@ -269,7 +362,27 @@ def build_parser() -> argparse.ArgumentParser:
     tlist.set_defaults(func=cmd_tasks_list)
     tlogs = tsub.add_parser("logs")
     tlogs.add_argument("task_id")
+    tlogs.add_argument("--json", action="store_true")
     tlogs.set_defaults(func=cmd_tasks_logs)
+    tadd = tsub.add_parser("add", help="store a task as PENDING for keruta-dispatch")
+    tadd.add_argument("--task-file", required=True)
+    tadd.add_argument("--json", action="store_true")
+    tadd.set_defaults(func=cmd_tasks_add)
+
+    for name, func, text in (("dispatch", cmd_dispatch, "one keruta-dispatch pass here: claim PENDING tasks, run them"),
+                             ("pipeline", cmd_pipeline, "a parent and children (a JSON file) through keruta-pipeline")):
+        cmd = sub.add_parser(name, help=text)
+        if name == "dispatch":
+            cmd.add_argument("--max-tasks", type=int, default=10)
+        else:
+            cmd.add_argument("--file", required=True, help='{"parent": {...}, "children": [{...}, ...]}')
+        cmd.add_argument("--concurrency", type=int, default=4)
+        cmd.add_argument("--backend", default="local", choices=["local", "kubernetes"])
+        cmd.add_argument("--settings-block", default="default")
+        cmd.add_argument("--concurrency-limit", default="keruta-tasks",
+                         help="Prefect global concurrency limit shared by all keruta flows ('' for none)")
+        cmd.add_argument("--json", action="store_true")
+        cmd.set_defaults(func=func)
     return parser
 
 

@@ -36,7 +36,7 @@ from keruta_prefect.flows import (
     keruta_task,
     release_volume,
 )
-from keruta_prefect.models import Task, TaskResult, TaskStatus, parse_task_spec
+from keruta_prefect.models import Task, TaskResult, TaskSpecError, TaskStatus, parse_task_spec
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, get_store
 
@@ -178,31 +178,40 @@ def _owner() -> str:
 TaskRef = dict[str, Any] | str  # a task spec (keruta's camelCase JSON) or the id of a stored task
 
 
-@task(name="plan-pipeline", cache_policy=NO_CACHE)
-def plan_pipeline(store: Store, owner: str, parent: TaskRef | None,
-                  children: list[TaskRef]) -> tuple[str | None, list[str]]:
-    """Check every spec first (nothing is stored if one is bad), then store the tasks and claim them
-    all for this pipeline, so that no dispatcher starts a child before its parent completed."""
-    def parse(ref: TaskRef, where: str, parent_id: str | None) -> Task:
+def check_pipeline(parent: TaskRef | None, children: list[TaskRef]) -> tuple[Task | str | None, list[Task | str]]:
+    """Parse every spec (TaskSpecError naming ``parent`` or ``children[i]``); ids stay ids. Children of
+    a parent default to ``parentId`` = the parent. Pure: nothing is read or stored."""
+    def parse(ref: TaskRef, where: str, parent_id: str | None) -> Task | str:
         if isinstance(ref, str):
-            return store.get_task(ref)
+            return ref
         spec = parse_task_spec(ref, source=where)
         if parent_id and not spec.parent_id:
             spec = spec.model_copy(update={"parent_id": parent_id})
         return spec
 
-    parent_task = parse(parent, "parent", None) if parent is not None else None
-    child_tasks = [parse(ref, f"children[{i}]", parent_task.id if parent_task else None)
-                   for i, ref in enumerate(children)]
-    ids = [t.id for t in ([parent_task] if parent_task else []) + child_tasks]
+    first = parse(parent, "parent", None) if parent is not None else None
+    parent_id = first if isinstance(first, str) else first.id if first else None
+    rest = [parse(ref, f"children[{i}]", parent_id) for i, ref in enumerate(children)]
+    ids = [item if isinstance(item, str) else item.id for item in ([first] if first else []) + rest]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise ValueError(f"children: task id {duplicates[0]!r} appears more than once")
-    for item in ([parent_task] if parent_task else []) + child_tasks:
+        raise TaskSpecError(f"children: task id {duplicates[0]!r} appears more than once")
+    return first, rest
+
+
+@task(name="plan-pipeline", cache_policy=NO_CACHE)
+def plan_pipeline(store: Store, owner: str, parent: TaskRef | None,
+                  children: list[TaskRef]) -> tuple[str | None, list[str]]:
+    """Check every spec first (nothing is stored if one is bad), then store the tasks and claim them
+    all for this pipeline, so that no dispatcher starts a child before its parent completed."""
+    first, rest = check_pipeline(parent, children)
+    tasks = [store.get_task(item) if isinstance(item, str) else item for item in ([first] if first else []) + rest]
+    for item in tasks:
         stored, _ = store.get_or_create_task(item, claimed_by=owner)
         if stored.status != TaskStatus.COMPLETED:
             claim_task(store, stored.id, owner)
-    return (parent_task.id if parent_task else None), [t.id for t in child_tasks]
+    ids = [t.id for t in tasks]
+    return (ids[0] if first else None), (ids[1:] if first else ids)
 
 
 @flow(name="keruta-pipeline")
