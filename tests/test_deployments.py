@@ -119,3 +119,21 @@ def test_deploy_all_then_a_worker_runs_task_dispatch_and_pipeline_deployments(
     for task_id in [parent["id"]] + [c["id"] for c in children]:
         assert store.get_task(task_id).status == TaskStatus.COMPLETED
         assert store.get_task(task_id).parent_id == (None if task_id == parent["id"] else parent["id"])
+
+
+def test_the_kubernetes_work_pool_variant_deploys_with_module_entrypoints(env: dict[str, str], tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    env = {**env, "KERUTA_IMAGE": "registry.example/keruta-agent:0.1.0",
+           "KERUTA_DATABASE_URL": "postgresql+psycopg://keruta@db/keruta"}
+    prefect("work-pool", "create", "keruta-kubernetes", "--type", "kubernetes", "--overwrite", env=env, cwd=tmp_path)
+    prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "deployments" / "prefect" / "kubernetes.yaml"),
+            env=env, cwd=tmp_path)
+    with get_client(sync_client=True) as client:
+        for name in ("keruta-task/kubernetes", "keruta-pipeline/kubernetes", "keruta-dispatch/kubernetes"):
+            deployment = client.read_deployment_by_name(name)
+            assert deployment.work_pool_name == "keruta-kubernetes"
+            assert deployment.parameters["backend"] == "kubernetes"
+            assert deployment.job_variables["image"] == "registry.example/keruta-agent:0.1.0"
+            assert deployment.job_variables["env"] == {"KERUTA_DATABASE_URL": "postgresql+psycopg://keruta@db/keruta"}
+            assert deployment.pull_steps == []
