@@ -127,8 +127,8 @@ def test_the_kubernetes_work_pool_variant_deploys_with_module_entrypoints(env: d
     env = {**env, "KERUTA_IMAGE": "registry.example/keruta-agent:0.1.0",
            "KERUTA_DATABASE_URL": "postgresql+psycopg://keruta@db/keruta"}
     prefect("work-pool", "create", "keruta-kubernetes", "--type", "kubernetes", "--overwrite", env=env, cwd=tmp_path)
-    prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "deployments" / "prefect" / "kubernetes.yaml"),
-            env=env, cwd=tmp_path)
+    variant = ROOT / "deployments" / "prefect" / "kubernetes.yaml"
+    prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(variant), env=env, cwd=tmp_path)
     with get_client(sync_client=True) as client:
         for name in ("keruta-task/kubernetes", "keruta-pipeline/kubernetes", "keruta-dispatch/kubernetes"):
             deployment = client.read_deployment_by_name(name)

@@ -58,7 +58,7 @@ def test_a_pipeline_runs_the_parent_then_its_children_as_child_flow_runs_under_i
     marks = tmp_path / "marks"
     state = keruta_pipeline(
         parent={"id": "pl-parent", "title": "prepare", "script": marking(marks)},
-        children=[{"id": f"pl-child-{i}", "script": marking(marks, 2)} for i in range(4)],
+        children=[{"id": f"pl-child-{i}", "script": marking(marks, 4)} for i in range(4)],
         concurrency=2, concurrency_limit=None, return_state=True)
     result = state.result()
 
