@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint clean
+.PHONY: install run test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 # database migration and prints a traceback (harmless, but noise). Override on the command line if wanted.
 PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED
+
+install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/keruta-prefect run --task-file examples/hello.json
