@@ -179,3 +179,26 @@ def test_a_progress_artifact_follows_the_agent_while_it_runs(store: Store) -> No
         time.sleep(0.2)
     runner.join()
     assert [float(v) for v in seen] == [30.0, 70.0]  # updated in place while the task ran
+
+
+def test_a_failed_task_emits_a_keruta_event_with_the_task_and_the_reason(store: Store) -> None:
+    import time
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    keruta_task(task_spec={"id": "e2e-event", "title": "evented", "script": "exit 9"}, return_state=True)
+    query = {"filter": {"event": {"name": ["keruta.task.failed"]},
+                        "resource": {"id": ["keruta.task.e2e-event"]},
+                        "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 10}
+    deadline = time.monotonic() + 30
+    events: list[dict[str, object]] = []
+    while not events and time.monotonic() < deadline:  # events reach the server asynchronously
+        response = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=query)
+        response.raise_for_status()
+        events = response.json()["events"]
+        time.sleep(0.5)
+    [event] = events
+    assert event["resource"]["prefect.resource.name"] == "evented"
+    assert event["resource"]["keruta.task.id"] == "e2e-event"
+    assert event["payload"]["status"] == "FAILED" and event["payload"]["reason"] == "SCRIPT_EXIT_9"
