@@ -10,6 +10,7 @@ also runs the harness API server and its WebSocket, so this over-states what the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,20 +31,22 @@ def tar_cat(source: Path) -> float:
     return time.perf_counter() - start
 
 
-def main(big_mib: int, small_files: int) -> None:
+def measure(big_mib: int, small_files: int) -> list[dict[str, float | str]]:
+    """Collect one file of ``big_mib`` MiB and ``small_files`` files of 1 KiB over exec; time `tar | cat`
+    of the same directories."""
     from keruta_prefect.backends.base import RunContext
     from keruta_prefect.backends.kubernetes import KubernetesBackend, watch
     from keruta_prefect.backends.kubernetes.exec import collect_directory
     from keruta_prefect.models import Task
     from keruta_prefect.settings import KerutaSettings
-    from keruta_prefect.store import get_store
+    from keruta_prefect.store import Store
     from tests.harness.cluster import Cluster
 
     root = Path(tempfile.mkdtemp(prefix="keruta-bench-artifacts-"))
-    os.environ["KERUTA_DATABASE_URL"] = f"sqlite:///{root / 'k.db'}"
+    store = Store(f"sqlite:///{root / 'k.db'}")
     cluster = Cluster(root / "cluster", kubelet="manual", validate=False).start()
-    backend = KubernetesBackend(KerutaSettings(config_path=str(cluster.kubeconfig())), get_store())
-    handle = backend.launch(get_store().create_task(Task(id="bench")), RunContext(attempt=1))
+    backend = KubernetesBackend(KerutaSettings(config_path=str(cluster.kubeconfig())), store)
+    handle = backend.launch(store.create_task(Task(id="bench")), RunContext(attempt=1))
     pod = cluster.wait_for_pod(handle.name)["metadata"]["name"]
     cluster.run_pod(pod)
     files = root / "cluster" / "pods" / "default" / pod / "artifacts"
@@ -62,22 +65,34 @@ def main(big_mib: int, small_files: int) -> None:
         (small / f"f{i:05d}.txt").write_bytes(os.urandom(1024))
     cases[f"{small_files} files of 1 KiB"] = (small, small_files * 1024)
 
+    rows: list[dict[str, float | str]] = []
+    try:
+        for label, (source, size) in cases.items():
+            mount = "/.keruta/doc/" + source.name
+            baseline = tar_cat(source)
+            before = vm_hwm()
+            start = time.perf_counter()
+            result = collect_directory(backend.api, "default", pod, mount, root / "out" / source.name,
+                                       max_file_size=2**40, max_total_size=2**40)
+            elapsed = time.perf_counter() - start
+            growth = vm_hwm() - before
+            assert sum(f.size for f in result.files) == size
+            rows.append({"case": label, "bytes": size, "keruta_s": elapsed, "tar_s": baseline,
+                         "ratio": baseline / elapsed, "rss_growth": growth})
+    finally:
+        watch.stop_all()
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def main(big_mib: int, small_files: int) -> None:
     print("| case | keruta exec collection | tar \\| cat | ratio | peak RSS growth |\n|---|---|---|---|---|")
-    for label, (source, size) in cases.items():
-        mount = "/.keruta/doc/" + source.name
-        baseline_tar = tar_cat(source)
-        before = vm_hwm()
-        start = time.perf_counter()
-        result = collect_directory(backend.api, "default", pod, mount, root / "out" / source.name,
-                                   max_file_size=2**40, max_total_size=2**40)
-        elapsed = time.perf_counter() - start
-        growth = vm_hwm() - before
-        assert sum(f.size for f in result.files) == size
-        mib = size / 2**20
-        print(f"| {label} | {mib / elapsed:.0f} MiB/s ({elapsed:.2f} s) | {mib / baseline_tar:.0f} MiB/s "
-              f"({baseline_tar:.2f} s) | {baseline_tar / elapsed:.2f}× | {growth / 2**20:.1f} MiB |", flush=True)
-    watch.stop_all()
-    cluster.stop()
+    for row in measure(big_mib, small_files):
+        mib = float(row["bytes"]) / 2**20
+        print(f"| {row['case']} | {mib / float(row['keruta_s']):.0f} MiB/s ({float(row['keruta_s']):.2f} s) | "
+              f"{mib / float(row['tar_s']):.0f} MiB/s ({float(row['tar_s']):.2f} s) | {float(row['ratio']):.2f}× | "
+              f"{float(row['rss_growth']) / 2**20:.1f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class Call:
     subresource: str | None
     namespace: str | None
     name: str | None
+    at: float = field(default_factory=time.perf_counter)  # when the API server received it
 
 
 @dataclass
@@ -429,6 +430,16 @@ class Cluster:
             return aiohttp.web.json_response(obj, status=201)
         if plural == "jobs":
             obj.setdefault("status", {})
+            # The API server's Job defaults: a selector on the Job's uid, and its labels on the Pod template.
+            uid = meta.setdefault("uid", str(uuid.uuid4()))
+            spec = obj.setdefault("spec", {})
+            if not spec.get("manualSelector"):
+                spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+                template_meta = spec.setdefault("template", {}).setdefault("metadata", {})
+                template_meta["labels"] = {**(template_meta.get("labels") or {}),
+                                           "batch.kubernetes.io/controller-uid": uid, "controller-uid": uid,
+                                           "batch.kubernetes.io/job-name": meta.get("name", ""),
+                                           "job-name": meta.get("name", "")}
         created = await self.put(request.resource, obj)
         return aiohttp.web.json_response(created, status=201)
 

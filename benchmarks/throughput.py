@@ -1,0 +1,66 @@
+"""Fan-out through keruta-pipeline and log streaming, on the local backend (agents are real processes)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def vm_hwm() -> int:
+    """The process's peak resident memory so far (bytes)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def fan_out(tasks: int, concurrency: int) -> dict[str, Any]:
+    """``tasks`` trivial tasks through keruta-pipeline, ``concurrency`` at once, under the global limit."""
+    from keruta_prefect.pipelines import ensure_concurrency_limit, keruta_pipeline
+    from keruta_prefect.store import get_store
+
+    limit = f"keruta-bench-{uuid.uuid4().hex[:6]}"
+    from prefect import flow
+
+    @flow(name="bench-setup")
+    def setup() -> None:
+        ensure_concurrency_limit(limit, concurrency)
+
+    setup()
+    prefix = f"fan-{uuid.uuid4().hex[:6]}"
+    children = [{"id": f"{prefix}-{i:04d}", "script": "true"} for i in range(tasks)]
+    started = time.perf_counter()
+    result = keruta_pipeline(children=children, concurrency=concurrency, concurrency_limit=limit)
+    wall = time.perf_counter() - started
+    store = get_store()
+    agent = []
+    for child in children:
+        [run] = store.runs(child["id"])
+        assert run.finished_at is not None
+        agent.append((run.finished_at - run.started_at).total_seconds())
+    slot_time = wall * concurrency / tasks  # the time each task held one of the concurrency slots, on average
+    return {"tasks": tasks, "concurrency": concurrency, "wall": wall, "completed": result.counts().get("COMPLETED", 0),
+            "agent_median": statistics.median(agent), "overhead_per_task": slot_time - statistics.median(agent),
+            "peak_rss": vm_hwm()}
+
+
+def log_streaming(lines: int) -> dict[str, Any]:
+    """A chatty agent: ``lines`` lines as fast as the shell prints them, to the stored log; none lost."""
+    from keruta_prefect.flows import keruta_task
+    from keruta_prefect.store import get_store
+
+    task_id = f"chatty-{uuid.uuid4().hex[:6]}"
+    started = time.perf_counter()
+    result = keruta_task(task_spec={"id": task_id, "script": f"seq 1 {lines}"})
+    wall = time.perf_counter() - started
+    store = get_store()
+    stored = [row.message for row in store.logs(task_id)]
+    [run] = store.runs(task_id)
+    assert run.finished_at is not None
+    agent_seconds = (run.finished_at - run.started_at).total_seconds()
+    return {"lines": lines, "stored": len(stored), "in_order": stored == [str(i) for i in range(1, lines + 1)],
+            "status": str(result.status), "agent_seconds": agent_seconds, "wall": wall,
+            "lines_per_s": lines / agent_seconds}
