@@ -480,7 +480,7 @@ def _artifact_key(task_id: str) -> str:
 
 def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
     """A markdown summary and the artifact table on the flow run; a `keruta.task.*` event."""
-    tail = [row.message for row in store.logs(task.id)[-20:]]
+    tail = [row.message for row in store.last_logs(task.id, 20)]
     duration = f"{result.duration_seconds:.1f}s" if result.duration_seconds is not None else "-"
     where = f"Job `{result.namespace}/{result.job_name}`" if result.namespace else f"`{result.job_name}`"
     lines = [

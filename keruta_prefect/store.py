@@ -309,8 +309,8 @@ class Store:
             return [(row.to_task(), row.claimed_by) for row in s.exec(query)]
 
     # --- logs --------------------------------------------------------------------------------------
-    def add_log_listener(self, listener: Callable[[str, list[LogRow]], None]) -> Callable[[], None]:
-        """Call ``listener(task_id, rows)`` for every batch of newly stored lines; returns a remover."""
+    def add_log_listener(self, listener: Callable[[str, list[LogLine]], None]) -> Callable[[], None]:
+        """Call ``listener(task_id, lines)`` for every batch of newly stored lines; returns a remover."""
         self._log_listeners.append(listener)
         return lambda: self._log_listeners.remove(listener)
 
@@ -334,23 +334,24 @@ class Store:
             if s.get(TaskRow, task_id) is None:
                 raise TaskNotFound(task_id)
             if dialect == "sqlite":
-                stmt = sqlite.insert(LogRow).on_conflict_do_nothing().returning(LogRow.id)  # type: ignore[arg-type]
+                stmt = sqlite.insert(LogRow).on_conflict_do_nothing().returning(LogRow.seq)  # type: ignore[arg-type]
             elif dialect == "postgresql":
-                stmt = postgresql.insert(LogRow).on_conflict_do_nothing().returning(LogRow.id)  # type: ignore[arg-type]
+                stmt = postgresql.insert(LogRow).on_conflict_do_nothing().returning(LogRow.seq)  # type: ignore[arg-type]
             else:  # pragma: no cover - other databases: check first (slower, still exactly-once)
                 return self._add_logs_slow(s, task_id, source, values)
-            ids = self._insert_many(s, stmt, values)
+            new = set(self._insert_many(s, stmt, values))
             s.commit()
-        if ids and self._log_listeners:
-            rows = self.logs(task_id, ids=ids)
+        if new and self._log_listeners:
+            # The lines just stored, as given (reading them back cost a third of a chatty agent's time).
+            fresh = [line for line in lines if line.seq in new]
             for listener in list(self._log_listeners):
-                listener(task_id, rows)
-        return len(ids)
+                listener(task_id, fresh)
+        return len(new)
 
     @staticmethod
     def _insert_many(s: Session, stmt: Any, values: list[dict[str, Any]]) -> list[int]:
         # executemany form: SQLAlchemy's "insertmanyvalues" batches it with one cached statement
-        # (9x faster than building a VALUES list per batch) and RETURNING gives the new rows' ids.
+        # (9x faster than building a VALUES list per batch) and RETURNING gives the new rows' seqs.
         return [row[0] for row in s.execute(stmt, values)]
 
     def _add_logs_slow(self, s: Session, task_id: str, source: str, values: list[dict[str, Any]]) -> int:
@@ -369,19 +370,19 @@ class Store:
         s.commit()
         return len(ids)
 
-    def logs(
-        self, task_id: str, *, after_id: int = 0, limit: int | None = None, ids: list[int] | None = None
-    ) -> list[LogRow]:
+    def logs(self, task_id: str, *, after_id: int = 0, limit: int | None = None) -> list[LogRow]:
         with self.session() as s:
-            query = select(LogRow).where(LogRow.task_id == task_id)
-            if ids is not None:
-                query = query.where(LogRow.id.in_(ids))  # type: ignore[union-attr]
-            else:
-                query = query.where(LogRow.id > after_id)  # type: ignore[operator]
+            query = select(LogRow).where(LogRow.task_id == task_id, LogRow.id > after_id)  # type: ignore[arg-type,operator]
             query = query.order_by(LogRow.id)  # type: ignore[arg-type]
             if limit is not None:
                 query = query.limit(limit)
             return list(s.exec(query))
+
+    def last_logs(self, task_id: str, count: int) -> list[LogRow]:
+        """The task's last ``count`` lines, oldest first (without reading the others)."""
+        with self.session() as s:
+            query = select(LogRow).where(LogRow.task_id == task_id).order_by(LogRow.id.desc()).limit(count)  # type: ignore[arg-type,union-attr]
+            return list(reversed(list(s.exec(query))))
 
     def count_logs(self, task_id: str) -> int:
         with self.session() as s:

@@ -39,7 +39,7 @@ EXIT_INTERNAL = 4
 EXIT_TERMINATED = 143
 
 MAX_LINE_BYTES = 16 * 1024  # longer lines are sent in pieces of this size
-BATCH_LINES = 500
+BATCH_LINES = 2000
 BATCH_SECONDS = 0.2
 
 

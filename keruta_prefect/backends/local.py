@@ -23,7 +23,7 @@ from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle
 from keruta_prefect.manifest import task_env
 from keruta_prefect.models import Task, TaskStatus
 from keruta_prefect.settings import KerutaSettings
-from keruta_prefect.store import LogRow, Store
+from keruta_prefect.store import LogLine, Store
 
 _embedded: dict[str, tuple[ApiServer, str]] = {}
 _embedded_lock = threading.Lock()
@@ -87,9 +87,9 @@ class LocalBackend:
 
     def wait(self, handle: RunHandle, on_log: LogSink | None = None) -> Outcome:
         proc = self._procs.get(f"{handle.task_id}/{handle.attempt}")
-        lines: queue.Queue[LogRow] = queue.Queue()
+        lines: queue.Queue[LogLine] = queue.Queue()
 
-        def listener(task_id: str, rows: list[LogRow]) -> None:
+        def listener(task_id: str, rows: list[LogLine]) -> None:
             if task_id == handle.task_id:
                 for row in rows:
                     lines.put(row)
@@ -108,7 +108,7 @@ class LocalBackend:
         return self._outcome(handle, code)
 
     @staticmethod
-    def _drain(lines: queue.Queue[LogRow], on_log: LogSink | None) -> None:
+    def _drain(lines: queue.Queue[LogLine], on_log: LogSink | None) -> None:
         while True:
             try:
                 row = lines.get_nowait()
