@@ -178,8 +178,9 @@ def _make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            # Take the write lock at the start, so read-check-write (status transitions) cannot race.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A write takes the write lock at the start, so read-check-write (status transitions) cannot
+            # race; a read only begins (WAL: readers never wait for the writer, nor each other).
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("keruta_read") else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -190,11 +191,13 @@ class Store:
 
     def __init__(self, url: str | None = None) -> None:
         self.engine = get_engine(url)
+        self._reader = self.engine.execution_options(keruta_read=True)
         self._log_listeners: list[Callable[[str, list[LogRow]], None]] = []
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session:
+    def session(self, read: bool = False) -> Iterator[Session]:
+        """A session; ``read=True`` for one that only reads (on SQLite it does not take the write lock)."""
+        with Session(self._reader if read else self.engine, expire_on_commit=False) as session:
             yield session
 
     # --- tasks -------------------------------------------------------------------------------------
@@ -217,18 +220,18 @@ class Store:
             return self.get_task(task.id), False
 
     def children(self, task_id: str) -> list[Task]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             return [row.to_task() for row in s.exec(select(TaskRow).where(TaskRow.parent_id == task_id))]
 
     def get_task(self, task_id: str) -> Task:
-        with self.session() as s:
+        with self.session(read=True) as s:
             row = s.get(TaskRow, task_id)
             if row is None:
                 raise TaskNotFound(task_id)
             return row.to_task()
 
     def list_tasks(self, status: TaskStatus | None = None, limit: int = 100, offset: int = 0) -> list[Task]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             query = select(TaskRow)
             if status is not None:
                 query = query.where(TaskRow.status == status.value)
@@ -295,7 +298,7 @@ class Store:
             return row.to_task()
 
     def claim_of(self, task_id: str) -> str | None:
-        with self.session() as s:
+        with self.session(read=True) as s:
             row = s.get(TaskRow, task_id)
             if row is None:
                 raise TaskNotFound(task_id)
@@ -303,7 +306,7 @@ class Store:
 
     def pending(self, limit: int = 100) -> list[tuple[Task, str | None]]:
         """PENDING tasks by priority (highest first), then age, with who holds each claim."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             query = (select(TaskRow).where(TaskRow.status == TaskStatus.PENDING.value)
                      .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.id).limit(limit))  # type: ignore[attr-defined]
             return [(row.to_task(), row.claimed_by) for row in s.exec(query)]
@@ -371,7 +374,7 @@ class Store:
         return len(ids)
 
     def logs(self, task_id: str, *, after_id: int = 0, limit: int | None = None) -> list[LogRow]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             query = select(LogRow).where(LogRow.task_id == task_id, LogRow.id > after_id)  # type: ignore[arg-type,operator]
             query = query.order_by(LogRow.id)  # type: ignore[arg-type]
             if limit is not None:
@@ -380,12 +383,12 @@ class Store:
 
     def last_logs(self, task_id: str, count: int) -> list[LogRow]:
         """The task's last ``count`` lines, oldest first (without reading the others)."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             query = select(LogRow).where(LogRow.task_id == task_id).order_by(LogRow.id.desc()).limit(count)  # type: ignore[arg-type,union-attr]
             return list(reversed(list(s.exec(query))))
 
     def count_logs(self, task_id: str) -> int:
-        with self.session() as s:
+        with self.session(read=True) as s:
             return int(s.exec(select(func.count()).select_from(LogRow).where(LogRow.task_id == task_id)).one())
 
     # --- runs --------------------------------------------------------------------------------------
@@ -409,12 +412,12 @@ class Store:
             return run
 
     def unfinished_runs(self, flow_run_id: str) -> list[TaskRunRow]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             query = select(TaskRunRow).where(TaskRunRow.flow_run_id == flow_run_id, TaskRunRow.finished_at == None)  # noqa: E711
             return list(s.exec(query.order_by(TaskRunRow.id)))  # type: ignore[arg-type]
 
     def runs(self, task_id: str) -> list[TaskRunRow]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             return list(s.exec(select(TaskRunRow).where(TaskRunRow.task_id == task_id).order_by(TaskRunRow.id)))  # type: ignore[arg-type]
 
     # --- artifacts ---------------------------------------------------------------------------------
@@ -438,7 +441,7 @@ class Store:
             return [ArtifactInfo(path=r.path, size=r.size, sha256=r.sha256, location=r.location) for r in rows]
 
     def artifacts(self, task_id: str) -> list[ArtifactRow]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             return list(s.exec(select(ArtifactRow).where(ArtifactRow.task_id == task_id).order_by(ArtifactRow.id)))  # type: ignore[arg-type]
 
 
