@@ -12,6 +12,7 @@ the API server receives them.
 
 from __future__ import annotations
 
+import contextvars
 import random
 import statistics
 import threading
@@ -268,7 +269,8 @@ def orchestration_overhead(root: Path, runs: int) -> dict[str, float]:
             holder["returned"] = time.perf_counter()
 
         started = time.perf_counter()
-        thread = threading.Thread(target=run)
+        # The run's thread gets this context: Prefect's settings (the API URL) live in a context variable.
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(run,))
         thread.start()
         create = cluster.wait_for(lambda before=before: next(
             (c for c in cluster.calls[before:] if c.verb == "create" and c.resource == "jobs"), None), 60)

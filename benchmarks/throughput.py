@@ -32,19 +32,31 @@ def fan_out(tasks: int, concurrency: int) -> dict[str, Any]:
     setup()
     prefix = f"fan-{uuid.uuid4().hex[:6]}"
     children = [{"id": f"{prefix}-{i:04d}", "script": "true"} for i in range(tasks)]
+    cpu_before = _cpu()
     started = time.perf_counter()
     result = keruta_pipeline(children=children, concurrency=concurrency, concurrency_limit=limit)
     wall = time.perf_counter() - started
+    cpu_self, cpu_agents = (after - before for after, before in zip(_cpu(), cpu_before, strict=True))
     store = get_store()
     agent = []
     for child in children:
         [run] = store.runs(child["id"])
         assert run.finished_at is not None
         agent.append((run.finished_at - run.started_at).total_seconds())
-    slot_time = wall * concurrency / tasks  # the time each task held one of the concurrency slots, on average
+    # What the tasks cost beyond their own run: the wall time above ceil(tasks / concurrency) waves of the
+    # median agent run, shared out over the tasks.
+    ideal = -(-tasks // concurrency) * statistics.median(agent)
     return {"tasks": tasks, "concurrency": concurrency, "wall": wall, "completed": result.counts().get("COMPLETED", 0),
-            "agent_median": statistics.median(agent), "overhead_per_task": slot_time - statistics.median(agent),
-            "peak_rss": vm_hwm()}
+            "agent_median": statistics.median(agent), "overhead_per_task": (wall - ideal) / tasks,
+            "cpu_flow_per_task": cpu_self / tasks, "cpu_agent_per_task": cpu_agents / tasks, "peak_rss": vm_hwm()}
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds of this process, and of its finished child processes (the agents)."""
+    import resource
+
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
 
 
 def log_streaming(lines: int) -> dict[str, Any]:
