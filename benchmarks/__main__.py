@@ -24,11 +24,15 @@ from importlib.metadata import version
 from pathlib import Path
 
 _TMP = Path(tempfile.mkdtemp(prefix="keruta-bench-"))
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_HOME"] = str(_TMP / "prefect")
-os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "60"
-os.environ["KERUTA_HOME"] = str(_TMP / "home")
-os.environ["KERUTA_DATABASE_URL"] = f"sqlite:///{_TMP / 'keruta.db'}"
+
+
+def _isolate() -> None:
+    """A home of its own for this run; before Prefect is imported (it reads its settings then)."""
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_HOME"] = str(_TMP / "prefect")
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "60"
+    os.environ["KERUTA_HOME"] = str(_TMP / "home")
+    os.environ["KERUTA_DATABASE_URL"] = f"sqlite:///{_TMP / 'keruta.db'}"
 
 FULL = {"runs": 30, "durations": (5, 60), "concurrent": 50, "overhead_runs": 10, "fan_out": (200, 20),
         "artifacts": (1024, 10000), "log_lines": 200_000}
@@ -107,6 +111,7 @@ def run(sizes: dict[str, object], out: Path, database: str) -> str:
 
 
 def _run(sizes: dict[str, object], out: Path, server: str) -> str:
+    """Every measurement, against the Prefect server of the current settings; the markdown report."""
     from benchmarks import artifacts, compare, throughput
 
     root = _TMP / "clusters"
@@ -209,6 +214,7 @@ def main() -> None:
     parser.add_argument("--prefect-db", choices=["postgresql", "sqlite"], default=None,
                         help="the Prefect server's database (default: postgresql when installed, else sqlite)")
     args = parser.parse_args()
+    _isolate()
     from tests.harness.postgres import pg_bin
 
     database = args.prefect_db or ("postgresql" if pg_bin() and not args.smoke else "sqlite")

@@ -461,7 +461,10 @@ def keruta_task(
             _mark(store, task_.id, TaskStatus.RETRYING, f"attempt {handle.attempt} failed: {outcome.message}")
             time.sleep(delay)
             continue
-        result = record_run(store, run_id, task_, outcome, collected)
+        try:
+            result = record_run(store, run_id, task_, outcome, collected)
+        except OperationalError as exc:  # still unavailable after record-run's retries: fail loudly
+            return unrecorded(task_, handle, outcome, collected, exc)
         release_volume(store, runner, settings, task_, root)
     publish_summary(store, task_, result)
     if result.status != TaskStatus.COMPLETED:
@@ -472,6 +475,24 @@ def keruta_task(
         return Failed(message=str(failure), data=failure)  # type: ignore[return-value]
     logger.info("keruta task %s COMPLETED", task_.id)
     return result
+
+
+def unrecorded(task: Task, handle: RunHandle, outcome: Outcome, collected: CollectResult,
+               error: Exception) -> Failed:  # type: ignore[valid-type]
+    """The database could not take the outcome: keep it in Prefect (a JSON artifact on this flow run and
+    the Failed state's data) and fail the run with one line saying so."""
+    result = TaskResult(task_id=task.id, status=outcome.status, attempt=handle.attempt, backend=handle.backend,
+                        exit_code=outcome.exit_code, reason=outcome.reason, message=outcome.message,
+                        job_name=handle.name, namespace=handle.namespace, finished_at=datetime.now(UTC),
+                        artifacts=collected.files, artifacts_note=collected.note())
+    cause = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    text = (f"keruta task {task.id} ended {outcome.status} but the database did not take the result "
+            f"({cause}); the outcome is kept in artifact {_artifact_key(task.id)}-unrecorded")
+    create_markdown_artifact(f"# Not recorded: keruta task `{task.id}`\n\n{text}\n\n```json\n"
+                             f"{result.model_dump_json(indent=2)}\n```\n", key=f"{_artifact_key(task.id)}-unrecorded",
+                             description=f"the outcome of keruta task {task.id}, not in the database")
+    get_run_logger().error("%s", text)
+    return Failed(message=text, data=KerutaTaskFailed(result))
 
 
 def _artifact_key(task_id: str) -> str:

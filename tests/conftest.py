@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ from keruta_prefect.api import ApiServer, create_app  # noqa: E402
 
 if TYPE_CHECKING:
     from tests.harness.cluster import Cluster
+    from tests.harness.postgres import Postgres
 from keruta_prefect.store import Store, get_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +63,32 @@ def keruta_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def store(keruta_home: Path) -> Store:
+    return get_store()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One throwaway PostgreSQL server for the session (Debian's package; .ci/run installs it and sets
+    KERUTA_REQUIRE_POSTGRES=1, so there the PostgreSQL tier can never be skipped)."""
+    from tests.harness.postgres import Postgres, pg_bin
+
+    if pg_bin() is None:
+        if os.environ.get("KERUTA_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required here (apt-get install postgresql)")
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, keruta_home: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """The store on SQLite and, again, on a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        server: Postgres = request.getfixturevalue("postgres")
+        name = f"keruta_{uuid.uuid4().hex[:12]}"
+        server.create_database(name)
+        monkeypatch.setenv("KERUTA_DATABASE_URL", server.url(name))
     return get_store()
 
 

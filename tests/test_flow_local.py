@@ -202,3 +202,37 @@ def test_a_failed_task_emits_a_keruta_event_with_the_task_and_the_reason(store: 
     assert event["resource"]["prefect.resource.name"] == "evented"
     assert event["resource"]["keruta.task.id"] == "e2e-event"
     assert event["payload"]["status"] == "FAILED" and event["payload"]["reason"] == "SCRIPT_EXIT_9"
+
+
+@pytest.mark.parametrize("failures", [2, 100])
+def test_a_database_outage_at_record_time_is_retried_then_fails_loudly_keeping_the_outcome(
+        store: Store, monkeypatch: pytest.MonkeyPatch, failures: int) -> None:
+    """SQLite answering "database is locked" when the run is recorded: record-run retries; if the database
+    stays away, the flow run fails with one line and the outcome is kept in a Prefect artifact."""
+    from sqlalchemy.exc import OperationalError
+
+    original = Store.update_run
+    left = {"n": failures}
+
+    def locked(self: Store, run_id: int, **changes: object) -> object:
+        if "finished_at" in changes and left["n"] > 0:
+            left["n"] -= 1
+            raise OperationalError("UPDATE keruta_task_runs", {}, Exception("database is locked"))
+        return original(self, run_id, **changes)
+
+    monkeypatch.setattr(Store, "update_run", locked)
+    task_id = f"db-out-{failures}"
+    state = keruta_task(task_spec={"id": task_id, "script": "echo done"}, return_state=True)
+    if failures == 2:
+        assert state.is_completed()
+        assert store.runs(task_id)[-1].finished_at is not None
+        return
+    assert state.is_failed()
+    assert state.message == (f"keruta task {task_id} ended COMPLETED but the database did not take the result "
+                             f"(database is locked); the outcome is kept in artifact keruta-{task_id}-unrecorded")
+    with pytest.raises(KerutaTaskFailed) as info:
+        state.result()
+    assert (info.value.result.status, info.value.result.exit_code) == ("COMPLETED", 0)
+    kept = markdown_artifact(f"keruta-{task_id}-unrecorded")
+    assert '"status": "COMPLETED"' in kept and '"exit_code": 0' in kept
+    assert store.get_task(task_id).status == "COMPLETED"  # the agent's own report went through the API

@@ -22,8 +22,9 @@ from tests.harness.cluster import Cluster
 
 
 def settings_for(cluster: Cluster, api: Api | None = None, **extra: object) -> KerutaSettings:
+    values: dict[str, object] = {"image_pull_grace_seconds": 1, "artifacts_mode": "off", **extra}
     return KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url if api else "http://keruta-api:8080",
-                          image_pull_grace_seconds=1, artifacts_mode="off", **extra)
+                          **values)
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -166,3 +167,47 @@ def test_api_server_errors_on_the_watch_are_survived(manual_cluster: Cluster, st
     waiter.join(30)
     assert outcome and outcome[0].status == "COMPLETED"
     assert len(cluster.calls_of("list", "pods")) == 3 and len(cluster.calls_of("watch", "pods")) >= 3
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_cancel_while_the_pod_is_still_pending(manual_cluster: Cluster, api: Api, store: Store) -> None:
+    block = f"k8s-{uuid.uuid4().hex[:8]}"
+    settings = settings_for(manual_cluster, api)
+    seed(settings, name=block)
+    task = store.create_task(Task(id="k-cancel-pending"))
+    backend = KubernetesBackend(settings, store)
+    handle = backend.launch(task, RunContext(flow_run_id="flow-run-pending", attempt=1))
+    store.start_run(TaskRunRow(task_id=task.id, flow_run_id="flow-run-pending", backend="kubernetes", attempt=1,
+                               job_name=handle.name, namespace=handle.namespace, job_uid=handle.uid))
+    pod = manual_cluster.wait_for_pod(handle.name)
+    assert pod["status"]["phase"] == "Pending"  # scheduled nowhere yet
+
+    assert stop_flow_run_agents("flow-run-pending", block, backend="kubernetes") == ["k-cancel-pending"]
+    assert manual_cluster.job(handle.name) is None and manual_cluster.pods(job=handle.name) == []
+    assert store.get_task(task.id).status == "CANCELLED"
+    [run] = store.runs(task.id)
+    assert run.status == "CANCELLED" and run.finished_at is not None
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_cancel_while_the_files_wait_for_collection_keeps_the_reported_status(
+        cluster: Cluster, api: Api, store: Store) -> None:
+    """The agent reported COMPLETED and holds its Pod for collection: a cancel now removes the Job; the
+    task keeps the status its agent reported (it did complete), and nothing is left running."""
+    cluster.create_secret("keruta-api-token", {"token": api.token})
+    block = f"k8s-{uuid.uuid4().hex[:8]}"
+    settings = settings_for(cluster, api, artifacts_mode="exec", artifacts_hold_timeout=120)
+    seed(settings, name=block)
+    task = store.create_task(Task.model_validate({"id": "k-cancel-collect", "script": "echo made > out.txt"}))
+    backend = KubernetesBackend(settings, store)
+    handle = backend.launch(task, RunContext(flow_run_id="flow-run-collect", attempt=1))
+    store.start_run(TaskRunRow(task_id=task.id, flow_run_id="flow-run-collect", backend="kubernetes", attempt=1,
+                               job_name=handle.name, namespace=handle.namespace, job_uid=handle.uid))
+    cluster.wait_for(lambda: store.get_task(task.id).status == "COMPLETED", timeout=60, what="the agent's report")
+    assert cluster.pods(job=handle.name)[0]["status"]["phase"] == "Running"  # holding for collection
+
+    assert stop_flow_run_agents("flow-run-collect", block, backend="kubernetes") == ["k-cancel-collect"]
+    assert cluster.job(handle.name) is None and cluster.pods(job=handle.name) == []
+    assert store.get_task(task.id).status == "COMPLETED"
+    [run] = store.runs(task.id)
+    assert run.status == "CANCELLED" and run.finished_at is not None

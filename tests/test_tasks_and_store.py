@@ -21,6 +21,12 @@ from keruta_prefect.store import LogLine, Store, TaskExists, TaskNotFound
 S = TaskStatus
 
 
+@pytest.fixture
+def store(any_store: Store) -> Store:
+    """Every store test here runs on SQLite and on PostgreSQL."""
+    return any_store
+
+
 def test_spec_in_the_originals_camel_case_with_script_as_a_string() -> None:
     task = parse_task_spec('{"id": "t-1", "title": "T", "priority": 5, "parentId": "root", '
                            '"additionalEnv": {"A_B": "1"}, "repositoryId": "r", "script": "echo hi"}')

@@ -191,7 +191,7 @@ class KubernetesBackend:
                 holding: set[str]) -> LogFollower:
         source = f"pod/{pod}"[:64]
 
-        def finished() -> bool:
+        def ended() -> bool:
             for current in subscription.pods():
                 if current["metadata"]["name"] == pod:
                     for status in (current.get("status") or {}).get("containerStatuses") or []:
@@ -199,6 +199,12 @@ class KubernetesBackend:
                             return True
                     return False
             return True  # the Pod is gone
+
+        def finished() -> bool:
+            # The log stream ended cleanly: the container's end is usually on its way through the watch.
+            # Wait for it (briefly) rather than reconnect to the log at once.
+            subscription.settle(lambda: not ended(), 1.0)
+            return ended()
 
         def on_line(stamp: str, text: str) -> None:
             if text.startswith(f"keruta-agent INFO {READY_LINE}"):

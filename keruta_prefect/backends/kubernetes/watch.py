@@ -50,6 +50,11 @@ class Subscription:
     def pods(self) -> list[dict[str, Any]]:
         return self.watch.pods_of(self.job)
 
+    def settle(self, still: Any, timeout: float) -> None:
+        """Wait (at most ``timeout``) while ``still()`` holds and Pod events keep coming: e.g. until the
+        watch has delivered the status that explains why a log stream just ended."""
+        self.watch.wait_while(still, timeout)
+
     def get(self, timeout: float) -> tuple[str, dict[str, Any]] | None:
         try:
             return self.events.get(timeout=timeout)
@@ -67,7 +72,8 @@ class NamespaceWatch:
         self.tuning = tuning
         self._pods: dict[str, dict[str, Any]] = {}
         self._subscribers: dict[str, list[Subscription]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # notified on every Pod event
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._idle_since: float | None = None
@@ -93,6 +99,15 @@ class NamespaceWatch:
             if not self._subscribers:
                 self._idle_since = time.monotonic()
 
+    def wait_while(self, still: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:  # `still` is checked under the (reentrant) lock: no event slips in between
+            while still():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._changed.wait(left)  # a Pod event, or the deadline
+
     def pods_of(self, job: str) -> list[dict[str, Any]]:
         with self._lock:
             return [p for p in self._pods.values() if (p["metadata"].get("labels") or {}).get("job-name") == job]
@@ -112,6 +127,7 @@ class NamespaceWatch:
             else:
                 self._pods[pod["metadata"]["name"]] = pod
             subscribers = list(self._subscribers.get(job or "", []))
+            self._changed.notify_all()
         for subscription in subscribers:
             subscription.events.put((kind, pod))
 
