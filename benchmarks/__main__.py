@@ -13,26 +13,22 @@ import argparse
 import contextlib
 import os
 import platform
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
-_TMP = Path(tempfile.mkdtemp(prefix="keruta-bench-"))
 
-
-def _isolate() -> None:
+def _isolate() -> Path:
     """A home of its own for this run; before Prefect is imported (it reads its settings then)."""
+    home = Path(tempfile.mkdtemp(prefix="keruta-bench-"))
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ["PREFECT_HOME"] = str(_TMP / "prefect")
+    os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "60"
-    os.environ["KERUTA_HOME"] = str(_TMP / "home")
-    os.environ["KERUTA_DATABASE_URL"] = f"sqlite:///{_TMP / 'keruta.db'}"
+    os.environ["KERUTA_HOME"] = str(home / "home")
+    os.environ["KERUTA_DATABASE_URL"] = f"sqlite:///{home / 'keruta.db'}"
+    return home
 
 FULL = {"runs": 30, "durations": (5, 60), "concurrent": 50, "overhead_runs": 10, "fan_out": (200, 20),
         "artifacts": (1024, 10000), "log_lines": 200_000}
@@ -41,7 +37,7 @@ SMOKE = {"runs": 3, "durations": (1,), "concurrent": 4, "overhead_runs": 2, "fan
 
 
 @contextlib.contextmanager
-def prefect_server(database: str) -> Iterator[str]:
+def prefect_server(database: str, home: Path) -> Iterator[str]:
     """A Prefect server for the run: on PostgreSQL (as in production; SQLite answers concurrent writes
     with 503s that clients back off from for 2 s and more), or the test harness on SQLite."""
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -53,42 +49,18 @@ def prefect_server(database: str) -> Iterator[str]:
                 temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield "the Prefect test harness (SQLite)"
         return
-    import httpx
-
     from tests.harness.postgres import Postgres
+    from tests.harness.processes import prefect_server as server_process
 
     pg = Postgres().start()
-    pg.create_database("prefect")
-    port = _free_port()
-    env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", "asyncpg")}
-    log = (_TMP / "prefect-server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"the Prefect server did not start; see {_TMP / 'prefect-server.log'}")
-            time.sleep(0.5)
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        pg.create_database("prefect")
+        env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", "asyncpg")}
+        with server_process(env, home / "prefect-server.log") as base, \
+                temporary_settings({PREFECT_API_URL: f"{base}/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield f"`prefect server start` on PostgreSQL {pg.bin.parent.name}"
     finally:
-        server.terminate()
-        server.wait(30)
-        log.close()
         pg.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def machine(server: str) -> str:
@@ -105,8 +77,8 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def run(sizes: dict[str, object], out: Path, database: str) -> str:
-    with prefect_server(database) as server:
+def run(sizes: dict[str, object], out: Path, database: str, home: Path) -> str:
+    with prefect_server(database, home) as server:
         return _run(sizes, out, server)
 
 
@@ -114,7 +86,7 @@ def _run(sizes: dict[str, object], out: Path, server: str) -> str:
     """Every measurement, against the Prefect server of the current settings; the markdown report."""
     from benchmarks import artifacts, compare, throughput
 
-    root = _TMP / "clusters"
+    root = Path(tempfile.mkdtemp(prefix="keruta-bench-clusters-"))
     lines = [f"# Benchmarks — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "",
              f"Machine: {machine(server)}.", "",
              "Produced by `.venv/bin/python -m benchmarks`" + (" --smoke (tiny sizes: not results)"
@@ -217,12 +189,12 @@ def main() -> None:
     parser.add_argument("--prefect-db", choices=["postgresql", "sqlite"], default=None,
                         help="the Prefect server's database (default: postgresql when installed, else sqlite)")
     args = parser.parse_args()
-    _isolate()
+    home = _isolate()
     from tests.harness.postgres import pg_bin
 
     database = args.prefect_db or ("postgresql" if pg_bin() and not args.smoke else "sqlite")
-    out = args.out or (Path(_TMP / "RESULTS.md") if args.smoke else Path(__file__).parent / "RESULTS.md")
-    run(SMOKE if args.smoke else FULL, out, database)
+    out = args.out or (home / "RESULTS.md" if args.smoke else Path(__file__).parent / "RESULTS.md")
+    run(SMOKE if args.smoke else FULL, out, database, home)
     print(f"written: {out}")
 
 

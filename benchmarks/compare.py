@@ -35,6 +35,14 @@ def new_cluster(root: Path) -> Cluster:
     return Cluster(root / uuid.uuid4().hex[:8], kubelet="manual", validate=False).start()
 
 
+def agent_reports_completed(store: Any, task_id: str) -> None:
+    """What the agent does before its container ends: report COMPLETED through the keruta API."""
+    from keruta_prefect.models import TaskStatus
+
+    store.set_status(task_id, TaskStatus.IN_PROGRESS)
+    store.set_status(task_id, TaskStatus.COMPLETED)
+
+
 # --- the three systems ------------------------------------------------------------------------------
 
 class Keruta:
@@ -64,12 +72,7 @@ class Keruta:
         return handle.name, wait
 
     def report_done(self, job: str) -> None:
-        """What the agent does before its container ends: report COMPLETED through the keruta API."""
-        from keruta_prefect.models import TaskStatus
-
-        task_id = self.tasks[job]
-        self.store.set_status(task_id, TaskStatus.IN_PROGRESS)
-        self.store.set_status(task_id, TaskStatus.COMPLETED)
+        agent_reports_completed(self.store, self.tasks[job])
 
 
 class PrefectKubernetes:
@@ -236,7 +239,6 @@ def orchestration_overhead(root: Path, runs: int) -> dict[str, float]:
 
     from keruta_prefect.blocks import seed
     from keruta_prefect.flows import keruta_task
-    from keruta_prefect.models import TaskStatus
     from keruta_prefect.settings import KerutaSettings
     from keruta_prefect.store import get_store
 
@@ -277,8 +279,7 @@ def orchestration_overhead(root: Path, runs: int) -> dict[str, float]:
         pod = cluster.wait_for_pod(create.name)["metadata"]["name"]
         cluster.run_pod(pod)
         time.sleep(0.3)
-        store.set_status(task_id, TaskStatus.IN_PROGRESS)
-        store.set_status(task_id, TaskStatus.COMPLETED)  # the agent's report, then its container ends
+        agent_reports_completed(store, task_id)  # then its container ends
         written = time.perf_counter()
         cluster.finish_pod(pod)
         while not store.runs(task_id) or store.runs(task_id)[-1].finished_at is None:

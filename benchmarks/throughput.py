@@ -5,16 +5,9 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-
-def vm_hwm() -> int:
-    """The process's peak resident memory so far (bytes)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+from benchmarks.artifacts import vm_hwm
 
 
 def fan_out(tasks: int, concurrency: int) -> dict[str, Any]:

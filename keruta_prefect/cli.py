@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from keruta_prefect.backends.base import BackendError
 from keruta_prefect.models import Task, TaskSpecError
@@ -227,6 +228,11 @@ def _at_least_one(**values: int) -> None:
             raise UsageError(f"--{name.replace('_', '-')}={value}: must be between 1 and 1000")
 
 
+def _print_runs(runs: list[Any]) -> None:
+    for run in runs:
+        print(f"{run.status}\t{run.task_id}" + (f"\t{run.error}" if run.error else ""))
+
+
 def cmd_dispatch(args: argparse.Namespace) -> int:
     """One pass of keruta-dispatch in this process (the deployment runs it on a schedule)."""
     from keruta_prefect.pipelines import keruta_dispatch
@@ -238,8 +244,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
-        for run in result.runs:
-            print(f"{run.status}\t{run.task_id}" + (f"\t{run.error}" if run.error else ""))
+        _print_runs(result.runs)
         print(f"{len(result.claimed)} tasks dispatched")
     return EXIT_OK if all(r.status == "COMPLETED" for r in result.runs) else EXIT_TASK_FAILED
 
@@ -276,9 +281,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
-        for run in result.runs:
-            print(f"{run.status}\t{run.task_id}" + (f"\t{run.error}" if run.error else ""))
-        print(", ".join(f"{n} {status}" for status, n in sorted(result.counts().items())))
+        _print_runs(result.runs)
+        print(result.summary())
     return EXIT_OK if result.completed else EXIT_TASK_FAILED
 
 

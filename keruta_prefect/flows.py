@@ -118,6 +118,11 @@ def flow_run_alive(flow_run_id: str) -> bool:
     return run.state is not None and not run.state.is_final()
 
 
+def claim_owner() -> str:
+    """Who claims tasks from here: the current flow run (a process-unique name outside one)."""
+    return str(runtime_flow_run.id) if runtime_flow_run.id else f"process-{uuid.uuid4()}"
+
+
 def claim_task(store: Store, task_id: str, owner: str, handed_over_by: str | None = None) -> Task:
     """Make ``owner`` the one flow run that runs this task, atomically (see Store.claim).
 
@@ -411,7 +416,7 @@ def keruta_task(
         logger.error("%s", exc)
         return Failed(message=str(exc))  # type: ignore[return-value]
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
-    task_ = prepare_task(store, task_id, task_spec, flow_run_id or f"process-{uuid.uuid4()}", claim)
+    task_ = prepare_task(store, task_id, task_spec, claim_owner(), claim)
     if task_.status == TaskStatus.COMPLETED:
         # COMPLETED is final: running it again would be a new task. Answer with what was recorded
         # (this also makes a rerun of a flow run that crashed after the task completed harmless).

@@ -21,7 +21,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment as runtime_deployment
-from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
@@ -30,6 +29,7 @@ from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
 from keruta_prefect.flows import (
     BackendName,
     KerutaTaskFailed,
+    claim_owner,
     claim_task,
     flow_run_alive,
     get_backend,
@@ -73,6 +73,10 @@ class PipelineResult(BaseModel):
             counts[run.status] = counts.get(run.status, 0) + 1
         return counts
 
+    def summary(self) -> str:
+        """E.g. "2 CANCELLED, 1 FAILED"."""
+        return ", ".join(f"{n} {status}" for status, n in sorted(self.counts().items()))
+
 
 class DispatchResult(BaseModel):
     dispatcher: str
@@ -84,8 +88,7 @@ class PipelineFailed(Exception):
     """Some task of the pipeline did not complete; ``result`` holds every run."""
 
     def __init__(self, result: PipelineResult) -> None:
-        counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts().items()))
-        super().__init__(f"keruta pipeline: {counts}")
+        super().__init__(f"keruta pipeline: {result.summary()}")
         self.result = result
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -169,10 +172,6 @@ def publish_runs(key: str, runs: list[ChildRun], description: str) -> None:
     create_table_artifact(rows, key=key, description=description)
 
 
-def _owner() -> str:
-    return str(runtime_flow_run.id) if runtime_flow_run.id else f"process-{uuid.uuid4()}"
-
-
 # --- keruta-pipeline --------------------------------------------------------------------------------
 
 TaskRef = dict[str, Any] | str  # a task spec (keruta's camelCase JSON) or the id of a stored task
@@ -232,7 +231,7 @@ def keruta_pipeline(
     logger = get_run_logger()
     store = get_store()
     settings = load_settings(settings_block)
-    owner = _owner()
+    owner = claim_owner()
     if concurrency_limit:
         ensure_concurrency_limit(concurrency_limit, settings.processor_concurrency)
     parent_id, child_ids = plan_pipeline(store, owner, parent, list(children or []))
@@ -250,7 +249,7 @@ def keruta_pipeline(
         logger.info("running %d tasks, %d at a time", len(child_ids), concurrency)
         result.children = run_many(child_ids, concurrency, backend, settings_block, concurrency_limit, owner)
     publish_runs("keruta-pipeline", result.runs, "the tasks of this keruta pipeline")
-    logger.info("keruta pipeline: %s", ", ".join(f"{n} {s}" for s, n in sorted(result.counts().items())))
+    logger.info("keruta pipeline: %s", result.summary())
     if not result.completed:
         failure = PipelineFailed(result)
         return Failed(message=str(failure), data=failure)  # type: ignore[return-value]
@@ -353,7 +352,7 @@ def keruta_dispatch(
         follow_processing_delay(settings)
     except Exception as exc:
         logger.warning("the dispatch schedule was not updated: %s", exc)
-    owner = _owner()
+    owner = claim_owner()
     claimed = claim_pending(store, owner, max_tasks)
     result = DispatchResult(dispatcher=owner, claimed=claimed)
     if not claimed:

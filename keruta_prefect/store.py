@@ -250,27 +250,38 @@ class Store:
         """Move a task to ``status`` (InvalidTransition if not allowed). The description is never touched:
         the message is kept in its own column (the original overwrote the description with it)."""
         with self.session() as s:
-            row = s.exec(select(TaskRow).where(TaskRow.id == task_id).with_for_update()).first()
-            if row is None:
-                raise TaskNotFound(task_id)
-            check_transition(TaskStatus(row.status), status)
-            if row.status != status.value:
-                row.status = status.value
-                row.error_code = error_code
-                if status in (TaskStatus.IN_PROGRESS, TaskStatus.PENDING, TaskStatus.RETRYING):
-                    row.progress = None
-                if status == TaskStatus.PENDING:
-                    row.claimed_by = None  # queued again: anyone may claim it
-            elif error_code is not None:
-                row.error_code = error_code
-            if message is not None:
-                row.message = message
-            if progress is not None:
-                row.progress = progress
-            row.updated_at = _now()
+            row = self._locked(s, task_id)
+            self._move(row, status, message=message, progress=progress, error_code=error_code)
             s.add(row)
             s.commit()
             return row.to_task()
+
+    @staticmethod
+    def _locked(s: Session, task_id: str) -> TaskRow:
+        row = s.exec(select(TaskRow).where(TaskRow.id == task_id).with_for_update()).first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return row
+
+    @staticmethod
+    def _move(row: TaskRow, status: TaskStatus, *, message: str | None = None, progress: int | None = None,
+              error_code: str | None = None) -> None:
+        """The one place a task's status changes (InvalidTransition if not allowed)."""
+        check_transition(TaskStatus(row.status), status)
+        if row.status != status.value:
+            row.status = status.value
+            row.error_code = error_code
+            if status in (TaskStatus.IN_PROGRESS, TaskStatus.PENDING, TaskStatus.RETRYING):
+                row.progress = None
+            if status == TaskStatus.PENDING:
+                row.claimed_by = None  # queued again: anyone may claim it
+        elif error_code is not None:
+            row.error_code = error_code
+        if message is not None:
+            row.message = message
+        if progress is not None:
+            row.progress = progress
+        row.updated_at = _now()
 
     # --- claims (who runs a PENDING task) ---------------------------------------------------------
     def claim(self, task_id: str, owner: str, *, replacing: Collection[str | None] = (None,),
@@ -280,13 +291,9 @@ class Store:
         ``requeue`` first moves a FAILED/CANCELLED task back to PENDING in the same transaction.
         Returns the claimed task, or None when someone else holds it (or it is no longer PENDING)."""
         with self.session() as s:
-            row = s.exec(select(TaskRow).where(TaskRow.id == task_id).with_for_update()).first()
-            if row is None:
-                raise TaskNotFound(task_id)
+            row = self._locked(s, task_id)
             if requeue and row.status in (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.RETRYING):
-                check_transition(TaskStatus(row.status), TaskStatus.PENDING)
-                row.status, row.progress, row.error_code = TaskStatus.PENDING.value, None, None
-                row.message, row.claimed_by = "queued again", None
+                self._move(row, TaskStatus.PENDING, message="queued again")
             if row.status != TaskStatus.PENDING.value:
                 return None
             if row.claimed_by != owner and row.claimed_by not in replacing:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -128,12 +127,6 @@ def api(store: Store, keruta_home: Path) -> Iterator[Api]:
     server = Api(store, keruta_home / "artifacts").start()
     yield server
     server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_agent(api: Api, task_id: str, work_dir: Path, *args: str, timeout: float = 120,

@@ -19,6 +19,7 @@ import pytest
 from keruta_prefect.models import TaskStatus, parse_task_spec
 from keruta_prefect.store import Store
 from tests.conftest import ROOT
+from tests.harness.processes import stop_process
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -57,11 +58,7 @@ def worker(env: dict[str, str], checkout: Path, tmp_path: Path) -> Iterator[Path
     try:
         yield log
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
 
 
 def wait_until(condition: object, timeout: float, what: str, log: Path) -> None:

@@ -135,7 +135,9 @@ def add_pending(store: Store, task_id: str, priority: int, script: str) -> None:
     store.create_task(parse_task_spec({"id": task_id, "priority": priority, "script": script}))
 
 
-def test_claims_are_atomic_under_racing_threads(store: Store) -> None:
+def test_claims_are_atomic_under_racing_threads(any_store: Store) -> None:
+    """On SQLite and on PostgreSQL."""
+    store = any_store
     for i in range(40):
         add_pending(store, f"race-{i:02d}", 0, "true")
     barrier = threading.Barrier(4)

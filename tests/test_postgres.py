@@ -1,5 +1,5 @@
 """The PostgreSQL tier: what concurrency does to the store on a real PostgreSQL server (the store's own
-tests also run there, see test_tasks_and_store.py)."""
+tests and the claims race also run there: test_tasks_and_store.py, test_pipelines.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from keruta_prefect.models import Task, TaskStatus
+from keruta_prefect.models import TaskStatus
 from keruta_prefect.store import Store, get_store
 from tests.harness.postgres import Postgres
 
@@ -22,24 +22,6 @@ def pg_store(postgres: Postgres, keruta_home: Path, monkeypatch: pytest.MonkeyPa
     store = get_store()
     assert store.engine.dialect.name == "postgresql"
     return store
-
-
-def test_racing_claims_on_postgresql_give_every_task_to_exactly_one_claimer(pg_store: Store) -> None:
-    for i in range(40):
-        pg_store.create_task(Task(id=f"pg-race-{i:02d}"))
-    barrier = threading.Barrier(6)
-    won: dict[str, list[str]] = {}
-
-    def claimer(name: str) -> None:
-        barrier.wait()
-        won[name] = [t.id for t, _ in pg_store.pending(100) if pg_store.claim(t.id, name) is not None]
-
-    threads = [threading.Thread(target=claimer, args=(f"d{n}",)) for n in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(i for ids in won.values() for i in ids) == [f"pg-race-{i:02d}" for i in range(40)]
 
 
 @pytest.mark.usefixtures("prefect_server")

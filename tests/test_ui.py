@@ -10,13 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import OUTPUT, free_port
+from tests.conftest import OUTPUT
+from tests.harness.processes import free_port, prefect_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and os.environ.get("KERUTA_REQUIRE_BROWSER") != "1":
@@ -33,29 +33,8 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, d
     env = {**os.environ, "PREFECT_HOME": str(home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "KERUTA_HOME": str(home / "keruta"),
            "KERUTA_DATABASE_URL": f"sqlite:///{home / 'keruta.db'}"}
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise AssertionError(f"the Prefect server did not start:\n{(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    with prefect_server(env, home / "server.log", port) as base:
         yield base, env
-    finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.harness.processes import free_port
+
 
 def pg_bin() -> Path | None:
     """The newest installed PostgreSQL's bin directory, or None."""
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name))
     return candidates[-1].parent if candidates else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Postgres:
@@ -36,7 +32,7 @@ class Postgres:
         # Its own directory under /tmp: the postgres user cannot enter root's 0700 temporary folders.
         self.root = root or Path(tempfile.mkdtemp(prefix="keruta-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.as_root = os.geteuid() == 0
 
     def _run(self, *command: str) -> subprocess.CompletedProcess[str]:
