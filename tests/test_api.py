@@ -29,7 +29,7 @@ def test_every_task_call_needs_the_token(api: Api, header: str | None) -> None:
     headers = {"Authorization": header} if header else {}
     for method, path in [("GET", "/api/v1/tasks/t"), ("GET", "/api/v1/tasks/t/script"), ("GET", "/api/v1/tasks"),
                          ("PUT", "/api/v1/tasks/t/status"), ("POST", "/api/v1/tasks/t/logs"),
-                         ("POST", "/api/v1/tasks")]:
+                         ("POST", "/api/v1/tasks"), ("POST", "/api/v1/tasks/t/artifacts")]:
         response = httpx.request(method, api.url + path, headers=headers, json={"status": "COMPLETED"})
         assert response.status_code == 401, (method, path)
         assert "token" in response.json()["detail"]

@@ -6,22 +6,28 @@ loopback (the local backend embeds one); `keruta-prefect api` runs it in the for
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import json
 import re
 import threading
 import time
 import uuid
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
+import anyio
 import uvicorn
-from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Scope
 
+from keruta_prefect.api import uploads
+from keruta_prefect.api.guard import Guard
 from keruta_prefect.models import (
     ArtifactInfo,
     InvalidTransition,
@@ -35,6 +41,7 @@ from keruta_prefect.validation import one_line
 MAX_LOG_MESSAGE = 64 * 1024
 MAX_LOG_BATCH = 5000
 MAX_BODY = 16 * 2**20  # JSON bodies; artifact uploads are capped by the artifact settings instead
+_UPLOAD_PATH = re.compile(r"^/api/v1/tasks/[^/]+/artifacts$")
 
 
 class StatusUpdate(BaseModel):
@@ -72,20 +79,23 @@ def create_app(
     max_file_size: int = 100 * 2**20,
     max_total_size: int = 2**30,
 ) -> FastAPI:
+    """The keruta API. Every route but the health check and the docs needs ``Authorization: Bearer
+    <token>``, checked (with the body-size limits) by :class:`Guard` before any body byte is read.
+    Blocking work (the store, file writes, parsing a large body) runs in worker threads, never on the
+    event loop."""
     if not token:
         raise ValueError("the keruta API needs a token (KERUTA_API_TOKEN or the keruta-api block)")
     app = FastAPI(title="keruta API", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json")
-    expected = token.encode()
+    public = {"/api/v1/health", app.docs_url, app.openapi_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
 
-    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        given = b""
-        if authorization and authorization.startswith("Bearer "):
-            given = authorization[7:].strip().encode()
-        # Constant-time: the comparison takes as long whatever prefix matches.
-        if not hmac.compare_digest(given, expected):
-            raise HTTPException(401, "missing or wrong token (Authorization: Bearer <token>)")
+    def body_limit(scope: Scope) -> int:
+        is_upload = scope["method"] == "POST" and _UPLOAD_PATH.match(scope["path"]) is not None
+        return max_file_size + 2**20 if is_upload else MAX_BODY  # an upload: its file plus the form around it
 
-    auth = [Depends(require_token)]
+    app.add_middleware(Guard, token=token.encode(), public={p for p in public if p}, limit_for=body_limit)
+    # Documents the scheme in the OpenAPI (the docs' "Authorize" button); Guard does the checking.
+    auth = [Security(HTTPBearer(auto_error=False, description="the keruta API token"))]
+    upload_locks: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -106,22 +116,15 @@ def create_app(
     async def _conflict(_request: Request, exc: InvalidTransition) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        is_upload = request.url.path.endswith("/artifacts")
-        limit = max_file_size + 2**20 if is_upload else MAX_BODY
-        if length and length.isdigit() and int(length) > limit:
-            return JSONResponse({"detail": f"request body of {length} bytes is over the {limit}-byte limit"}, 413)
-        return await call_next(request)
-
     @app.get("/api/v1/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:  # on the event loop: answers even when every worker thread is busy
         return {"status": "ok"}
 
     @app.post("/api/v1/tasks", status_code=201, dependencies=auth)
     async def create_task(request: Request) -> dict[str, Any]:
-        body = await request.body()
+        return await run_in_threadpool(_create_task, await request.body())
+
+    def _create_task(body: bytes) -> dict[str, Any]:
         try:
             task = parse_task_spec(body, source="task")
         except TaskSpecError as exc:
@@ -158,8 +161,11 @@ def create_app(
 
     @app.post("/api/v1/tasks/{task_id}/logs", dependencies=auth)
     async def post_logs(task_id: str, request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(_store_logs, task_id, await request.body())
+
+    def _store_logs(task_id: str, body: bytes) -> dict[str, Any]:
         try:
-            raw = await request.json()
+            raw = json.loads(body)
         except ValueError:
             raise HTTPException(400, "body is not valid JSON") from None
         try:
@@ -186,39 +192,25 @@ def create_app(
         stored = store.add_logs(task_id, source, lines)
         return {"success": True, "received": len(lines), "stored": stored}
 
-    @app.post("/api/v1/tasks/{task_id}/artifacts", dependencies=auth)
-    async def post_artifact(
-        task_id: str,
-        file: Annotated[UploadFile, File()],
-        description: Annotated[str | None, Form()] = None,
-        path: Annotated[str | None, Form()] = None,
-    ) -> dict[str, Any]:
-        store.get_task(task_id)
-        relative = _safe_relative(path or file.filename or "artifact")
+    @app.post("/api/v1/tasks/{task_id}/artifacts", dependencies=auth, openapi_extra=uploads.OPENAPI)
+    async def post_artifact(task_id: str, request: Request) -> dict[str, Any]:
+        """multipart/form-data: ``file``, optional ``description`` and ``path`` (default: the file's name).
+        Streamed into place (see keruta_prefect.api.uploads); refused with 413 the moment a cap is passed."""
+        await run_in_threadpool(store.get_task, task_id)  # 404 before any byte of the body is read
         root = (artifacts_root or Path.cwd()) / _safe_relative(task_id) / "uploads"
-        target = root / relative
-        already = sum(a.size for a in store.artifacts(task_id))
-        digest = hashlib.sha256()
-        size = 0
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        try:
-            with partial.open("wb") as out:
-                while chunk := await file.read(1 << 20):
-                    size += len(chunk)
-                    if size > max_file_size:
-                        raise HTTPException(413, f"artifact {relative!r} is over the {max_file_size}-byte file cap")
-                    if already + size > max_total_size:
-                        raise HTTPException(413, f"artifacts of task {task_id!r} are over the "
-                                                 f"{max_total_size}-byte total cap")
-                    digest.update(chunk)
-                    out.write(chunk)
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
-        info = ArtifactInfo(path=relative, size=size, sha256=digest.hexdigest(), location=str(target))
-        store.add_artifacts(task_id, None, [info])
-        return {"success": True, "path": relative, "size": size, "sha256": info.sha256}
+        # One upload of a task at a time (in this process), so two cannot both pass the total cap.
+        lock = upload_locks.get(task_id)
+        if lock is None:
+            lock = upload_locks[task_id] = anyio.Lock()
+        async with lock:
+            already = await run_in_threadpool(lambda: sum(a.size for a in store.artifacts(task_id)))
+            upload = await uploads.receive_upload(
+                request, root=root, task_id=task_id, max_file_size=max_file_size, max_total_size=max_total_size,
+                already=already, safe_relative=_safe_relative)
+            info = ArtifactInfo(path=upload.relative, size=upload.size, sha256=upload.sha256,
+                                location=str(upload.target))
+            await run_in_threadpool(store.add_artifacts, task_id, None, [info])
+        return {"success": True, "path": upload.relative, "size": upload.size, "sha256": upload.sha256}
 
     return app
 
@@ -234,7 +226,7 @@ def _safe_relative(path: str) -> str:
 class ApiServer:
     """The keruta API in a background thread (uvicorn), on 127.0.0.1 and a free port by default."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> None:
         # log_config=None: uvicorn must not reconfigure logging (dictConfig closes every existing handler,
         # Prefect's API log handler included, which stalls the run for seconds and loses its logs).
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
