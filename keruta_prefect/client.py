@@ -1,20 +1,29 @@
 """httpx client of the keruta API: the calls of the agent contract, with retry and backoff.
 
-Transport errors, 5xx and 429 are retried with exponential backoff until ``retry_seconds`` have
-passed; other 4xx answers fail at once (:class:`ApiRejected`), because sending them again cannot help.
+Two kinds of failure, never confused:
+
+- *unreachable* (:class:`ApiError`): transport errors, 408, 429 and 5xx are retried with exponential
+  backoff until ``retry_seconds`` have passed; then the call fails. Trying again later may help.
+- *refused* (:class:`ApiRejected`): any other 4xx, an answer that is not the keruta API's JSON, or a URL
+  the client cannot use. Sending the same request again cannot help, so it fails at once. ``permanent``
+  refusals (401, 403, 404, 410, and anything that is not an HTTP answer) refuse every call alike; the
+  others (400, 409, 413, 422…) concern this request's content.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+PERMANENT_STATUS = {401, 403, 404, 410}  # wrong token, forbidden, task (or route) gone: every call will fail
 
 
 class ApiError(Exception):
@@ -22,12 +31,24 @@ class ApiError(Exception):
 
 
 class ApiRejected(ApiError):
-    """The keruta API answered with a 4xx: the request itself is wrong (bad token, unknown task…)."""
+    """The keruta API refused the request (a 4xx, or an answer it cannot mean): sending it again cannot help.
 
-    def __init__(self, status: int, detail: str, what: str) -> None:
-        super().__init__(f"{what}: HTTP {status}: {detail}")
+    ``status`` is None when there was no HTTP answer to speak of (a URL scheme httpx cannot use)."""
+
+    def __init__(self, status: int | None, detail: str, what: str) -> None:
+        super().__init__(f"{what}: HTTP {status}: {detail}" if status is not None else f"{what}: {detail}")
         self.status = status
         self.detail = detail
+
+    @property
+    def permanent(self) -> bool:
+        """True when every call will be refused alike (not only this request's content)."""
+        return self.status is None or self.status in PERMANENT_STATUS
+
+
+def encode_json(value: Any) -> bytes:
+    """A JSON body exactly as it is sent (the encoding httpx uses for ``json=``), so its size can be measured."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 class KerutaClient:
@@ -70,6 +91,9 @@ class KerutaClient:
         while True:
             try:
                 response = self._http.request(method, path, **(build() if build else kwargs))
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError) as exc:
+                # The request cannot be sent as configured (URL scheme, a header value): not the network.
+                raise ApiRejected(None, f"cannot send to {self.api_url}: {exc}", what) from None
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
@@ -87,25 +111,30 @@ class KerutaClient:
 
     # --- the agent contract --------------------------------------------------------------------------
     def get_task(self, task_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/tasks/{task_id}", what=f"fetch task {task_id}").json()
+        what = f"fetch task {task_id}"
+        return _object(self.request("GET", _task_path(task_id), what=what), what)
 
     def get_script(self, task_id: str) -> dict[str, Any]:
-        body = self.request("GET", f"/api/v1/tasks/{task_id}/script", what=f"fetch script of {task_id}").json()
-        return body["script"]
+        what = f"fetch script of {task_id}"
+        body = _object(self.request("GET", f"{_task_path(task_id)}/script", what=what), what)
+        script = body.get("script")
+        if not isinstance(script, dict) or not isinstance(script.get("content", ""), str):
+            raise ApiRejected(200, f"no script in the answer: {_NOT_KERUTA}", what)
+        return script
 
     def set_status(self, task_id: str, status: str, *, message: str | None = None, progress: int | None = None,
                    error_code: str | None = None, retry_seconds: float | None = None) -> dict[str, Any]:
         body = {"status": status, "message": message, "progress": progress, "errorCode": error_code}
-        return self.request("PUT", f"/api/v1/tasks/{task_id}/status", json=body,
-                            what=f"report {status} for {task_id}", retry_seconds=retry_seconds).json()
-
-    def post_log(self, task_id: str, level: str, message: str) -> None:
-        self.request("POST", f"/api/v1/tasks/{task_id}/logs", json={"level": level, "message": message},
-                     what=f"send a log line of {task_id}")
+        what = f"report {status} for {task_id}"
+        return _object(self.request("PUT", f"{_task_path(task_id)}/status", json=body, what=what,
+                                    retry_seconds=retry_seconds), what)
 
     def post_logs(self, task_id: str, source: str, lines: Sequence[dict[str, Any]],
                   retry_seconds: float | None = None) -> None:
-        self.request("POST", f"/api/v1/tasks/{task_id}/logs", json={"source": source, "lines": list(lines)},
+        """One batch; the body is the bytes :func:`encode_json` gives, so a caller can bound its size."""
+        body = encode_json({"source": source, "lines": list(lines)})
+        self.request("POST", f"{_task_path(task_id)}/logs", content=body,
+                     headers={"Content-Type": "application/json"},
                      what=f"send {len(lines)} log lines of {task_id}", retry_seconds=retry_seconds)
 
     def upload_artifact(self, task_id: str, path: Path, relative: str, description: str | None = None) -> None:
@@ -121,24 +150,45 @@ class KerutaClient:
                     "data": {"description": description or "", "path": relative}}
 
         try:
-            self.request("POST", f"/api/v1/tasks/{task_id}/artifacts", build=build,
+            self.request("POST", f"{_task_path(task_id)}/artifacts", build=build,
                          what=f"upload artifact {relative} of {task_id}")
         finally:
             for handle in handles:
                 handle.close()
 
-    def health(self) -> bool:
-        try:
-            return self._http.get("/api/v1/health").status_code == 200
-        except httpx.TransportError:
-            return False
+    def health(self) -> None:
+        """One try, no retry. Raises ApiError if nothing answers, ApiRejected if what answers is not a keruta API."""
+        what = f"health check of {self.api_url}"
+        body = _object(self.request("GET", "/api/v1/health", what=what, retry_seconds=0), what)
+        if body.get("status") != "ok":
+            raise ApiRejected(200, f"{str(body)[:100]}: {_NOT_KERUTA}", what)
 
 
-def _detail(response: httpx.Response) -> str:
+def _task_path(task_id: str) -> str:
+    return f"/api/v1/tasks/{quote(task_id, safe='')}"  # an id can never reach another route
+
+
+_NOT_KERUTA = "not a keruta API answer (is the API URL right?)"
+
+
+def _object(response: httpx.Response, what: str) -> dict[str, Any]:
+    """The answer's JSON object; an answer that is not one (a login page, a proxy's HTML) is a refusal."""
     try:
         body = response.json()
     except ValueError:
-        return response.text[:200]
-    if isinstance(body, dict) and "detail" in body:
-        return str(body["detail"])[:500]
-    return str(body)[:200]
+        body = None
+    if not isinstance(body, dict):
+        shown = " ".join(response.text[:60].split())  # one line
+        raise ApiRejected(response.status_code, f"{shown!r}: {_NOT_KERUTA}", what)
+    return body
+
+
+def _detail(response: httpx.Response) -> str:
+    """The answer's ``detail`` (or its start), on one line."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text[:200]
+    else:
+        text = str(body["detail"])[:500] if isinstance(body, dict) and "detail" in body else str(body)[:200]
+    return " ".join(text.split())

@@ -1,95 +1,229 @@
 """`keruta-agent`: `run` (alias `execute`) and the helpers task scripts call.
 
-The token is read from KERUTA_API_TOKEN only (a flag would show in `ps`).
+The token is read from KERUTA_API_TOKEN only (a flag would show in `ps`). Every failure is one line on
+stderr: bad input (a flag, an environment variable, a path) names the field and the value and exits 2
+(EXIT_CONFIG), as does a refusal by the keruta API; an unreachable API exits 3; anything unexpected is the
+agent's own bug: one line, exit 4, and `--debug` or KERUTA_DEBUG=1 add the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
+import traceback
+import uuid
 from pathlib import Path
+from typing import NoReturn
+
+import httpx
 
 from keruta_prefect.agent.runner import (
+    BATCH_BYTES,
+    BATCH_LINES,
     EXIT_API_UNREACHABLE,
     EXIT_CONFIG,
     EXIT_INTERNAL,
     EXIT_OK,
+    MAX_LINE_BYTES,
     AgentConfig,
+    Line,
+    batch_length,
     run_task,
 )
 from keruta_prefect.client import ApiError, ApiRejected, KerutaClient
 
 DEFAULT_ARTIFACTS_DIR = "/.keruta/doc"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ARTIFACT_MODES = ("exec", "upload", "off")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
 class UsageError(Exception):
-    pass
+    """Bad input: the message names the field and the value."""
 
 
-def _env(name: str, given: str | None = None) -> str:
-    value = given or os.environ.get(name)
+# --- reading and checking input (each raises UsageError naming the field and the value) --------------------
+
+def _given(args: argparse.Namespace, attr: str, flag: str, env: str | None) -> tuple[str, str | None]:
+    """(the name the value came by, the value): a flag wins over its environment variable."""
+    value = getattr(args, attr, None)
+    if value is not None or env is None:
+        return flag, value
+    return env, os.environ.get(env)
+
+
+def _required(args: argparse.Namespace, attr: str, flag: str, env: str) -> tuple[str, str]:
+    name, value = _given(args, attr, flag, env)
     if not value:
-        flag = {"KERUTA_TASK_ID": "--task-id ", "KERUTA_API_URL": "--api-url "}.get(name, "")
-        raise UsageError(f"{flag}{'or ' if flag else ''}{name} is required")
-    return value
+        raise UsageError(f"{flag} or {env} is required" if hasattr(args, attr) else f"{env} is required")
+    return name, value
 
 
-def _float(name: str, value: str | None) -> float | None:
-    if value in (None, ""):
+def parse_seconds(name: str, value: str | None, *, zero: bool = False) -> float | None:
+    """A number of seconds; None if not given. ``zero``: 0 is allowed (it means "none")."""
+    if value is None or not value.strip():
         return None
     try:
         number = float(value)
     except ValueError:
         raise UsageError(f"{name}={value!r}: expected a number of seconds") from None
-    if number <= 0:
-        raise UsageError(f"{name}={value!r}: must be greater than zero")
+    if not math.isfinite(number):
+        raise UsageError(f"{name}={value!r}: expected a finite number of seconds")
+    if number < 0 or (number == 0 and not zero):
+        raise UsageError(f"{name}={value!r}: must be {'zero or more' if zero else 'greater than zero'}")
     return number
 
 
-def _hold(text: str) -> float:
-    """Seconds to hold for collection: 0 (no hold) or a positive number."""
-    return 0.0 if text.strip() in ("0", "0.0") else (_float("--hold-seconds", text) or 0.0)
+def parse_flag(name: str, value: str | None) -> bool:
+    text = (value or "").strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise UsageError(f"{name}={value!r}: expected 1/true/yes/on or 0/false/no/off")
+    return text in _TRUE
+
+
+def parse_api_url(name: str, value: str | None) -> str:
+    if not value:
+        raise UsageError(f"{name} is required")
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise UsageError(f"{name}={value!r}: expected an http:// or https:// URL of the keruta API")
+    return value
+
+
+def parse_task_id(name: str, value: str | None) -> str:
+    if not value:
+        raise UsageError(f"{name} is required")
+    from keruta_prefect.models import check_task_id  # here: pydantic costs the helpers a second to import
+
+    try:
+        return check_task_id(value)
+    except ValueError as exc:
+        raise UsageError(f"{name}={value!r}: {exc}") from None
+
+
+def read_token() -> str:
+    """KERUTA_API_TOKEN, surrounding whitespace removed (a Secret made from a file often ends in a newline).
+    Its value is never printed."""
+    token = (os.environ.get("KERUTA_API_TOKEN") or "").strip()
+    if not token:
+        raise UsageError("KERUTA_API_TOKEN is required")
+    bad = next((i for i, c in enumerate(token) if not ("!" <= c <= "~")), None)
+    if bad is not None:
+        raise UsageError(f"KERUTA_API_TOKEN: character {bad + 1} is whitespace, a control character or not "
+                         "ASCII; a token is printable ASCII (value not shown)")
+    return token
+
+
+def check_directory(name: str, path: Path, *, create: bool) -> Path:
+    """A directory the agent can use: created if ``create`` and missing; never a file."""
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{name}={str(path)!r}: not a directory")
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            raise UsageError(f"{name}={str(path)!r}: not readable and writable by this user")
+    except OSError as exc:
+        raise UsageError(f"{name}={str(path)!r}: {exc.strerror or exc}") from None
+    return path
 
 
 def _client(args: argparse.Namespace) -> KerutaClient:
-    retry = _float("--api-retry-seconds", getattr(args, "api_retry_seconds", None)) or 30.0
-    return KerutaClient(_env("KERUTA_API_URL", getattr(args, "api_url", None)), _env("KERUTA_API_TOKEN"),
-                        retry_seconds=retry)
+    return KerutaClient(parse_api_url(*_required(args, "api_url", "--api-url", "KERUTA_API_URL")), read_token(),
+                        retry_seconds=30.0)
 
+
+def _helper_task_id() -> str:
+    # Set by `keruta-agent run`, which checked it; the client quotes it in URLs whatever it holds.
+    value = os.environ.get("KERUTA_TASK_ID")
+    if not value:
+        raise UsageError("KERUTA_TASK_ID is required")
+    return value
+
+
+def _artifacts_dir(*, create: bool = False) -> Path:
+    value = os.environ.get("KERUTA_ARTIFACTS_DIR") or DEFAULT_ARTIFACTS_DIR
+    return check_directory("KERUTA_ARTIFACTS_DIR", Path(value), create=create)
+
+
+# --- commands -------------------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    level = {"WARN": "WARNING"}.get(args.log_level.upper(), args.log_level.upper())
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise UsageError(f"--log-level={args.log_level!r}: allowed: DEBUG, INFO, WARNING, ERROR")
+    name, value = _given(args, "log_level", "--log-level", "KERUTA_LOG_LEVEL")
+    level = {"WARN": "WARNING"}.get((value or "INFO").upper(), (value or "INFO").upper())
+    if level not in LEVELS:
+        raise UsageError(f"{name}={value!r}: allowed: {', '.join(LEVELS)}")
+    echo = args.echo or parse_flag("KERUTA_ECHO", os.environ.get("KERUTA_ECHO"))
+    mode = os.environ.get("KERUTA_ARTIFACTS_MODE") or ""
+    if mode and mode not in ARTIFACT_MODES:
+        raise UsageError(f"KERUTA_ARTIFACTS_MODE={mode!r}: allowed: {', '.join(ARTIFACT_MODES)}")
+    work_name, work = _given(args, "work_dir", "--work-dir", "KERUTA_WORK_DIR")
+    artifacts_name, artifacts = _given(args, "artifacts_dir", "--artifacts-dir", "KERUTA_ARTIFACTS_DIR")
+    retry = parse_seconds(*_given(args, "api_retry_seconds", "--api-retry-seconds", "KERUTA_API_RETRY_SECONDS"))
+    config = AgentConfig(
+        task_id=parse_task_id(*_required(args, "task_id", "--task-id", "KERUTA_TASK_ID")),
+        api_url=parse_api_url(*_required(args, "api_url", "--api-url", "KERUTA_API_URL")),
+        token=read_token(),
+        work_dir=Path(work or "/work"),
+        artifacts_dir=Path(artifacts or DEFAULT_ARTIFACTS_DIR),
+        timeout=parse_seconds(*_given(args, "timeout", "--timeout", "KERUTA_TIMEOUT")),
+        grace_seconds=parse_seconds("--grace", args.grace) or 2.0,
+        retry_seconds=retry or 300.0,
+        hold_seconds=parse_seconds(*_given(args, "hold_seconds", "--hold-seconds", "KERUTA_HOLD_SECONDS"),
+                                   zero=True) or 0.0,
+        upload=mode == "upload",
+        debug=args.debug,
+    )
+    check_directory(work_name if work else "--work-dir", config.work_dir, create=True)
+    check_directory(artifacts_name if artifacts else "--artifacts-dir", config.artifacts_dir, create=True)
     logging.basicConfig(level=level, format="keruta-agent %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the agent's own
-    config = AgentConfig(
-        task_id=_env("KERUTA_TASK_ID", args.task_id),
-        api_url=_env("KERUTA_API_URL", args.api_url),
-        token=_env("KERUTA_API_TOKEN"),
-        work_dir=Path(args.work_dir or os.environ.get("KERUTA_WORK_DIR") or "/work"),
-        artifacts_dir=Path(args.artifacts_dir or os.environ.get("KERUTA_ARTIFACTS_DIR") or DEFAULT_ARTIFACTS_DIR),
-        timeout=_float("--timeout", args.timeout or os.environ.get("KERUTA_TIMEOUT")),
-        grace_seconds=_float("--grace", args.grace) or 2.0,
-        retry_seconds=_float("--api-retry-seconds", args.api_retry_seconds
-                             or os.environ.get("KERUTA_API_RETRY_SECONDS")) or 300.0,
-        hold_seconds=_hold(args.hold_seconds or os.environ.get("KERUTA_HOLD_SECONDS") or "0"),
-        upload=os.environ.get("KERUTA_ARTIFACTS_MODE", "") == "upload",
-    )
     with KerutaClient(config.api_url, config.token, retry_seconds=config.retry_seconds) as client:
-        return run_task(config, client, echo=args.echo)
+        return run_task(config, client, echo=echo)
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    level = args.level.upper()
-    if level not in ("DEBUG", "INFO", "WARN", "WARNING", "ERROR"):
-        raise UsageError(f"LEVEL={args.level!r}: allowed: DEBUG, INFO, WARNING, ERROR")
+    level = args.level.upper()  # stored as given: WARN stays WARN
+    if level not in (*LEVELS, "WARN"):
+        raise UsageError(f"LEVEL={args.level!r}: allowed: {', '.join(LEVELS)}")
+    task_id = _helper_task_id()
+    lines = [Line.of({"seq": seq, "level": level, "message": piece})
+             for seq, piece in enumerate(split_message(" ".join(args.message)))]
+    # Numbered lines under a source of its own: a batch sent again after a lost answer is stored once.
+    source = f"log-{uuid.uuid4().hex[:16]}"
     with _client(args) as client:
-        client.post_log(_env("KERUTA_TASK_ID"), level, " ".join(args.message))
+        while lines:
+            count = batch_length(lines, BATCH_LINES, BATCH_BYTES)
+            client.post_logs(task_id, source, [line.item for line in lines[:count]])
+            del lines[:count]
     return EXIT_OK
+
+
+def _text(value: str) -> str:
+    """An argument as valid text: bytes that are not UTF-8 (kept by Python as surrogates) become U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def split_message(message: str, limit: int = MAX_LINE_BYTES) -> list[str]:
+    """A message in pieces of at most ``limit`` UTF-8 bytes, never cutting a character (as the agent sends
+    a script's long lines)."""
+    pieces: list[str] = []
+    data = message.encode("utf-8", "surrogateescape")
+    while len(data) > limit:
+        cut = limit
+        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # not inside a multi-byte character
+            cut -= 1
+        pieces.append(data[:cut].decode("utf-8", "replace"))
+        data = data[cut:]
+    pieces.append(data.decode("utf-8", "replace"))
+    return pieces
 
 
 def cmd_progress(args: argparse.Namespace) -> int:
@@ -99,13 +233,11 @@ def cmd_progress(args: argparse.Namespace) -> int:
         value = -1
     if not 0 <= value <= 100:
         raise UsageError(f"PERCENT={args.percent!r}: expected a whole number from 0 to 100")
+    task_id = _helper_task_id()
     with _client(args) as client:
-        client.set_status(_env("KERUTA_TASK_ID"), "IN_PROGRESS", progress=value, message=args.message)
+        message = _text(args.message) if args.message is not None else None
+        client.set_status(task_id, "IN_PROGRESS", progress=value, message=message)
     return EXIT_OK
-
-
-def _artifacts_dir() -> Path:
-    return Path(os.environ.get("KERUTA_ARTIFACTS_DIR") or DEFAULT_ARTIFACTS_DIR)
 
 
 def cmd_artifact_add(args: argparse.Namespace) -> int:
@@ -115,13 +247,22 @@ def cmd_artifact_add(args: argparse.Namespace) -> int:
     name = args.name or source.name
     if "/" in name or name in ("", ".", ".."):
         raise UsageError(f"--name={name!r}: must be a plain file name")
-    target = _artifacts_dir() / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        shutil.copytree(source, target, dirs_exist_ok=True, symlinks=True)
-    else:
-        shutil.copy2(source, target)
+    target = _artifacts_dir(create=True) / name
+    try:
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True, symlinks=True)
+        else:
+            shutil.copy2(source, target)
+    except (OSError, shutil.Error) as exc:
+        raise UsageError(f"PATH={args.path!r}: cannot copy to {str(target)!r}: {_why(exc)}") from None
     return EXIT_OK
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        first = exc.args[0][0]
+        return f"{len(exc.args[0])} files failed, first {first[0]!r}: {first[-1]}"
+    return str(getattr(exc, "strerror", None) or exc)
 
 
 def cmd_artifact_list(_args: argparse.Namespace) -> int:
@@ -137,77 +278,119 @@ def cmd_artifact_remove(args: argparse.Namespace) -> int:
     target = (root / args.path).resolve()
     if root not in target.parents:
         raise UsageError(f"PATH={args.path!r}: not inside the artifacts directory {root}")
-    if target.is_dir():
-        shutil.rmtree(target)
-    else:
-        target.unlink(missing_ok=True)
+    try:
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    except OSError as exc:
+        raise UsageError(f"PATH={args.path!r}: cannot remove: {exc.strerror or exc}") from None
     return EXIT_OK
 
 
 def cmd_health(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        ok = client.health()
-    print("ok" if ok else f"keruta API at {client.api_url} is not reachable")
-    return EXIT_OK if ok else EXIT_API_UNREACHABLE
+        try:
+            client.health()
+        except ApiRejected:
+            raise  # something answers, but not a keruta API: the URL is wrong (exit 2)
+        except ApiError as exc:
+            _say(f"keruta API at {client.api_url} is not reachable: {exc}")
+            return EXIT_API_UNREACHABLE
+    print("ok")
+    return EXIT_OK
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2) like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keruta-agent", description="Run a keruta task and report to the keruta API.")
+    # --debug is accepted before or after the subcommand; SUPPRESS keeps a subcommand from resetting it.
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of an internal error (also: KERUTA_DEBUG=1)")
+    parser = _Parser(prog="keruta-agent", description="Run a keruta task and report to the keruta API.",
+                     parents=[debug])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "execute"):
-        run = sub.add_parser(name, help="run a task (execute is an alias)")
+        run = sub.add_parser(name, help="run a task (execute is an alias)", parents=[debug])
         run.add_argument("--task-id", help="default: $KERUTA_TASK_ID")
         run.add_argument("--api-url", help="default: $KERUTA_API_URL")
         run.add_argument("--work-dir", help="default: $KERUTA_WORK_DIR or /work")
         run.add_argument("--artifacts-dir", help=f"default: $KERUTA_ARTIFACTS_DIR or {DEFAULT_ARTIFACTS_DIR}")
-        run.add_argument("--timeout", help="seconds the script may run (default: the task's, or none)")
+        run.add_argument("--timeout", help="seconds the script may run (default: $KERUTA_TIMEOUT, the task's, "
+                                           "or none)")
         run.add_argument("--grace", help="seconds between SIGTERM and SIGKILL on timeout (default 2)")
-        run.add_argument("--api-retry-seconds", help="how long to keep retrying the keruta API (default 300)")
+        run.add_argument("--api-retry-seconds", help="how long to keep retrying the keruta API (default: "
+                                                     "$KERUTA_API_RETRY_SECONDS or 300)")
         run.add_argument("--hold-seconds", help="after the final report, wait this long for the files to be "
                                                 "collected (default: $KERUTA_HOLD_SECONDS or 0)")
-        run.add_argument("--log-level", default=os.environ.get("KERUTA_LOG_LEVEL", "INFO"))
-        run.add_argument("--echo", action="store_true", default=os.environ.get("KERUTA_ECHO", "") in ("1", "true"),
-                         help="also print the script's output (default: $KERUTA_ECHO)")
+        run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: $KERUTA_LOG_LEVEL or INFO)")
+        run.add_argument("--echo", action="store_true", help="also print the script's output (default: $KERUTA_ECHO)")
         run.set_defaults(func=cmd_run)
-    log = sub.add_parser("log", help="send a log line: log LEVEL MESSAGE…")
+    log = sub.add_parser("log", help="send a log line: log LEVEL MESSAGE…", parents=[debug])
     log.add_argument("level")
     log.add_argument("message", nargs="+")
     log.set_defaults(func=cmd_log)
-    progress = sub.add_parser("progress", help="report progress: progress PERCENT [--message M]")
+    progress = sub.add_parser("progress", help="report progress: progress PERCENT [--message M]", parents=[debug])
     progress.add_argument("percent")
     progress.add_argument("--message")
     progress.set_defaults(func=cmd_progress)
-    artifact = sub.add_parser("artifact", help="manage the files collected after the task")
+    artifact = sub.add_parser("artifact", help="manage the files collected after the task", parents=[debug])
     asub = artifact.add_subparsers(dest="artifact_command", required=True)
-    add = asub.add_parser("add", help="copy a file or directory into the artifacts directory")
+    add = asub.add_parser("add", help="copy a file or directory into the artifacts directory", parents=[debug])
     add.add_argument("path")
     add.add_argument("--name")
     add.set_defaults(func=cmd_artifact_add)
-    asub.add_parser("list", help="list the artifacts directory").set_defaults(func=cmd_artifact_list)
-    remove = asub.add_parser("remove", help="remove a file from the artifacts directory")
+    listing = asub.add_parser("list", help="list the artifacts directory", parents=[debug])
+    listing.set_defaults(func=cmd_artifact_list)
+    remove = asub.add_parser("remove", help="remove a file from the artifacts directory", parents=[debug])
     remove.add_argument("path")
     remove.set_defaults(func=cmd_artifact_remove)
-    sub.add_parser("health", help="check that the keruta API answers").set_defaults(func=cmd_health)
+    health = sub.add_parser("health", help="check that the keruta API answers", parents=[debug])
+    health.set_defaults(func=cmd_health)
     return parser
 
 
+def _say(message: object) -> None:
+    """One line on stderr, whatever the message holds (an API's answer may carry newlines)."""
+    print("keruta-agent: " + " ".join(str(message).split()), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        debug = parse_flag("KERUTA_DEBUG", os.environ.get("KERUTA_DEBUG"))
+    except UsageError as exc:
+        _say(exc)
+        return EXIT_CONFIG
     args = build_parser().parse_args(argv)
+    args.debug = debug = bool(getattr(args, "debug", False)) or debug
     try:
         return int(args.func(args))
     except UsageError as exc:
-        print(f"keruta-agent: {exc}", file=sys.stderr)
+        _say(exc)
         return EXIT_CONFIG
-    except ApiRejected as exc:
-        print(f"keruta-agent: {exc}", file=sys.stderr)
+    except ApiRejected as exc:  # the API refuses (wrong token, unknown task, not a keruta API): permanent
+        _say(exc)
         return EXIT_CONFIG
     except ApiError as exc:
-        print(f"keruta-agent: {exc}", file=sys.stderr)
+        _say(exc)
         return EXIT_API_UNREACHABLE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the agent's own bug: one line, distinct exit code
-        print(f"keruta-agent: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+            hint = ""
+        else:
+            hint = " (run with --debug or KERUTA_DEBUG=1 for the traceback)"
+        _say(f"internal error: {type(exc).__name__}: {exc}{hint}")
         return EXIT_INTERNAL
 
 

@@ -1,9 +1,19 @@
 """What `keruta-agent run` does: report, fetch, execute, stream logs, report the outcome.
 
-Nothing the script prints is lost: lines are numbered per agent session and shipped in order in
-batches; a batch whose answer was lost is sent again and the API stores each (session, number) once.
-While the API is down the lines wait in memory; if it never comes back within the retry budget they
-are written to ``<work-dir>/.keruta/unsent-logs.jsonl`` and the agent exits with EXIT_API_UNREACHABLE.
+Nothing the script prints is lost while the API is up: lines are numbered per agent session and shipped
+in order, in batches bounded by lines and by bytes of JSON body (well under the API's and common proxies'
+body caps); a batch whose answer was lost is sent again and the API stores each (session, number) once.
+
+The API *refusing* lines is not the API being *unreachable*:
+
+- a batch refused as too large (413) is split, and later batches stay under the size refused;
+- a batch refused for its content (400, 409, 422…) is bisected down to the lines refused; only those are
+  dropped, with one ERROR report (stderr and the task's log) saying how many and why;
+- a refusal of everything (401 wrong token, 403, 404 task gone) stops shipping: reported once, the
+  remaining lines go to the spool, and the agent exits EXIT_CONFIG (permanent; not retried).
+
+While the API is unreachable the lines wait in memory; if it never comes back within the retry budget
+they are written to ``<work-dir>/.keruta/unsent-logs.jsonl`` and the agent exits EXIT_API_UNREACHABLE.
 """
 
 from __future__ import annotations
@@ -20,17 +30,18 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from keruta_prefect.client import ApiError, ApiRejected, KerutaClient
+from keruta_prefect.client import ApiError, ApiRejected, KerutaClient, encode_json
 
 log = logging.getLogger("keruta.agent")
 
 # Exit codes (documented in the README). EXIT_CONFIG is permanent: a Job's podFailurePolicy fails
-# the Job at once on it; EXIT_API_UNREACHABLE is transient: the flow may try the task again.
+# the Job at once on it (also used when the API refuses the agent for good: wrong token, task gone);
+# EXIT_API_UNREACHABLE is transient: the flow may try the task again.
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
 EXIT_CONFIG = 2
@@ -39,8 +50,12 @@ EXIT_INTERNAL = 4
 EXIT_TERMINATED = 143
 
 MAX_LINE_BYTES = 16 * 1024  # longer lines are sent in pieces of this size
-BATCH_LINES = 2000
+BATCH_LINES = 2000  # the API takes up to 5,000 lines per batch
+# Bytes of JSON body per batch: the API takes 16 MiB, a default ingress-nginx 1 MiB (proxy-body-size).
+BATCH_BYTES = 512 * 1024
+MIN_BATCH_BYTES = 4 * 1024  # a 413 never shrinks batches below this (a single line is always sent alone)
 BATCH_SECONDS = 0.2
+_ENVELOPE_BYTES = len(encode_json({"source": "agent-" + "0" * 16, "lines": []}))
 
 
 @dataclass
@@ -55,128 +70,275 @@ class AgentConfig:
     retry_seconds: float = 300.0
     hold_seconds: float = 0.0  # after the final report, wait this long for the files to be collected
     upload: bool = False  # push the artifacts directory to the keruta API before the final report
+    debug: bool = False  # an internal error's traceback goes to stderr too
+
+
+@dataclass
+class Line:
+    """One numbered log line, and the bytes it adds to a batch's JSON body."""
+
+    item: dict[str, Any]
+    size: int
+    report: bool = False  # the agent's own report of refused lines (never reported again if refused)
+
+    @classmethod
+    def of(cls, item: dict[str, Any], report: bool = False) -> Line:
+        return cls(item, len(encode_json(item)) + 1, report)  # + the comma between items
+
+
+def batch_length(lines: Sequence[Line], max_lines: int, max_bytes: int) -> int:
+    """How many leading lines make one batch: at most ``max_lines``, a JSON body of at most ``max_bytes``
+    (envelope included), and always at least one line (a line alone is never held back)."""
+    total = _ENVELOPE_BYTES
+    for count, line in enumerate(lines[:max_lines]):
+        total += line.size
+        if total > max_bytes and count > 0:
+            return count
+    return min(len(lines), max_lines)
+
+
+def refusal_report(refused: Sequence[tuple[Line, ApiRejected]]) -> list[str]:
+    """One message per distinct reason: how many lines were refused, which, and why."""
+    by_reason: dict[str, list[int]] = {}
+    for line, exc in refused:
+        reason = f"HTTP {exc.status}: {exc.detail}"
+        by_reason.setdefault(reason, []).append(int(line.item["seq"]))
+    messages = []
+    for reason, seqs in by_reason.items():
+        shown = ", ".join(str(s) for s in seqs[:5]) + (", …" if len(seqs) > 5 else "")
+        noun = "line" if len(seqs) == 1 else "lines"
+        messages.append(f"keruta API refused {len(seqs)} log {noun} (seq {shown}); dropped: {reason}")
+    return messages
 
 
 class LogShipper:
-    """Numbers lines and sends them in ordered batches from a background thread."""
+    """Numbers lines and sends them in ordered batches from a background thread.
 
-    def __init__(self, client: KerutaClient, task_id: str) -> None:
+    Lines that cannot be delivered are appended to ``spool`` (JSON lines). After ``close``: ``refused`` is
+    the refusal of everything that stopped shipping (or None), ``failure`` an internal error of the
+    shipping thread (or None), ``dropped`` how many lines the API refused one by one."""
+
+    def __init__(self, client: KerutaClient, task_id: str, spool: Path, *, max_lines: int = BATCH_LINES,
+                 max_bytes: int = BATCH_BYTES, debug: bool = False) -> None:
         self.client = client
         self.task_id = task_id
+        self.spool = spool
+        self.spooled = 0
+        self.debug = debug
         self.source = f"agent-{uuid.uuid4().hex[:16]}"
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self.refused: ApiRejected | None = None
+        self.failure: BaseException | None = None  # of the shipping thread, or of a reader (see _pump)
+        self.dropped = 0
+        self._open = True  # until the end mark close() queues has been read
+        self._queue: queue.Queue[Line | None] = queue.Queue()
         self._seq = 0
         self._seq_lock = threading.Lock()
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[Line] = []
+        self._refused_lines: list[tuple[Line, ApiRejected]] = []
         self._closing = threading.Event()
         self._close_deadline = 0.0
         self._thread = threading.Thread(target=self._run, name="log-shipper", daemon=True)
         self._thread.start()
 
     def emit(self, level: str, message: str) -> None:
+        self._queue.put(self._line(level, message))
+
+    def _line(self, level: str, message: str, report: bool = False) -> Line:
         with self._seq_lock:
             seq = self._seq
             self._seq += 1
-        self._queue.put({"seq": seq, "level": level, "message": message, "ts": time.time()})
+        return Line.of({"seq": seq, "level": level, "message": message, "ts": time.time()}, report)
 
-    def _drain(self, block_for: float) -> bool:
-        """Move queued lines to pending; False once the close sentinel was seen and all is drained."""
+    def _drain(self, block_for: float) -> None:
+        """Move queued lines to pending (up to a few batches); ``_open`` turns False at the end mark."""
         try:
             item = self._queue.get(timeout=block_for)
         except queue.Empty:
-            return True
-        open_ = True
+            return
         while True:
             if item is None:
-                open_ = False
-            else:
-                self._pending.append(item)
-            if len(self._pending) >= BATCH_LINES * 4:
-                break
+                self._open = False
+                return
+            self._pending.append(item)
+            if len(self._pending) >= self.max_lines * 4:
+                return
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                break
-        return open_
+                return
+
+    def _budget(self) -> float:
+        # While the script runs: one attempt per round, so new lines keep being collected;
+        # at close: whatever is left of the retry budget.
+        return max(0.0, self._close_deadline - time.monotonic()) if self._closing.is_set() else 0.0
 
     def _run(self) -> None:
-        open_ = True
+        try:
+            self._ship()
+        except Exception as exc:  # the agent's own bug: the lines left are spooled, the exit code says so
+            self.failure = exc
+            log.error("internal error while sending log lines: %s: %s", type(exc).__name__, exc,
+                      exc_info=self.debug)
+        # Nothing more will be sent (refused for good, or the bug above): what the script still prints
+        # goes to the spool as it comes, not into memory.
+        while self._open:
+            self._drain(BATCH_SECONDS)
+            self._to_spool()
+
+    def _ship(self) -> None:
         backoff = 0.1
-        while open_ or self._pending:
-            if open_:
+        while self._open or self._pending:
+            if self._open:
                 # Lines that arrive while a batch is in flight form the next batch.
-                open_ = self._drain(0.0 if self._pending else BATCH_SECONDS)
+                self._drain(0.0 if self._pending else BATCH_SECONDS)
             if not self._pending:
                 continue
-            batch = self._pending[:BATCH_LINES]
-            closing = self._closing.is_set()
             try:
-                # While the script runs: one attempt per round, so new lines keep being collected;
-                # at close: whatever is left of the retry budget.
-                budget = max(0.0, self._close_deadline - time.monotonic()) if closing else 0.0
-                self.client.post_logs(self.task_id, self.source, batch, retry_seconds=budget)
-            except ApiRejected as exc:
-                log.error("keruta API rejected log lines: %s", exc)
+                self._deliver(batch_length(self._pending, self.max_lines, self.max_bytes))
+            except ApiRejected as exc:  # refused for good: no use sending more
+                self.refused = exc
+                log.error("keruta API refuses this agent's log lines, no more are sent (kept in %s): %s",
+                          self.spool, exc)
                 return
             except ApiError:
-                if closing and time.monotonic() >= self._close_deadline:
+                if self._closing.is_set() and time.monotonic() >= self._close_deadline:
                     return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            finally:
+                self._report_refused()
             backoff = 0.1
-            del self._pending[: len(batch)]
 
-    def close(self, timeout: float) -> list[dict[str, Any]]:
-        """Flush everything; returns the lines that could not be delivered (empty on success)."""
+    def _deliver(self, count: int) -> None:
+        """Send the first ``count`` pending lines. A refusal that concerns the batch (not everything) splits
+        it: 413 because it is too large, another 4xx to find the lines refused, which are dropped. Each part
+        leaves pending once stored or dropped, so after an ApiError the next round resumes where this one
+        stopped. A permanent refusal is raised."""
+        batch = self._pending[:count]
+        try:
+            self.client.post_logs(self.task_id, self.source, [line.item for line in batch],
+                                  retry_seconds=self._budget())
+        except ApiRejected as exc:
+            if exc.permanent:
+                raise
+            if exc.status == 413:  # later batches stay under the size refused
+                size = _ENVELOPE_BYTES + sum(line.size for line in batch)
+                self.max_bytes = max(MIN_BATCH_BYTES, min(self.max_bytes, size // 2))
+            if count == 1:
+                self._refused_lines.append((batch[0], exc))
+                del self._pending[:1]
+                return
+            half = count // 2
+            self._deliver(half)
+            self._deliver(count - half)
+            return
+        del self._pending[:count]
+
+    def _report_refused(self) -> None:
+        if not self._refused_lines:
+            return
+        refused, self._refused_lines = self._refused_lines, []
+        self.dropped += len(refused)
+        for message in refusal_report([r for r in refused if not r[0].report]):
+            log.error("%s", message)
+            # Straight into the next batch: at close, the queue is no longer read after its end mark.
+            self._pending.append(self._line("ERROR", message, report=True))
+        for message in refusal_report([r for r in refused if r[0].report]):
+            log.error("%s (the report of refused lines itself)", message)
+
+    def _to_spool(self) -> None:
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        try:
+            self.spool.parent.mkdir(parents=True, exist_ok=True)
+            with self.spool.open("a", encoding="utf-8") as out:
+                out.writelines(json.dumps(line.item) + "\n" for line in lines)
+        except OSError as exc:
+            log.error("%d log lines lost: cannot write %s: %s", len(lines), self.spool, exc.strerror or exc)
+            return
+        self.spooled += len(lines)
+
+    def close(self, timeout: float) -> int:
+        """Flush everything, waiting up to ``timeout`` seconds for the API; the lines that could not be
+        delivered are appended to the spool. Returns how many lines are in the spool (0 on success)."""
         self._close_deadline = time.monotonic() + timeout
         self._closing.set()
         self._queue.put(None)
-        self._thread.join(timeout + 5)
-        leftover = list(self._pending)
+        self._thread.join(timeout + 30)  # a request in flight at the deadline ends within its own timeout
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is not None:
-                leftover.append(item)
-        return leftover
+                self._pending.append(item)
+        self._to_spool()
+        return self.spooled
 
 
 def _lines(stream: IO[bytes]) -> Iterator[str]:
-    """Decoded lines of a byte stream: UTF-8 decoded incrementally (invalid bytes → U+FFFD), lines
-    longer than MAX_LINE_BYTES split into pieces, the final unterminated line included."""
+    """Decoded lines of a byte stream: UTF-8 decoded incrementally (invalid bytes and NUL → U+FFFD, as a
+    database's text column cannot hold NUL), lines longer than MAX_LINE_BYTES split into pieces, the final
+    unterminated line included. A line of exactly MAX_LINE_BYTES is one piece, not a piece and an empty line."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     partial = ""
+    just_split = False  # a piece was cut at MAX_LINE_BYTES and nothing of the line came after it yet
     while True:
         chunk = stream.readline(MAX_LINE_BYTES)
         if not chunk:
             tail = partial + decoder.decode(b"", final=True)
             if tail:
-                yield tail.rstrip("\r")
+                yield tail.rstrip("\r").replace("\x00", "\ufffd")
             return
         text = decoder.decode(chunk)
         if chunk.endswith(b"\n"):
-            yield (partial + text)[:-1].rstrip("\r")
+            line = (partial + text)[:-1].rstrip("\r")
+            if line or not just_split:
+                yield line.replace("\x00", "\ufffd")
             partial = ""
+            just_split = False
         else:
             partial += text
+            just_split = False
             if len(partial.encode("utf-8", "surrogatepass")) >= MAX_LINE_BYTES:
-                yield partial
+                yield partial.replace("\x00", "\ufffd")
                 partial = ""
+                just_split = True
 
 
-def _pump(stream: IO[bytes], level: str, shipper: LogShipper, echo: bool) -> None:
-    for line in _lines(stream):
-        shipper.emit(level, line)
-        if echo:
-            print(line, flush=True)
+def _pump(stream: IO[bytes], shipper: LogShipper, echo: bool) -> None:
+    """Ship every line of one of the script's streams at INFO: a program's stderr carries progress and
+    diagnostics as much as errors; whether the task failed is said by its exit code (and the agent's own
+    ERROR line). Keeps reading whatever happens, so the script never blocks on a full pipe."""
+    try:
+        for line in _lines(stream):
+            shipper.emit("INFO", line)
+            if echo:
+                try:
+                    print(line, flush=True)
+                except (OSError, ValueError):  # stdout closed: the lines still go to the API
+                    echo = False
+    except Exception as exc:  # the agent's own bug: say so in one line, then drain the pipe
+        shipper.failure = shipper.failure or exc  # the exit code will say so (EXIT_INTERNAL)
+        log.error("internal error while reading the script's output: %s: %s", type(exc).__name__, exc,
+                  exc_info=shipper.debug)
+        while stream.read(1 << 16):
+            pass
 
 
 def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -> int:
     """Run one task to its end. Returns the agent's exit code."""
     task_id = config.task_id
+    for name, directory in (("work directory", config.work_dir), ("artifacts directory", config.artifacts_dir)):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.error("%s %s: %s", name, directory, exc.strerror or exc)
+            return EXIT_CONFIG
     try:
         client.set_status(task_id, "IN_PROGRESS", message="keruta-agent started")
         task = client.get_task(task_id)
@@ -188,48 +350,39 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
         log.error("%s", exc)
         return EXIT_API_UNREACHABLE
 
-    config.work_dir.mkdir(parents=True, exist_ok=True)
-    config.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    filename = os.path.basename(script.get("filename") or "script.sh") or "script.sh"
-    path = config.work_dir / filename
-    content = script.get("content") or ""
-    path.write_bytes(content.encode("utf-8"))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IRUSR)
-
-    env = dict(os.environ)
-    env.update({
-        "KERUTA_TASK_ID": task_id,
-        "KERUTA_API_URL": config.api_url,
-        "KERUTA_API_TOKEN": config.token,
-        "KERUTA_WORK_DIR": str(config.work_dir),
-        "KERUTA_ARTIFACTS_DIR": str(config.artifacts_dir),
-    })
-    # Scripts call the agent's helpers (`keruta-agent progress 50`): make sure this agent is on PATH.
-    bin_dir = Path(sys.executable).parent
-    if (bin_dir / "keruta-agent").exists():
-        env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", os.defpath)])
-    for key, value in (script.get("parameters") or {}).items():
-        if isinstance(key, str) and key.isidentifier():
-            env[f"KERUTA_PARAM_{key.upper()}"] = str(value)
-    timeout = config.timeout or task.get("timeoutSeconds") or None
-
-    shipper = LogShipper(client, task_id)
+    spool = config.work_dir / ".keruta" / "unsent-logs.jsonl"
+    shipper = LogShipper(client, task_id, spool, debug=config.debug)
     terminated = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: terminated.set())  # kept through the hold that follows
-    status, error_code, message = _execute(path, config, env, shipper, timeout, terminated, echo)
+    name = os.path.basename(str(script.get("filename") or "script.sh"))
+    path = config.work_dir / (name if name not in ("", ".", "..") else "script.sh")
+    try:
+        path.write_bytes(str(script.get("content") or "").encode("utf-8"))
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IRUSR)
+    except OSError as exc:
+        message = f"cannot write the script to {path}: {exc.strerror or exc}"
+        shipper.emit("ERROR", message)
+        status, error_code = "FAILED", "SCRIPT_NOT_RUNNABLE"
+    else:
+        env = _script_env(config, script)
+        timeout = config.timeout or task.get("timeoutSeconds") or None
+        status, error_code, message = _execute(path, config, env, shipper, timeout, terminated, echo)
 
     if config.upload and status != "TERMINATED":
         upload_artifacts(config, client, shipper)
-    unsent = shipper.close(config.retry_seconds)
+    spooled = shipper.close(config.retry_seconds)
     exit_code = {"COMPLETED": EXIT_OK, "FAILED": EXIT_TASK_FAILED, "TERMINATED": EXIT_TERMINATED}[status]
-    if unsent:
-        spool = config.work_dir / ".keruta" / "unsent-logs.jsonl"
-        spool.parent.mkdir(parents=True, exist_ok=True)
-        with spool.open("a", encoding="utf-8") as out:
-            for item in unsent:
-                out.write(json.dumps(item) + "\n")
-        log.error("%d log lines could not be sent; kept in %s", len(unsent), spool)
+    if shipper.refused is not None:
+        # Refused for good (wrong token, task gone…): a configuration error, not an unreachable API.
+        log.error("%d log lines not stored (the keruta API refused them); kept in %s", spooled, spool)
+        exit_code = EXIT_CONFIG
+    elif shipper.failure is not None:
+        if spooled:
+            log.error("%d log lines not sent (internal error); kept in %s", spooled, spool)
+        exit_code = EXIT_INTERNAL
+    elif spooled:
+        log.error("%d log lines could not be sent; kept in %s", spooled, spool)
         exit_code = EXIT_API_UNREACHABLE
     if status == "TERMINATED":
         # SIGTERM comes from a cancel, an eviction, a node drain or a deleted Job: the agent cannot tell
@@ -239,8 +392,13 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
     try:
         client.set_status(task_id, status, message=message, error_code=error_code)
     except ApiRejected as exc:
-        # e.g. the flow already marked the task CANCELLED: that word stands, ours is dropped.
-        log.warning("final status not accepted: %s", exc)
+        if not exc.permanent:
+            # e.g. the flow already marked the task CANCELLED (409): that word stands, ours is dropped.
+            log.warning("final status not accepted: %s", exc)
+        else:
+            if not _same_refusal(exc, shipper.refused):  # each refusal is said once
+                log.error("%s", exc)
+            return EXIT_CONFIG
     except ApiError as exc:
         log.error("%s", exc)
         return EXIT_API_UNREACHABLE
@@ -248,22 +406,56 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
     return exit_code
 
 
+def _same_refusal(exc: ApiRejected, earlier: ApiRejected | None) -> bool:
+    return earlier is not None and (earlier.status, earlier.detail) == (exc.status, exc.detail)
+
+
+def _script_env(config: AgentConfig, script: dict[str, Any]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "KERUTA_TASK_ID": config.task_id,
+        "KERUTA_API_URL": config.api_url,
+        "KERUTA_API_TOKEN": config.token,
+        "KERUTA_WORK_DIR": str(config.work_dir),
+        "KERUTA_ARTIFACTS_DIR": str(config.artifacts_dir),
+    })
+    # Scripts call the agent's helpers (`keruta-agent progress 50`): make sure this agent is on PATH.
+    bin_dir = Path(sys.executable).parent
+    if (bin_dir / "keruta-agent").exists():
+        env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", os.defpath)])
+    parameters = script.get("parameters")
+    for key, value in (parameters.items() if isinstance(parameters, dict) else ()):
+        if isinstance(key, str) and key.isidentifier():
+            env[f"KERUTA_PARAM_{key.upper()}"] = str(value)
+    return env
+
+
 def upload_artifacts(config: AgentConfig, client: KerutaClient, shipper: LogShipper) -> None:
     """Upload mode (no pods/exec on the cluster): every regular file of the artifacts directory goes to
-    POST /api/v1/tasks/{id}/artifacts. A file the API refuses (over a cap) is reported, not dropped silently."""
+    POST /api/v1/tasks/{id}/artifacts. A file the API refuses (over a cap) is reported, not dropped silently;
+    a refusal of everything (wrong token, task gone) or an unreachable API ends the uploads with one line."""
     root = config.artifacts_dir
     if not root.is_dir():
         return
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
-        relative = path.relative_to(root).as_posix()
-        if relative == COLLECTED_MARKER:
-            continue
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    pairs = [(p, p.relative_to(root).as_posix()) for p in files]
+    pairs = [(p, relative) for p, relative in pairs if relative != COLLECTED_MARKER]
+    for index, (path, relative) in enumerate(pairs):
         try:
             client.upload_artifact(config.task_id, path, relative)
         except ApiRejected as exc:
-            shipper.emit("ERROR", f"artifact {relative} not kept: {exc.detail}")
+            if not exc.permanent:
+                shipper.emit("ERROR", f"artifact {relative} not kept: {exc.detail}")
+                continue
+            left = len(pairs) - index
+            shipper.emit("ERROR", f"{left} artifacts not uploaded: {exc}")
+            log.error("%d artifacts not uploaded: %s", left, exc)
+            return
         except ApiError as exc:
-            shipper.emit("ERROR", f"artifact {relative} not uploaded: {exc}")
+            left = len(pairs) - index
+            shipper.emit("ERROR", f"{left} artifacts not uploaded: {exc}")
+            log.error("%d artifacts not uploaded: %s", left, exc)
+            return
 
 
 COLLECTED_MARKER = ".collected"
@@ -300,10 +492,8 @@ def _execute(path: Path, config: AgentConfig, env: dict[str, str], shipper: LogS
         shipper.emit("ERROR", f"cannot execute {path.name}: {exc.strerror}")
         return "FAILED", "SCRIPT_NOT_RUNNABLE", f"cannot execute {path.name}: {exc.strerror}"
     assert proc.stdout is not None and proc.stderr is not None
-    readers = [
-        threading.Thread(target=_pump, args=(proc.stdout, "INFO", shipper, echo), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, "ERROR", shipper, echo), daemon=True),
-    ]
+    readers = [threading.Thread(target=_pump, args=(stream, shipper, echo), daemon=True)
+               for stream in (proc.stdout, proc.stderr)]
     for reader in readers:
         reader.start()
     started = time.monotonic()
@@ -342,8 +532,11 @@ def _execute(path: Path, config: AgentConfig, env: dict[str, str], shipper: LogS
         return "COMPLETED", None, f"script exited with code 0 after {elapsed:.1f}s"
     if code < 0:
         name = signal.Signals(-code).name
-        return "FAILED", f"SCRIPT_KILLED_{name}", f"script was killed by {name}"
-    return "FAILED", f"SCRIPT_EXIT_{code}", f"script exited with code {code}"
+        error_code, message = f"SCRIPT_KILLED_{name}", f"script was killed by {name}"
+    else:
+        error_code, message = f"SCRIPT_EXIT_{code}", f"script exited with code {code}"
+    shipper.emit("ERROR", message)  # the script's own lines are all INFO: the failure is said here
+    return "FAILED", error_code, message
 
 
 def _kill_group(pid: int, sig: int) -> None:
