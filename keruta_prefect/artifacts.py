@@ -7,14 +7,19 @@ is reported by name and reason, never silently dropped.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import shutil
+import stat
+import subprocess
 import tarfile
+import tempfile
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO
 
 from keruta_prefect.models import ArtifactInfo
@@ -52,76 +57,308 @@ class ArchiveRejected(ValueError):
     """A hostile or broken archive: nothing of it is kept."""
 
 
+class PublishStranded(OSError):
+    """Publishing failed and undoing it failed too: the staging directory named in the message is left
+    in place, because it holds files of the destination that were moved aside."""
+
+
 MAX_MEMBERS = 200_000  # a file-count bomb stops here
+
+
+def entry_name(raw: str) -> str:
+    """The path an archive entry is kept under: its name in ``PurePosixPath``'s normal form and otherwise
+    exactly as archived (``./.env`` is ``.env``, ``./..data`` is ``..data``, ``a//b/`` is ``a/b``); ``""``
+    is the archive's root (``.``, ``./``).
+
+    A name that could lead anywhere but inside rejects the archive (ArchiveRejected): absolute (a leading
+    ``/`` or ``\\``), with a ``..`` component (``/`` or ``\\`` separating: a Windows reader would take
+    ``a\\..\\b`` for a path), or holding a NUL. Other backslashes are kept: on POSIX they are part of a name.
+    """
+    if raw.startswith(("/", "\\")):  # stricter than tarfile's `data` filter, which strips the slash
+        raise ArchiveRejected(f"unsafe entry {raw!r}: an absolute path")
+    if "\0" in raw:
+        raise ArchiveRejected(f"unsafe entry {raw!r}: a NUL in the name")
+    parts = PurePosixPath(raw).parts
+    if ".." in parts or ("\\" in raw and ".." in re.split(r"[/\\]", raw)):
+        raise ArchiveRejected(f"unsafe entry {raw!r}: a '..' component")
+    return "/".join(parts)
+
+
+def _utf8(name: str) -> bool:
+    """Was ``name`` valid UTF-8 in the archive? tarfile keeps other bytes as lone surrogates, which no
+    database or JSON document takes."""
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _Member(tarfile.TarInfo):
+    """tarfile's TarInfo, except that an archive must end with its end-of-archive marker.
+
+    In stream mode tarfile takes a header that is missing, short or garbled (after the first) for the
+    end of the archive, so a stream cut right between two entries would pass as whole and half of it
+    would be kept."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            raise  # the end-of-archive marker: the archive is whole
+        except tarfile.HeaderError as exc:
+            if tarfile_.offset == 0:
+                raise  # the very first header: tarfile says "not a tar archive"
+            raise ArchiveRejected(f"the archive is broken or cut short (no end-of-archive marker: {exc})") from None
+
+
+def _too_long(target: str, name: str, path_max: int, name_max: int) -> bool:
+    """Is a path, or one of its names, longer in bytes than the file system takes (PATH_MAX, NAME_MAX)?
+    Checked before anything is made, so no half-made directory is left for a name that cannot be."""
+    if len(target) * 4 < path_max and len(name) * 4 <= name_max:  # UTF-8 takes at most 4 bytes a character
+        return False
+    return len(os.fsencode(target)) >= path_max or any(len(part.encode()) > name_max for part in name.split("/"))
+
+
+def _as_directories(path: str, dirs: set[str], entries: dict[str, ArtifactInfo | str], raw: str) -> None:
+    """Record ``path`` and its parents as directories; one that is already a file rejects the archive."""
+    while path not in dirs:
+        if path in entries:
+            raise ArchiveRejected(f"conflicting entries: {path!r} is both a file and a directory (at {raw!r})")
+        dirs.add(path)
+        path = path.rpartition("/")[0]
 
 
 def extract_tar_stream(stream: IO[bytes], dest: Path, *, max_file_size: int, max_total_size: int,
                        max_members: int = MAX_MEMBERS) -> CollectResult:
     """Extract a tar archive read as a stream (never whole in memory) into ``dest``, safely.
 
-    Every member passes tarfile's ``data`` filter: an absolute path, a ``..``, a link pointing outside
-    or a device file rejects the whole archive (ArchiveRejected) and nothing of it is kept. Regular
-    files are hashed while they are written, capped per file and in total (what is left out is
-    recorded by name and reason); links and other special entries are recorded, not extracted.
+    Every member passes tarfile's ``data`` filter and stricter checks: an absolute path, a ``..``
+    component, a NUL in a name, a link pointing outside, a device or FIFO, a name that is both a file and
+    a directory, or an archive cut short rejects the whole archive (ArchiveRejected) and nothing of it is
+    kept. Names are kept exactly (see ``entry_name``); an entry that comes again wins over the earlier
+    one, as with ``tar x``. Regular files are hashed while they are written, capped per file and in total
+    (what is left out is recorded by name and reason, as are names that are not UTF-8 or are too long for
+    the file system); links and other special entries are recorded, not extracted.
+
     Files land in a staging directory inside ``dest`` and are moved into place only when the whole
-    archive was read, so a rejected or broken archive leaves ``dest`` as it was.
+    archive was read; they replace files of an earlier collection of the same name. Publishing is all or
+    nothing: if it fails midway (a directory of an earlier collection where a file goes, or an OSError)
+    what was moved is moved back, so ``dest`` is as it was, and no staging directory is left behind.
     """
-    result = CollectResult()
     dest.mkdir(parents=True, exist_ok=True)
-    staging = dest / f".incoming-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = dest / f".incoming-{uuid.uuid4().hex[:12]}"
+    staged = staging / "files"
+    staged.mkdir(parents=True)
+    try:
+        entries = _extract(stream, str(staged), str(dest), max_file_size, max_total_size, max_members)
+        _publish(staged, dest, staging / "replaced")
+    except PublishStranded:
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    result = CollectResult()
+    for entry in entries.values():
+        if isinstance(entry, ArtifactInfo):
+            result.files.append(entry)
+        else:
+            result.skipped.append(entry)
+    return result
+
+
+def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_total_size: int,
+             max_members: int) -> dict[str, ArtifactInfo | str]:
+    """Read the archive into ``staged``: by path, the last entry's outcome, kept (ArtifactInfo) or a note."""
+    entries: dict[str, ArtifactInfo | str] = {}
+    dirs: set[str] = {""}  # paths that are directories: named as one, or holding another entry
+    made: set[str] = {""}  # directories made in the staging directory
     total = 0
+    path_max, name_max = os.pathconf(staged, "PC_PATH_MAX"), os.pathconf(staged, "PC_NAME_MAX")
     try:
         try:
-            archive = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 - closed by the `with` below
+            archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Member)  # noqa: SIM115 - closed below
         except tarfile.TarError as exc:
             raise ArchiveRejected(f"not a tar archive ({exc})") from None
         with archive:
             for count, member in enumerate(archive, start=1):
                 if count > max_members:
                     raise ArchiveRejected(f"more than {max_members} entries")
-                if member.name.startswith(("/", "\\")):  # stricter than `data`, which strips the slash
-                    raise ArchiveRejected(f"unsafe entry {member.name!r}: an absolute path")
+                name = entry_name(member.name)
                 try:
-                    safe = tarfile.data_filter(member, str(staging))
+                    safe = tarfile.data_filter(member, staged)
                 except tarfile.FilterError as exc:
                     raise ArchiveRejected(f"unsafe entry {member.name!r}: {exc}") from None
-                name = safe.name.lstrip("./") or safe.name
                 if safe.isdir():
+                    if name in entries:
+                        raise ArchiveRejected(f"conflicting entries: {name!r} is both a file and a directory")
+                    _as_directories(name, dirs, entries, member.name)
+                    continue
+                if not name:
+                    raise ArchiveRejected(f"unsafe entry {member.name!r}: a file without a name")
+                if name in dirs:
+                    raise ArchiveRejected(f"conflicting entries: {name!r} is both a file and a directory")
+                parent = name.rpartition("/")[0]
+                _as_directories(parent, dirs, entries, member.name)
+                earlier = entries.pop(name, None)  # the last entry of a name wins, as with `tar x`
+                if isinstance(earlier, ArtifactInfo):
+                    total -= earlier.size
+                    os.unlink(os.path.join(staged, name))
+                if not _utf8(name):
+                    printable = name.encode("utf-8", "backslashreplace").decode("utf-8")
+                    entries[name] = f"{printable}: the name is not valid UTF-8"
                     continue
                 if not safe.isreg():
-                    result.skipped.append(f"{name}: not a regular file")
+                    entries[name] = f"{name}: not a regular file"
                     continue
                 if safe.size > max_file_size:
-                    result.skipped.append(f"{name}: {safe.size} bytes is over the {max_file_size}-byte file cap")
+                    entries[name] = f"{name}: {safe.size} bytes is over the {max_file_size}-byte file cap"
                     continue
                 if total + safe.size > max_total_size:
-                    result.skipped.append(f"{name}: would pass the {max_total_size}-byte total cap")
+                    entries[name] = f"{name}: would pass the {max_total_size}-byte total cap"
+                    continue
+                target = os.path.join(staged, name)
+                if _too_long(target, name, path_max, name_max):
+                    entries[name] = f"{name}: the name is too long for the file system"
+                    continue
+                try:
+                    if parent not in made:
+                        os.makedirs(os.path.join(staged, parent), exist_ok=True)
+                        made.add(parent)
+                    out = open(target, "wb")  # noqa: SIM115 - closed by the `with` below
+                except OSError as exc:
+                    if exc.errno != errno.ENAMETOOLONG:
+                        raise
+                    entries[name] = f"{name}: the name is too long for the file system"
                     continue
                 source = archive.extractfile(member)
                 assert source is not None
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
                 digest = hashlib.sha256()
                 written = 0
-                with target.open("wb") as out:
+                with out:
                     while chunk := source.read(CHUNK):
                         written += len(chunk)
                         digest.update(chunk)
                         out.write(chunk)
                 total += written
-                result.files.append(ArtifactInfo(path=name, size=written, sha256=digest.hexdigest(),
-                                                 location=str(dest / name)))
+                entries[name] = ArtifactInfo(path=name, size=written, sha256=digest.hexdigest(),
+                                             location=os.path.join(dest, name))
     except (tarfile.TarError, EOFError) as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         raise ArchiveRejected(f"the archive is broken or cut short ({exc})") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    return entries
+
+
+def _publish(staged: Path, dest: Path, aside: Path) -> None:
+    """Move the staged tree into ``dest``, all or nothing.
+
+    A path ``dest`` does not hold moves whole (a directory in one rename); a directory it holds is
+    merged into; a file it holds (an earlier collection of the same attempt) is replaced, the old one
+    moved ``aside`` until everything is in place. A file where a directory goes, or the other way round,
+    rejects the archive. On any failure every move is undone, newest first."""
+    aside.mkdir()
+    moves: list[tuple[str, str]] = []  # (where it is now, where it came from)
+    try:
+        _merge(str(staged), str(dest), "", str(aside), moves)
+    except BaseException as exc:
+        try:
+            for now, came_from in reversed(moves):
+                os.rename(now, came_from)
+        except OSError as undo:
+            raise PublishStranded(f"publishing into {dest} failed ({exc}) and undoing it failed ({undo}): "
+                                  f"files moved aside are in {aside.parent}") from exc
         raise
-    for item in result.files:  # publish: everything was read and accepted
-        final = dest / item.path
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / item.path, final)
-    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _merge(source: str, target: str, prefix: str, aside: str, moves: list[tuple[str, str]]) -> None:
+    with os.scandir(source) as listing:
+        items = list(listing)
+    for item in items:
+        final = os.path.join(target, item.name)
+        name = prefix + item.name
+        try:
+            there = os.lstat(final)
+        except FileNotFoundError:
+            os.rename(item.path, final)
+            moves.append((final, item.path))
+            continue
+        if item.is_dir(follow_symlinks=False):
+            if not stat.S_ISDIR(there.st_mode):
+                raise ArchiveRejected(f"cannot keep {name!r}: a file of that name is in {target} already (from an "
+                                      "earlier collection); nothing of this archive was kept")
+            _merge(item.path, final, name + "/", aside, moves)
+        elif stat.S_ISDIR(there.st_mode):
+            raise ArchiveRejected(f"cannot keep {name!r}: a directory of that name is in {target} already (from "
+                                  "an earlier collection); nothing of this archive was kept")
+        else:
+            kept = os.path.join(aside, str(len(moves)))
+            os.rename(final, kept)
+            moves.append((kept, final))
+            os.rename(item.path, final)
+            moves.append((final, item.path))
+
+
+MAX_TAR_NOTES = 1000  # complaints of tar named one by one; the rest are counted
+_TAR_PROGRAM = re.compile(r"^[^:\s]*tar: ")  # how tar starts its messages: `tar: `, `/usr/bin/tar: `, `bsdtar: `
+
+
+def collect_with_tar(source: Path, dest: Path, *, max_file_size: int, max_total_size: int) -> CollectResult:
+    """``tar cf - -C <source> .`` on this machine, extracted into ``dest`` as it streams.
+
+    tar's stderr goes to an unlinked temporary file, never a pipe nobody reads (tar would stop for good
+    at 64 KiB of warnings, and the collection with it). Files tar could not read, or left out (a socket),
+    are named in ``skipped`` with tar's words; a non-zero exit status is recorded there too, or, when the
+    archive was rejected, next to the reason in ``lost``."""
+    with tempfile.TemporaryFile() as errors:
+        tar = subprocess.Popen(["tar", "cf", "-", "-C", str(source), "."], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=errors)
+        assert tar.stdout is not None
+        result = CollectResult()
+        rejected: ArchiveRejected | None = None
+        try:
+            try:
+                result = extract_tar_stream(tar.stdout, dest, max_file_size=max_file_size,
+                                            max_total_size=max_total_size)
+            except ArchiveRejected as exc:
+                rejected = exc
+            else:
+                while tar.stdout.read(CHUNK):  # the padding after the end-of-archive marker: tar ends by itself
+                    pass
+        finally:
+            tar.stdout.close()
+            code = tar.wait()
+        errors.seek(0)
+        notes, last = tar_complaints(errors)
+    if rejected is not None:
+        failed = f"; tar exited with status {code}: {last}" if code > 0 and last else ""
+        result = CollectResult(lost=f"artifacts lost: {rejected}{failed}")
+    result.skipped.extend(notes)
+    if code != 0 and rejected is None:
+        result.skipped.append(f"tar: exit status {code}" + (f" ({last})" if last else ""))
     return result
 
+
+def tar_complaints(stderr: Iterable[bytes], limit: int = MAX_TAR_NOTES) -> tuple[list[str], str | None]:
+    """tar's stderr, read: a note ``<file>: <complaint>`` for each line about a file (GNU tar's
+    ``tar: ./x: Cannot open: Permission denied`` is ``x: Cannot open: Permission denied``), at most
+    ``limit`` of them and then a count; and tar's last line (without ``tar: ``), which says why it failed."""
+    notes: list[str] = []
+    more = 0
+    last: str | None = None
+    for raw in stderr:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line.strip():
+            continue
+        text = _TAR_PROGRAM.sub("", line, count=1)
+        last = text
+        if text.startswith("./"):
+            if len(notes) < limit:
+                notes.append(text[2:])
+            else:
+                more += 1
+    if more:
+        notes.append(f"tar: {more} more complaints about files, not listed")
+    return notes, last
