@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 
-from keruta_prefect.settings import KerutaSettings
+from keruta_prefect.settings import KerutaSettings, SettingsError
+from keruta_prefect.validation import check_block_name, one_line, shorten
 
 DEFAULT_BLOCK = "default"
+B = TypeVar("B", bound=Block)
 
 
 class KerutaKubernetesSettings(Block, KerutaSettings):
@@ -48,9 +51,23 @@ class KerutaApiCredentials(Block):
     token: SecretStr = Field(description="bearer token of the keruta API (Secret `keruta-api-token` in the cluster)")
 
 
+def _register(block_cls: type[Block]) -> None:
+    """Register a block type and schema. Prefect reads, then creates if absent: when another process
+    creates them between the two, the server answers 409 and a second pass finds them."""
+    from prefect.exceptions import ObjectAlreadyExists
+
+    for attempt in (1, 2, 3):  # a type, then a schema, can each be taken by another process once
+        try:
+            block_cls.register_type_and_schema()
+            return
+        except ObjectAlreadyExists:
+            if attempt == 3:
+                raise
+
+
 def register_block_types() -> None:
-    KerutaKubernetesSettings.register_type_and_schema()
-    KerutaApiCredentials.register_type_and_schema()
+    _register(KerutaKubernetesSettings)
+    _register(KerutaApiCredentials)
 
 
 @dataclass
@@ -73,41 +90,86 @@ class SeedReport:
         return out
 
 
-def _exists(block_cls: type[Block], name: str) -> bool:
+def check_name(name: str, what: str = "block name") -> str:
     try:
-        block_cls.load(name, validate=False)
-    except ValueError:
-        return False
+        return check_block_name(name)
+    except ValueError as exc:
+        raise SettingsError(f"{what} {shorten(name)}: must be {exc}") from None
+
+
+def _create(block: Block, name: str, *, overwrite: bool) -> bool:
+    """Store ``block`` as ``name``; without ``overwrite`` only if absent. True if this call wrote it.
+
+    Create-if-absent is one request (the server answers 409 on a name in use), never read-then-write:
+    of two seeders racing, the second never overwrites what the first stored, nor an edit made since.
+    """
+    from prefect.exceptions import ObjectAlreadyExists
+
+    try:
+        block.save(name, overwrite=overwrite)
+    except ValueError as exc:
+        if isinstance(exc.__cause__, ObjectAlreadyExists):
+            return False
+        raise
     return True
 
 
 def seed(settings: KerutaSettings, *, name: str = DEFAULT_BLOCK, force: bool = False,
          token: str | None = None) -> SeedReport:
-    """Register the block types and create the documents named ``name`` if absent (or if ``force``)."""
+    """Register the block types and create the documents named ``name`` if absent (or replace them if ``force``)."""
+    check_name(name)
     register_block_types()
-    settings_created = force or not _exists(KerutaKubernetesSettings, name)
-    if settings_created:
-        KerutaKubernetesSettings(**settings.model_dump()).save(name, overwrite=True)
-    api_created = force or not _exists(KerutaApiCredentials, name)
-    generated = False
-    if api_created:
-        value = token or os.environ.get("KERUTA_API_TOKEN")
-        if not value:
-            value, generated = secrets.token_urlsafe(32), True
-        KerutaApiCredentials(url=settings.api_url, token=SecretStr(value)).save(name, overwrite=True)
-    return SeedReport(settings_created, api_created, generated, name)
+    settings_created = _create(KerutaKubernetesSettings(**settings.model_dump()), name, overwrite=force)
+    value = token or os.environ.get("KERUTA_API_TOKEN")
+    generated = not value
+    api = KerutaApiCredentials(url=settings.api_url, token=SecretStr(value or secrets.token_urlsafe(32)))
+    api_created = _create(api, name, overwrite=force)
+    return SeedReport(settings_created, api_created, generated and api_created, name)
+
+
+def _read(block_cls: type[B], name: str) -> B | None:
+    """The stored block ``name`` (None if absent). A document that no longer validates (edited in the UI
+    or through the API) raises SettingsError: one line naming the block, the field and the value."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    check_name(name)
+    slug = block_cls.get_block_type_slug()
+    with get_client(sync_client=True) as client:
+        try:
+            document = client.read_block_document_by_name(name, slug, include_secrets=True)
+        except ObjectNotFound:
+            return None
+    data = {key: value for key, value in document.data.items() if key in block_cls.model_fields}
+    try:
+        return block_cls.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(one_line(exc, prefix=f"block {slug}/{name}: ")) from None
+
+
+def read_settings(name: str = DEFAULT_BLOCK) -> KerutaSettings | None:
+    """The stored settings block ``name``, or None if there is none (SettingsError if it is invalid)."""
+    block = _read(KerutaKubernetesSettings, name)
+    return None if block is None else block.settings()
+
+
+def read_api_credentials(name: str = DEFAULT_BLOCK) -> KerutaApiCredentials | None:
+    return _read(KerutaApiCredentials, name)
 
 
 def load_settings(name: str = DEFAULT_BLOCK, *, properties: str | None = None) -> KerutaSettings:
     """The stored settings; on first use, seed them from ``properties`` (or $KERUTA_PROPERTIES, or the
-    defaults) — as the original created its stored copy on first read."""
-    try:
-        return KerutaKubernetesSettings.load(name).settings()
-    except ValueError:
-        pass
+    defaults) — as the original created its stored copy on first read. A stored block that does not
+    validate raises SettingsError (one line naming the field and the value); it is never replaced."""
+    stored = read_settings(name)
+    if stored is not None:
+        return stored
     from keruta_prefect.settings import load_properties_file
 
     path = properties or os.environ.get("KERUTA_PROPERTIES")
     settings = load_properties_file(path) if path else KerutaSettings()
     seed(settings, name=name)
-    return KerutaKubernetesSettings.load(name).settings()
+    stored = read_settings(name)  # ours, or what a concurrent first run stored a moment before
+    if stored is None:
+        raise SettingsError(f"block {KerutaKubernetesSettings.get_block_type_slug()}/{name}: deleted while seeding")
+    return stored

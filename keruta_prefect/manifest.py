@@ -93,14 +93,21 @@ def label_value(text: str) -> str:
     return f"{slug}{suffix}" if slug else suffix[1:]
 
 
+SHORT_MARKERS = ("…[truncated]", "…")
+
+
 def truncate_utf8(text: str, limit: int, marker: str = TRUNCATION_MARKER) -> str:
-    """At most ``limit`` UTF-8 bytes, cut on a character boundary, with a visible marker when cut."""
+    """At most ``limit`` UTF-8 bytes, marker included, cut on a character boundary, with a visible marker
+    when cut. A marker that does not fit (a long task id in it, or a tiny limit) gives way to a shorter
+    one ("…[truncated]", then "…"), then to none."""
     data = text.encode("utf-8")
     if len(data) <= limit:
         return text
-    room = max(0, limit - len(marker.encode("utf-8")))
+    fitting = (m for m in (marker, *SHORT_MARKERS) if len(m.encode("utf-8")) <= limit)
+    chosen = next(fitting, "")
+    room = max(0, limit - len(chosen.encode("utf-8")))
     # errors="ignore" drops a multi-byte character cut in half at the end.
-    return data[:room].decode("utf-8", errors="ignore") + marker
+    return data[:room].decode("utf-8", errors="ignore") + chosen
 
 
 def task_env(task: Task, settings: KerutaSettings) -> dict[str, str]:

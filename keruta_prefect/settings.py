@@ -7,7 +7,6 @@ README table and the parser can never disagree.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import javaproperties
+from javaproperties.util import ascii_splitlines
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from keruta_prefect.validation import (
@@ -302,22 +302,54 @@ def settings_from_mapping(values: Mapping[str, str], *, warn: list[str] | None =
 def parse_properties(data: bytes, *, source: str = "properties") -> dict[str, str]:
     """Parse Java properties text with `javaproperties` (escapes, continuations, \\uXXXX).
 
-    Rejects bytes that are not UTF-8 (naming the line) and keys set twice (naming both values).
+    Rejects, in one line naming the line, key and value: bytes that are not UTF-8, a malformed
+    ``\\u`` escape, a value that is not text (a lone UTF-16 surrogate escape), and keys set twice.
     """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise SettingsError(f"{source}: line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02x})") from None
-    pairs: list[tuple[str, str]] = javaproperties.load(io.StringIO(text), object_pairs_hook=list)
     result: dict[str, str] = {}
-    for key, value in pairs:
+    line = 1  # the first line of the element being parsed
+    elements = javaproperties.parse(text)
+    while True:
+        try:
+            element = next(elements, None)
+        except javaproperties.InvalidUEscapeError as exc:
+            raise SettingsError(_escape_error(text, line, source, exc.escape)) from None
+        if element is None:
+            return result
+        line += len(ascii_splitlines(element.source))
+        if not isinstance(element, javaproperties.KeyValue):
+            continue
+        key, value = element.key, element.value
+        if not (_is_text(key) and _is_text(value)):
+            name = key if _is_text(key) else shorten(key)
+            raise SettingsError(f"{source}: {name}={shorten(value)}: a \\uD800-\\uDFFF escape that is not half "
+                                "of a pair; write the character itself")
         if key in result and result[key] != value:
             raise SettingsError(
                 f"{source}: {key} is set twice ({shorten(result[key])} and {shorten(value)}); keep one"
             )
         result[key] = value
-    return result
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escape_error(text: str, line: int, source: str, escape: str) -> str:
+    """The line as written (no escapes decoded: that is where the mistake is), cut if long."""
+    lines = ascii_splitlines(text)
+    raw = lines[line - 1].strip(" \t\f\r\n") if 0 < line <= len(lines) else ""
+    if len(raw) > 100:
+        raw = raw[:95] + "…" + raw[-4:]
+    return f"{source}: line {line}: {raw}: invalid escape {escape} (write \\u and four hex digits, e.g. \\u00e9)"
 
 
 def load_properties_file(path: str | os.PathLike[str], *, warn: list[str] | None = None) -> KerutaSettings:

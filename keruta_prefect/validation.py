@@ -136,3 +136,16 @@ def _friendly(item: Any) -> str:
     if kind == "string_too_long":
         return f"must be at most {ctx.get('max_length')} characters"
     return str(item["msg"])
+
+
+def check_block_name(value: str) -> str:
+    """A Prefect block document name (Prefect's own rule: lowercase letters, digits and dashes)."""
+    if not re.fullmatch(r"[a-z0-9-]+", value):
+        raise ValueError("a Prefect block name: lowercase letters, digits and '-'")
+    return value
+
+
+def single_line(text: str, limit: int = 1000) -> str:
+    """``text`` as one line: its non-blank lines joined, cut to ``limit`` characters."""
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
