@@ -37,12 +37,15 @@ from keruta_prefect.backends.base import (
     TransientBackendError,
 )
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
+from keruta_prefect.claims import ClaimLease, claim_owner, claim_task
+from keruta_prefect.limits import TASKS_LIMIT, task_slot
 from keruta_prefect.manifest import namespace_of, needs_volume, pvc_name
 from keruta_prefect.models import (
     ArtifactInfo,
     InvalidTransition,
     Task,
     TaskResult,
+    TaskSpecError,
     TaskStatus,
     parse_task_spec,
 )
@@ -91,58 +94,6 @@ def get_backend(name: str, settings: KerutaSettings, store: Store) -> Backend:
 
 
 # --- the steps --------------------------------------------------------------------------------------
-
-class TaskClaimed(RuntimeError):
-    """Another live flow run holds the task: it runs it (never two at once)."""
-
-    def __init__(self, task_id: str, holder: str) -> None:
-        super().__init__(f"task {task_id!r} is claimed by flow run {holder}, which is still running; "
-                         "cancel that flow run to run the task here")
-        self.task_id, self.holder = task_id, holder
-
-
-def flow_run_alive(flow_run_id: str) -> bool:
-    """Is this flow run still able to run a task (not in a final state)? Unknown runs are not."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        run_id = uuid.UUID(flow_run_id)
-    except ValueError:
-        return False
-    with get_client(sync_client=True) as client:
-        try:
-            run = client.read_flow_run(run_id)
-        except ObjectNotFound:
-            return False
-    return run.state is not None and not run.state.is_final()
-
-
-def claim_owner() -> str:
-    """Who claims tasks from here: the current flow run (a process-unique name outside one)."""
-    return str(runtime_flow_run.id) if runtime_flow_run.id else f"process-{uuid.uuid4()}"
-
-
-def claim_task(store: Store, task_id: str, owner: str, handed_over_by: str | None = None) -> Task:
-    """Make ``owner`` the one flow run that runs this task, atomically (see Store.claim).
-
-    A FAILED/CANCELLED task is queued again. A claim held by a flow run that ended (a crashed
-    dispatcher) is taken over; one held by a live flow run raises TaskClaimed. A task that is no
-    longer PENDING (IN_PROGRESS from a crashed run, COMPLETED) is returned as it is."""
-    replacing: tuple[str | None, ...] = (None, handed_over_by)
-    for _ in range(3):
-        claimed = store.claim(task_id, owner, replacing=replacing, requeue=True)
-        if claimed is not None:
-            return claimed
-        current = store.get_task(task_id)
-        holder = store.claim_of(task_id)
-        if current.status != TaskStatus.PENDING:
-            return current
-        if holder and flow_run_alive(holder):
-            raise TaskClaimed(task_id, holder)
-        replacing = (None, handed_over_by, holder)
-    raise TaskClaimed(task_id, store.claim_of(task_id) or "?")
-
 
 @task(name="prepare-task", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(0.5),
       retry_condition_fn=_retry_on(OperationalError))
@@ -300,8 +251,15 @@ def collect_artifacts(backend: Backend, handle: RunHandle, settings: KerutaSetti
     dest = attempt_dir(settings.storage_root(), handle.task_id, handle.attempt)
     try:
         return backend.collect(handle, dest)
-    except OSError as exc:
-        return CollectResult(lost=f"artifacts lost: {exc}")
+    except Exception as exc:  # however collection failed, the run is still recorded: the files are lost, said why
+        get_run_logger().warning("collecting the files of task %s failed", handle.task_id, exc_info=True)
+        return CollectResult(lost=f"artifacts lost: {_one_line(exc)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line a person can read: its message's first line, else its type."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 @task(name="record-run", cache_policy=NO_CACHE, retries=5, retry_delay_seconds=exponential_backoff(0.5),
@@ -344,12 +302,14 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
-                         backend: str | None = None) -> list[str]:
+                         backend: str | None = None, parameters: dict[str, Any] | None = None) -> list[str]:
     """Stop every agent a flow run started that has not finished, and mark its task CANCELLED.
 
     Used by the flow's on_cancellation hook, which Prefect runs in the *runner* process:
-    the agents are found through the run records (flow-run id), never through in-memory handles.
-    Returns the ids of the tasks stopped.
+    the agents are found through the run records (flow-run id), never through in-memory handles, and
+    on Kubernetes also by the flow-run label, in every namespace the run may have used (the default one,
+    the recorded ones, and the task's own, from the flow run's parameters). Returns the ids of the
+    tasks stopped.
     """
     store = get_store()
     settings = load_settings(settings_block)
@@ -359,6 +319,7 @@ def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
         # By label too: a Job created just before a crash may never have been recorded.
         k8s = get_backend("kubernetes", settings, store)
         namespaces = {run.namespace for run in runs if run.namespace}
+        namespaces |= _task_namespaces(store, settings, parameters or {})
         for handle in k8s.jobs_of_flow_run(flow_run_id, namespaces):  # type: ignore[attr-defined]
             handles.setdefault((handle.backend, handle.name), (handle, None))
     stopped = []
@@ -370,10 +331,25 @@ def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
     return stopped
 
 
+def _task_namespaces(store: Store, settings: KerutaSettings, parameters: dict[str, Any]) -> set[str]:
+    """The namespace of the task a keruta-task flow run was given (by spec or by stored id), if any."""
+    spec, task_id = parameters.get("task_spec"), parameters.get("task_id")
+    try:
+        if spec is not None:
+            found = parse_task_spec(spec, source="task_spec")
+            if task_id is None or found.id == task_id:
+                return {namespace_of(found, settings)}
+        if isinstance(task_id, str):
+            return {namespace_of(store.get_task(task_id), settings)}
+    except (TaskSpecError, LookupError):
+        pass
+    return set()
+
+
 def _on_cancel(_flow: Any, flow_run: Any, _state: Any) -> None:
     parameters = getattr(flow_run, "parameters", None) or {}
     stop_flow_run_agents(str(flow_run.id), parameters.get("settings_block") or DEFAULT_BLOCK,
-                         parameters.get("backend"))
+                         parameters.get("backend"), parameters)
 
 
 def _cancelled(store: Store, task_id: str, run_id: int | None, message: str) -> None:
@@ -403,10 +379,14 @@ def keruta_task(
     backend: BackendName = "local",
     settings_block: str = DEFAULT_BLOCK,
     claim: str | None = None,
+    concurrency_limit: str | None = TASKS_LIMIT,
 ) -> TaskResult:
     """Run one keruta task: by ``task_id`` (a stored task) or ``task_spec`` (keruta's camelCase JSON).
 
-    ``claim`` is set by keruta-dispatch: the flow run that claimed the task hands it over to this one."""
+    ``claim`` is set by keruta-dispatch: the flow run that claimed the task hands it over to this one.
+    While its agent runs, the flow run holds a slot of the Prefect global concurrency limit
+    ``concurrency_limit`` (``keruta-tasks``: created with keruta.task.processor.concurrency slots if
+    absent, edited in the UI), however it was started; ``None`` runs without it."""
     logger = get_run_logger()
     settings = load_settings(settings_block)
     store = get_store()
@@ -415,52 +395,72 @@ def keruta_task(
     except BackendError as exc:  # e.g. "Kubernetes integration is disabled (keruta.kubernetes.enabled=false)"
         logger.error("%s", exc)
         return Failed(message=str(exc))  # type: ignore[return-value]
-    flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
-    task_ = prepare_task(store, task_id, task_spec, claim_owner(), claim)
+    owner = claim_owner()
+    task_ = prepare_task(store, task_id, task_spec, owner, claim)
     if task_.status == TaskStatus.COMPLETED:
         # COMPLETED is final: running it again would be a new task. Answer with what was recorded
         # (this also makes a rerun of a flow run that crashed after the task completed harmless).
         logger.info("keruta task %s is already COMPLETED; returning its recorded result", task_.id)
         return recorded_result(store, task_.id)
     logger.info("keruta task %s (%s) on the %s backend", task_.id, task_.title or "untitled", runner.name)
+    with ClaimLease(store, owner), task_slot(concurrency_limit, settings.processor_concurrency):
+        ended = run_attempts(runner, store, settings, task_)
+    if isinstance(ended, TaskResult):
+        result = ended
+    else:
+        return ended  # the database did not take the outcome: Failed, the outcome kept in Prefect
+    publish_summary(store, task_, result)
+    if result.status != TaskStatus.COMPLETED:
+        # A task that failed is an expected outcome, not a crash: a Failed state (no traceback) whose
+        # result() raises KerutaTaskFailed carrying the whole TaskResult.
+        failure = KerutaTaskFailed(result)
+        logger.error("%s", failure)
+        return Failed(message=str(failure), data=failure)  # type: ignore[return-value]
+    logger.info("keruta task %s COMPLETED", task_.id)
+    return result
 
+
+def run_attempts(runner: Backend, store: Store, settings: KerutaSettings, task_: Task) -> Any:
+    """Attempts of the task until one ends it: reattach to an unfinished one first, then launch new ones.
+
+    Every attempt counts toward keruta.task.max-attempts, a reattached or stopped one included. An
+    unfinished attempt the backend cannot follow from here (a local agent whose flow process died: its
+    embedded API and token died with it) is stopped and recorded LOST before a new attempt starts.
+    Returns the recorded TaskResult, or a Failed state when the database did not take it."""
+    logger = get_run_logger()
+    flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     root = root_of(store, task_)
     previous = store.runs(task_.id)
     attempt = max((run.attempt for run in previous), default=0)
     # An attempt a crashed flow run left unfinished: watch it again rather than start a duplicate.
     unfinished = [run for run in previous if run.finished_at is None and run.backend == runner.name]
-    launched = 0
-    result: TaskResult | None = None
-    while result is None:
+    used = 0
+    while True:
+        used += 1
         if unfinished:
             run = unfinished.pop()
             assert run.id is not None
             handle, run_id = handle_of(run), run.id
-            if not runner.exists(handle):
-                store.update_run(run_id, status=TaskStatus.FAILED.value, reason="LOST", finished_at=datetime.now(UTC),
-                                 message="the attempt's agent was gone when the flow came back to it")
-                continue
-            logger.info("reattaching to attempt %d of task %s (%s)", run.attempt, task_.id, handle.name)
+            taken_over = take_over(runner, handle)
+            if taken_over is None:
+                logger.info("reattaching to attempt %d of task %s (%s)", run.attempt, task_.id, handle.name)
+                outcome = wait_or_stop(runner, store, handle, run_id, settings)
+            else:
+                logger.warning("attempt %d of task %s: %s", run.attempt, task_.id, taken_over.message)
+                outcome = taken_over
         else:
             attempt += 1
-            launched += 1
             ctx = RunContext(flow_run_id=flow_run_id, attempt=attempt, root_task_id=root,
                              has_children=bool(store.children(task_.id)))
             handle, run_id = launch_agent(runner, store, task_, ctx)
-        finished = False
-        try:
-            outcome = wait_for_agent(runner, store, handle, settings.prefect_log_max_lines)
-            finished = True
-        finally:
-            if not finished:  # cancelled, crashed or interrupted while waiting: never leave the agent behind
-                runner.cancel(handle)
-                _cancelled(store, task_.id, run_id, "the flow run was cancelled or stopped")
+            outcome = wait_or_stop(runner, store, handle, run_id, settings)
         collected = collect_artifacts(runner, handle, settings)
-        if outcome.retryable and launched < settings.task_max_attempts:
+        if outcome.retryable and used < settings.task_max_attempts:
             # This attempt is over; the task lives on into the next one.
             store.update_run(run_id, status=TaskStatus.FAILED.value, exit_code=outcome.exit_code,
-                             reason=outcome.reason, message=outcome.message, finished_at=datetime.now(UTC))
-            delay = min(2 ** max(launched, 1), 30)
+                             reason=outcome.reason, message=outcome.message, finished_at=datetime.now(UTC),
+                             artifacts_note=collected.note())
+            delay = 0 if unfinished or outcome.reason == LOST else min(2 ** used, 30)
             logger.warning("attempt %d failed for a system reason (%s: %s); attempt %d in %ds",
                            handle.attempt, outcome.reason, outcome.message, attempt + 1, delay)
             _mark(store, task_.id, TaskStatus.RETRYING, f"attempt {handle.attempt} failed: {outcome.message}")
@@ -471,15 +471,53 @@ def keruta_task(
         except OperationalError as exc:  # still unavailable after record-run's retries: fail loudly
             return unrecorded(task_, handle, outcome, collected, exc)
         release_volume(store, runner, settings, task_, root)
-    publish_summary(store, task_, result)
-    if result.status != TaskStatus.COMPLETED:
-        # A task that failed is an expected outcome, not a crash: a Failed state (no traceback) whose
-        # result() raises KerutaTaskFailed carrying the whole TaskResult.
-        failure = KerutaTaskFailed(result)
-        logger.error("%s", failure)
-        return Failed(message=str(failure), data=failure)  # type: ignore[return-value]
-    logger.info("keruta task %s COMPLETED", task_.id)
-    return result
+        return result
+
+
+LOST = "LOST"
+
+
+def take_over(runner: Backend, handle: RunHandle) -> Outcome | None:
+    """An unfinished attempt a flow run left behind: None when this flow can follow it (reattach);
+    otherwise the attempt's outcome, LOST (a system failure, worth a new attempt): its agent is gone, or
+    it cannot report to this process and was stopped, so the script never runs twice at once."""
+    if not runner.exists(handle):
+        return Outcome(status=TaskStatus.FAILED, reason=LOST, retryable=True,
+                       message="the attempt's agent was gone when the flow came back to it")
+    if runner.can_reattach(handle):
+        return None
+    runner.cancel(handle)
+    return Outcome(status=TaskStatus.FAILED, reason=LOST, retryable=True,
+                   message="its agent was left running by a flow process that ended and could not report to "
+                           "this one, so it was stopped")
+
+
+def wait_or_stop(runner: Backend, store: Store, handle: RunHandle, run_id: int, settings: KerutaSettings) -> Outcome:
+    """Wait for the attempt's outcome. If the wait itself fails, the agent is stopped (never left behind
+    unwatched) and what happened is the outcome: a backend that could not follow the attempt is FAILED
+    with its reason, not CANCELLED. A cancel or interrupt of the flow run stops the agent, marks it
+    CANCELLED and goes on up."""
+    try:
+        return wait_for_agent(runner, store, handle, settings.prefect_log_max_lines)
+    except Exception as exc:
+        reason = "BACKEND_ERROR" if isinstance(exc, BackendError | TransientBackendError) else "WAIT_FAILED"
+        get_run_logger().error("waiting for attempt %d of task %s failed; stopping its agent",
+                               handle.attempt, handle.task_id, exc_info=reason == "WAIT_FAILED")
+        _stop_quietly(runner, handle)
+        return Outcome(status=TaskStatus.FAILED, reason=reason,
+                       message=f"the {runner.name} backend could not follow the attempt: {_one_line(exc)}")
+    except BaseException:  # cancelled, crashed or interrupted while waiting: never leave the agent behind
+        _stop_quietly(runner, handle)
+        _cancelled(store, handle.task_id, run_id, "the flow run was cancelled or stopped")
+        raise
+
+
+def _stop_quietly(runner: Backend, handle: RunHandle) -> None:
+    try:
+        runner.cancel(handle)
+    except Exception as exc:
+        get_run_logger().error("the agent of attempt %d of task %s could not be stopped: %s", handle.attempt,
+                               handle.task_id, _one_line(exc))
 
 
 def unrecorded(task: Task, handle: RunHandle, outcome: Outcome, collected: CollectResult,

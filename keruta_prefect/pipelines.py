@@ -13,7 +13,6 @@ which is created with ``keruta.task.processor.concurrency`` slots if absent and 
 
 # No `from __future__ import annotations`: Prefect builds the flows' parameter models from these hints.
 import uuid
-from contextlib import nullcontext
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -26,21 +25,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
+from keruta_prefect.claims import CLAIM_LEASE, ClaimLease, claim_owner, claim_task, holder_alive
 from keruta_prefect.flows import (
     BackendName,
     KerutaTaskFailed,
-    claim_owner,
-    claim_task,
-    flow_run_alive,
     get_backend,
     keruta_task,
     release_volume,
 )
+from keruta_prefect.limits import TASKS_LIMIT
 from keruta_prefect.models import Task, TaskResult, TaskSpecError, TaskStatus, parse_task_spec
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, get_store
 
-TASKS_LIMIT = "keruta-tasks"
 SCHEDULE_SLUG = "processing-delay"
 
 
@@ -97,25 +94,6 @@ class PipelineFailed(Exception):
 
 # --- Prefect plumbing -------------------------------------------------------------------------------
 
-def ensure_concurrency_limit(name: str, slots: int) -> None:
-    """Create the global concurrency limit if absent; an existing one (edited in the UI) is left alone."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-            get_run_logger().info("created the Prefect global concurrency limit %r with %d slots", name, slots)
-        except ObjectAlreadyExists:
-            pass  # another flow created it a moment ago
-
-
 def child_run(task_id: str, state: State[Any]) -> ChildRun:
     """What a keruta-task flow run's final state says about its task."""
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
@@ -134,13 +112,11 @@ def child_run(task_id: str, state: State[Any]) -> ChildRun:
 
 @task(name="run-keruta-task", cache_policy=NO_CACHE, task_run_name="run-{task_id}")
 def run_child(task_id: str, backend: str, settings_block: str, limit: str | None, claim: str | None) -> ChildRun:
-    """One keruta task as a child flow run of ``keruta-task``, holding a slot of the global limit."""
-    from prefect.concurrency.sync import concurrency
-
-    with concurrency(limit, occupy=1, strict=True) if limit else nullcontext():
-        state = keruta_task.with_options(flow_run_name=f"keruta-{task_id}")(
-            task_id=task_id, backend=backend, settings_block=settings_block, claim=claim,  # type: ignore[arg-type]
-            return_state=True)
+    """One keruta task as a child flow run of ``keruta-task`` (which holds a slot of the global limit
+    ``limit`` while its agent runs)."""
+    state = keruta_task.with_options(flow_run_name=f"keruta-{task_id}")(
+        task_id=task_id, backend=backend, settings_block=settings_block, claim=claim,  # type: ignore[arg-type]
+        concurrency_limit=limit, return_state=True)
     return child_run(task_id, state)
 
 
@@ -232,22 +208,21 @@ def keruta_pipeline(
     store = get_store()
     settings = load_settings(settings_block)
     owner = claim_owner()
-    if concurrency_limit:
-        ensure_concurrency_limit(concurrency_limit, settings.processor_concurrency)
-    parent_id, child_ids = plan_pipeline(store, owner, parent, list(children or []))
-    result = PipelineResult()
-    if parent_id:
-        (result.parent,) = run_many([parent_id], 1, backend, settings_block, concurrency_limit, owner)
-        if result.parent.status != TaskStatus.COMPLETED and child_ids:
-            logger.warning("parent task %s ended %s: its %d children do not run", parent_id, result.parent.status,
-                           len(child_ids))
-            result.children = [_not_run(store, child, f"parent task {parent_id} ended {result.parent.status}")
-                               for child in child_ids]
-            _release_tree(store, settings, backend, parent_id)
-            child_ids = []
-    if child_ids:
-        logger.info("running %d tasks, %d at a time", len(child_ids), concurrency)
-        result.children = run_many(child_ids, concurrency, backend, settings_block, concurrency_limit, owner)
+    with ClaimLease(store, owner):  # the children's claims stay this run's while it works
+        parent_id, child_ids = plan_pipeline(store, owner, parent, list(children or []))
+        result = PipelineResult()
+        if parent_id:
+            (result.parent,) = run_many([parent_id], 1, backend, settings_block, concurrency_limit, owner)
+            if result.parent.status != TaskStatus.COMPLETED and child_ids:
+                logger.warning("parent task %s ended %s: its %d children do not run", parent_id, result.parent.status,
+                               len(child_ids))
+                result.children = [_not_run(store, child, f"parent task {parent_id} ended {result.parent.status}")
+                                   for child in child_ids]
+                _release_tree(store, settings, backend, parent_id)
+                child_ids = []
+        if child_ids:
+            logger.info("running %d tasks, %d at a time", len(child_ids), concurrency)
+            result.children = run_many(child_ids, concurrency, backend, settings_block, concurrency_limit, owner)
     publish_runs("keruta-pipeline", result.runs, "the tasks of this keruta pipeline")
     logger.info("keruta pipeline: %s", result.summary())
     if not result.completed:
@@ -286,27 +261,28 @@ def claim_pending(store: Store, owner: str, limit: int) -> list[str]:
             break
         if holder is not None and holder != owner:
             if holder not in alive:
-                alive[holder] = flow_run_alive(holder)
+                alive[holder] = holder_alive(store, holder)
             if alive[holder]:
                 continue
-        if store.claim(found.id, owner, replacing=(None, holder)) is not None:
+        if store.claim(found.id, owner, replacing=(None, holder), lease=CLAIM_LEASE) is not None:
             claimed.append(found.id)
     return claimed
 
 
 @task(name="hand-over", cache_policy=NO_CACHE)
 def hand_over(store: Store, owner: str, task_ids: list[str], deployment: str, backend: str,
-              settings_block: str) -> list[ChildRun]:
+              settings_block: str, limit: str | None) -> list[ChildRun]:
     """Create one flow run of the keruta-task deployment per task and pass the claim to it (its workers
-    run it, under the deployment's own concurrency limit)."""
+    run it; each holds a slot of the global limit ``limit`` while its agent runs)."""
     from prefect.deployments import run_deployment
 
     runs = []
     for task_id in task_ids:
         created = run_deployment(deployment, timeout=0, as_subflow=True, flow_run_name=f"keruta-{task_id}",
                                  parameters={"task_id": task_id, "backend": backend, "settings_block": settings_block,
-                                             "claim": owner})
-        store.claim(task_id, str(created.id), replacing=(owner,))  # it may have taken it already: fine
+                                             "claim": owner, "concurrency_limit": limit})
+        # it may have taken it already: fine
+        store.claim(task_id, str(created.id), replacing=(owner,), lease=CLAIM_LEASE)
         runs.append(ChildRun(task_id=task_id, status="SUBMITTED", flow_run_id=str(created.id)))
     return runs
 
@@ -353,17 +329,16 @@ def keruta_dispatch(
     except Exception as exc:
         logger.warning("the dispatch schedule was not updated: %s", exc)
     owner = claim_owner()
-    claimed = claim_pending(store, owner, max_tasks)
-    result = DispatchResult(dispatcher=owner, claimed=claimed)
-    if not claimed:
-        logger.info("no PENDING task to dispatch")
-        return result
-    logger.info("claimed %d PENDING tasks: %s", len(claimed), ", ".join(claimed))
-    if deployment:
-        result.runs = hand_over(store, owner, claimed, deployment, backend, settings_block)
-    else:
-        if concurrency_limit:
-            ensure_concurrency_limit(concurrency_limit, settings.processor_concurrency)
-        result.runs = run_many(claimed, concurrency, backend, settings_block, concurrency_limit, owner)
+    with ClaimLease(store, owner):
+        claimed = claim_pending(store, owner, max_tasks)
+        result = DispatchResult(dispatcher=owner, claimed=claimed)
+        if not claimed:
+            logger.info("no PENDING task to dispatch")
+            return result
+        logger.info("claimed %d PENDING tasks: %s", len(claimed), ", ".join(claimed))
+        if deployment:
+            result.runs = hand_over(store, owner, claimed, deployment, backend, settings_block, concurrency_limit)
+        else:
+            result.runs = run_many(claimed, concurrency, backend, settings_block, concurrency_limit, owner)
     publish_runs("keruta-dispatch", result.runs, "the tasks this dispatcher ran")
     return result

@@ -7,19 +7,22 @@ The one module that talks to the database. SQLite under ``$KERUTA_HOME`` by defa
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import JSON, Column, Engine, Text, UniqueConstraint, event, func
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from keruta_prefect.models import ArtifactInfo, Task, TaskStatus, check_transition
-from keruta_prefect.settings import keruta_home
+from keruta_prefect.settings import SettingsError, keruta_home
+from keruta_prefect.validation import single_line
 
 
 def _now() -> datetime:
@@ -92,6 +95,14 @@ class TaskRunRow(SQLModel, table=True):
     finished_at: datetime | None = None
 
 
+class ClaimLeaseRow(SQLModel, table=True):
+    """How long a claim holder (a flow run) is known to be working: renewed while it runs (see claims.py)."""
+
+    __tablename__ = "claim_leases"
+    owner: str = Field(primary_key=True, max_length=128)
+    expires_at: datetime
+
+
 class LogRow(SQLModel, table=True):
     __tablename__ = "keruta_task_logs"
     __table_args__ = (UniqueConstraint("task_id", "source", "seq", name="uq_keruta_log_line"),)
@@ -139,13 +150,50 @@ class LogLine(SQLModel):
     ts: datetime | None = None
 
 
+class DatabaseUnavailable(SettingsError):
+    """The task database cannot be used; ``str()`` is one line naming the setting and the URL (no password)."""
+
+
 def database_url() -> str:
     url = os.environ.get("KERUTA_DATABASE_URL")
     if url:
         return url
     home = keruta_home()
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseUnavailable(f"KERUTA_HOME={str(home)!r}: cannot create the directory of the task database: "
+                                  f"{exc.strerror}") from None
     return f"sqlite:///{home / 'keruta.db'}"
+
+
+def _shown_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: hide anything that looks like a password all the same
+        return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+def database_error(exc: BaseException, url: str | None = None) -> DatabaseUnavailable:
+    """One line for an error opening or using the database: which setting, its value, what went wrong."""
+    url = url or os.environ.get("KERUTA_DATABASE_URL") or f"sqlite:///{keruta_home() / 'keruta.db'}"
+    where = (f"KERUTA_DATABASE_URL={_shown_url(url)!r}" if os.environ.get("KERUTA_DATABASE_URL")
+             else f"KERUTA_HOME={str(keruta_home())!r} (database {_shown_url(url)!r})")
+    if isinstance(exc, NoSuchModuleError):
+        why = f"unknown kind of database {make_url(url).drivername!r}; use sqlite:/// or postgresql+psycopg://"
+    elif isinstance(exc, ArgumentError | ValueError):
+        why = ("not a database URL; e.g. sqlite:////var/lib/keruta/keruta.db or "
+               "postgresql+psycopg://user:password@host:5432/keruta")
+    elif isinstance(exc, ImportError):
+        why = f"its driver is not installed ({exc}); for PostgreSQL: pip install 'keruta-prefect[postgres]'"
+    elif isinstance(exc, DBAPIError):
+        detail = single_line(str(exc.orig), 300) if exc.orig is not None else type(exc).__name__
+        cannot_open = url.startswith("sqlite") and ("unable to open" in detail or "readonly" in detail)
+        hint = " (does the directory exist, and may this user write there?)" if cannot_open else ""
+        why = f"cannot use the database: {detail}{hint}"
+    else:
+        why = f"cannot use the database: {single_line(str(exc), 300) or type(exc).__name__}"
+    return DatabaseUnavailable(f"{where}: {why}")
 
 
 _engines: dict[str, Engine] = {}
@@ -153,12 +201,16 @@ _engines_lock = threading.Lock()
 
 
 def get_engine(url: str | None = None) -> Engine:
+    """The engine of a database URL, its tables created; DatabaseUnavailable (one line) if it cannot be used."""
     url = url or database_url()
     with _engines_lock:
         engine = _engines.get(url)
         if engine is None:
-            engine = _make_engine(url)
-            SQLModel.metadata.create_all(engine)
+            try:
+                engine = _make_engine(url)
+                SQLModel.metadata.create_all(engine)
+            except (ArgumentError, ValueError, ImportError, DBAPIError) as exc:
+                raise database_error(exc, url) from exc
             _engines[url] = engine
         return engine
 
@@ -285,7 +337,7 @@ class Store:
 
     # --- claims (who runs a PENDING task) ---------------------------------------------------------
     def claim(self, task_id: str, owner: str, *, replacing: Collection[str | None] = (None,),
-              requeue: bool = False) -> Task | None:
+              requeue: bool = False, lease: timedelta | None = None) -> Task | None:
         """Make ``owner`` (a flow run) the one that runs this PENDING task, atomically: only if the task
         is PENDING and its claim is ``owner`` already or one of ``replacing`` (None: unclaimed).
         ``requeue`` first moves a FAILED/CANCELLED task back to PENDING in the same transaction.
@@ -301,8 +353,40 @@ class Store:
             row.claimed_by = owner
             row.updated_at = _now()
             s.add(row)
+            if lease is not None:
+                self._lease(s, owner, lease)
             s.commit()
             return row.to_task()
+
+    @staticmethod
+    def _lease(s: Session, owner: str, lease: timedelta) -> None:
+        found = s.get(ClaimLeaseRow, owner)
+        expires = _now() + lease
+        if found is None:
+            s.add(ClaimLeaseRow(owner=owner, expires_at=expires))
+        else:
+            found.expires_at = expires
+            s.add(found)
+
+    def renew_lease(self, owner: str, lease: timedelta) -> None:
+        """``owner`` works on: its claims' lease now ends ``lease`` from now."""
+        for attempt in range(2):
+            try:
+                with self.session() as s:
+                    self._lease(s, owner, lease)
+                    s.commit()
+                return
+            except IntegrityError:  # created by a claim a moment ago: update it instead
+                if attempt:
+                    raise
+
+    def lease_of(self, owner: str) -> datetime | None:
+        """When ``owner``'s lease ends (UTC), or None if it never had one."""
+        with self.session(read=True) as s:
+            found = s.get(ClaimLeaseRow, owner)
+            if found is None:
+                return None
+            return found.expires_at if found.expires_at.tzinfo else found.expires_at.replace(tzinfo=UTC)
 
     def claim_of(self, task_id: str) -> str | None:
         with self.session(read=True) as s:

@@ -80,6 +80,29 @@ def postgres() -> Iterator[Postgres]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def prefect_postgres_server(postgres: Postgres) -> Iterator[str]:
+    """A second Prefect server for the session, on PostgreSQL: many concurrent flows belong there (Prefect
+    on SQLite answers concurrent writes with 503s). Tests select it with `on_prefect_postgres`."""
+    from tests.harness.postgres import prefect_on_postgres
+
+    with prefect_on_postgres(postgres, _SESSION_DIR / "prefect-postgres.log") as base:
+        yield f"{base}/api"
+
+
+@pytest.fixture
+def on_prefect_postgres(prefect_postgres_server: str) -> Iterator[str]:
+    """Point this test's Prefect client at the PostgreSQL-backed server."""
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_postgres_server, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
+            prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+        # ...and the process-global settings too, as prefect_test_harness does: threads do not inherit
+        # the context variables temporary_settings sets.
+        yield prefect_postgres_server
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_store(request: pytest.FixtureRequest, keruta_home: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     """The store on SQLite and, again, on a fresh PostgreSQL database."""

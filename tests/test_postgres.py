@@ -1,5 +1,7 @@
 """The PostgreSQL tier: what concurrency does to the store on a real PostgreSQL server (the store's own
-tests and the claims race also run there: test_tasks_and_store.py, test_pipelines.py)."""
+tests and the claims race also run there: test_tasks_and_store.py, test_pipelines.py). Many concurrent
+flows run on a Prefect server that is itself on PostgreSQL, as in production: on SQLite, Prefect answers
+concurrent writes with 503s, and a flow run the client gave up creating made this test depend on luck."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def pg_store(postgres: Postgres, keruta_home: Path, monkeypatch: pytest.MonkeyPa
     return store
 
 
-@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.usefixtures("on_prefect_postgres")
 def test_twenty_concurrent_flows_record_runs_and_logs_without_loss_or_duplicates(pg_store: Store) -> None:
     from keruta_prefect.flows import keruta_task
 

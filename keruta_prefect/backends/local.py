@@ -18,7 +18,7 @@ from pathlib import Path
 
 from keruta_prefect.agent import runner as agent_exit
 from keruta_prefect.api import ApiServer, create_app
-from keruta_prefect.artifacts import ArchiveRejected, CollectResult, attempt_dir, extract_tar_stream
+from keruta_prefect.artifacts import CollectResult, attempt_dir, collect_with_tar
 from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle
 from keruta_prefect.manifest import task_env
 from keruta_prefect.models import Task, TaskStatus
@@ -27,6 +27,9 @@ from keruta_prefect.store import LogLine, Store
 
 _embedded: dict[str, tuple[ApiServer, str]] = {}
 _embedded_lock = threading.Lock()
+# The agents this process started, by "task/attempt", with the embedded API each reports to.
+_procs: dict[str, subprocess.Popen[bytes]] = {}
+_proc_api: dict[str, str] = {}
 
 
 def embedded_api(store: Store, settings: KerutaSettings) -> tuple[ApiServer, str]:
@@ -52,7 +55,6 @@ class LocalBackend:
         self.settings = settings
         self.store = store
         self.grace_seconds = grace_seconds
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def launch(self, task: Task, ctx: RunContext) -> RunHandle:
         server, token = embedded_api(self.store, self.settings)
@@ -76,8 +78,8 @@ class LocalBackend:
                                     stdout=agent_log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             agent_log.close()
-        key = f"{task.id}/{ctx.attempt}"
-        self._procs[key] = proc
+        _procs[f"{task.id}/{ctx.attempt}"] = proc
+        _proc_api[f"{task.id}/{ctx.attempt}"] = server.url
         return RunHandle(backend=self.name, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
                          name=work_dir.name, pid=proc.pid)
 
@@ -86,7 +88,7 @@ class LocalBackend:
         return attempt_dir(self.settings.work_root(), task_id, attempt)
 
     def wait(self, handle: RunHandle, on_log: LogSink | None = None) -> Outcome:
-        proc = self._procs.get(f"{handle.task_id}/{handle.attempt}")
+        proc = _procs.get(f"{handle.task_id}/{handle.attempt}")
         lines: queue.Queue[LogLine] = queue.Queue()
 
         def listener(task_id: str, rows: list[LogLine]) -> None:
@@ -149,25 +151,27 @@ class LocalBackend:
 
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult:
         """The work directory's artifacts, through the very path a Pod's take: a tar stream into the safe
-        extractor (caps, checksums, hostile-entry rejection)."""
+        extractor (caps, checksums, hostile-entry rejection); files tar could not read are named, and a
+        failing tar is recorded (see artifacts.collect_with_tar)."""
         source = self._work_dir(handle.task_id, handle.attempt) / ".keruta" / "artifacts"
         if not source.is_dir():
             return CollectResult()
-        tar = subprocess.Popen(["tar", "cf", "-", "-C", str(source), "."], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-        assert tar.stdout is not None
-        try:
-            return extract_tar_stream(tar.stdout, dest, max_file_size=self.settings.artifacts_max_file_size,
-                                      max_total_size=self.settings.artifacts_max_total_size)
-        except ArchiveRejected as exc:
-            return CollectResult(lost=f"artifacts lost: {exc}")
-        finally:
-            tar.stdout.close()
-            tar.wait()
+        return collect_with_tar(source, dest, max_file_size=self.settings.artifacts_max_file_size,
+                                max_total_size=self.settings.artifacts_max_total_size)
 
     def exists(self, handle: RunHandle) -> bool:
         """Is the attempt's agent still running (in this process or another)?"""
         return handle.pid is not None and handle.pid in session_processes(handle.pid)
+
+    def can_reattach(self, handle: RunHandle) -> bool:
+        """Only an agent this process started (and whose embedded API still serves it) can report here;
+        one left by a flow process that died lost its API and token with it."""
+        key = f"{handle.task_id}/{handle.attempt}"
+        proc = _procs.get(key)
+        if proc is None or proc.pid != handle.pid:
+            return False
+        server, _token = embedded_api(self.store, self.settings)
+        return _proc_api.get(key) == server.url
 
     def cancel(self, handle: RunHandle) -> None:
         """Stop the agent and everything it started: SIGTERM to the agent (it stops the script
@@ -175,7 +179,7 @@ class LocalBackend:
         the agent's session — like a container's boundary, found without any in-memory handle."""
         if handle.pid is None:
             return
-        proc = self._procs.get(f"{handle.task_id}/{handle.attempt}")
+        proc = _procs.get(f"{handle.task_id}/{handle.attempt}")
         try:
             os.kill(handle.pid, signal.SIGTERM)
         except ProcessLookupError:

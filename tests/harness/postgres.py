@@ -12,9 +12,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from tests.harness.processes import free_port
+from tests.harness.processes import free_port, prefect_server
 
 
 def pg_bin() -> Path | None:
@@ -75,3 +77,16 @@ class Postgres:
         except RuntimeError:
             pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextmanager
+def prefect_on_postgres(pg: Postgres, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`prefect server start` backed by a fresh database of ``pg`` (as in production: SQLite answers
+    concurrent writes with 503s); yields its base URL (the API is under /api)."""
+    name = f"prefect_{os.urandom(4).hex()}"
+    pg.create_database(name)
+    server_env = {**os.environ, **(env or {}), "PREFECT_API_DATABASE_CONNECTION_URL": pg.url(name, "asyncpg"),
+                  "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server_env.pop("PREFECT_API_URL", None)
+    with prefect_server(server_env, log_path, timeout=180) as base:
+        yield base
