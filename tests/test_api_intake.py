@@ -398,3 +398,23 @@ def test_a_blocked_database_call_does_not_stop_other_requests(
             store.release.set()
             caller.join(60)
     assert outcome["response"].status_code in (200, 201), outcome["response"].text
+
+
+def test_nul_in_log_lines_and_status_messages_is_kept_as_a_replacement_character_on_both_databases(
+        any_store: Store, tmp_path: Path) -> None:
+    """PostgreSQL refuses NUL in text: without this, every retry of the batch got a 500 (read as an outage)."""
+    from keruta_prefect.models import Task
+    from tests.conftest import Api
+
+    any_store.create_task(Task.model_validate({"id": "nul", "script": "true"}))
+    server = Api(any_store, tmp_path / "artifacts").start()
+    try:
+        logs = httpx.post(f"{server.url}/api/v1/tasks/nul/logs", headers=server.headers,
+                          json={"source": "s", "lines": [{"seq": 0, "message": "a\x00b"}]})
+        status = httpx.put(f"{server.url}/api/v1/tasks/nul/status", headers=server.headers,
+                           json={"status": "IN_PROGRESS", "message": "x\x00y"})
+    finally:
+        server.stop()
+    assert (logs.status_code, status.status_code) == (200, 200)
+    assert [row.message for row in any_store.logs("nul")] == ["a\ufffdb"]
+    assert any_store.get_task("nul").message == "x\ufffdy"

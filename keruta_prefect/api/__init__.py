@@ -14,7 +14,7 @@ import uuid
 import weakref
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import uvicorn
@@ -22,7 +22,7 @@ from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Scope
 
@@ -44,16 +44,21 @@ MAX_BODY = 16 * 2**20  # JSON bodies; artifact uploads are capped by the artifac
 _UPLOAD_PATH = re.compile(r"^/api/v1/tasks/[^/]+/artifacts$")
 
 
+# Text a database can keep: PostgreSQL refuses NUL in text (a 500 on every retry, which an agent would read
+# as an unreachable API), so a NUL is kept as U+FFFD, as the agent does with undecodable bytes.
+StoredText = Annotated[str, AfterValidator(lambda value: value.replace("\x00", "\ufffd"))]
+
+
 class StatusUpdate(BaseModel):
     status: TaskStatus
-    message: str | None = Field(None, max_length=65536)
+    message: StoredText | None = Field(None, max_length=65536)
     progress: int | None = Field(None, ge=0, le=100)
-    errorCode: str | None = Field(None, max_length=128)
+    errorCode: StoredText | None = Field(None, max_length=128)
 
 
 class LogIn(BaseModel):
     level: str = Field("INFO", max_length=16)
-    message: str = Field(max_length=MAX_LOG_MESSAGE)
+    message: StoredText = Field(max_length=MAX_LOG_MESSAGE)
     seq: int | None = Field(None, ge=0)
     ts: float | None = None
 
