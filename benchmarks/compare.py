@@ -5,7 +5,10 @@ resourceVersions, pods/log) with the *manual* kubelet: the benchmark writes Pod 
 harness' Job controller turns it into Job status, as a real cluster would. Requests are counted where
 the API server receives them.
 
-- keruta: ``KubernetesBackend.launch`` + ``wait`` (the code the keruta-task flow runs);
+- keruta: ``KubernetesBackend.launch`` + ``wait`` + ``collect`` (the code the keruta-task flow runs), in the
+  default settings (artifacts mode exec): the agent, played by the benchmark, reports its final status
+  through the store, says it holds its files (the Pod log line the real agent writes), and its container
+  ends once the collection has touched the marker (as keruta-agent does);
 - prefect-kubernetes: ``KubernetesJob(...).trigger().wait_for_completion()`` (default 5 s interval);
 - bare: one official-client watch on the Job (the practical limit).
 """
@@ -43,6 +46,28 @@ def agent_reports_completed(store: Any, task_id: str) -> None:
     store.set_status(task_id, TaskStatus.COMPLETED)
 
 
+def agent_finishes(cluster: Cluster, store: Any, task_id: str, pod: str) -> float:
+    """keruta-agent's end in exec mode (the default), on the manual kubelet: a file to collect, the final
+    report, the Pod log line that says it holds its files; its container ends when the collection has
+    touched the marker. Returns when the final report was written (time.perf_counter())."""
+    from keruta_prefect.agent.runner import COLLECTED_MARKER, READY_LINE
+
+    files = cluster.root / "pods" / "default" / pod / "artifacts"  # the Pod's artifacts volume
+    files.mkdir(parents=True, exist_ok=True)
+    (files / "report.txt").write_text("made by the task\n")
+    agent_reports_completed(store, task_id)
+    written = time.perf_counter()
+    cluster.log(pod, f"keruta-agent INFO {READY_LINE} in /.keruta/doc; holding up to 300s for collection")
+
+    def hold() -> None:
+        cluster.wait_for(lambda: (files / COLLECTED_MARKER).exists(), timeout=120, what="the collection")
+        cluster.log(pod, "keruta-agent INFO artifacts collected; exiting")
+        cluster.finish_pod(pod)
+
+    threading.Thread(target=hold, daemon=True, name=f"bench-agent-{pod}").start()
+    return written
+
+
 # --- the three systems ------------------------------------------------------------------------------
 
 class Keruta:
@@ -54,8 +79,8 @@ class Keruta:
         from keruta_prefect.store import get_store
 
         self.cluster, self.store = cluster, get_store()
-        self.backend = KubernetesBackend(KerutaSettings(config_path=str(cluster.kubeconfig()), artifacts_mode="off"),
-                                         self.store)
+        self.backend = KubernetesBackend(KerutaSettings(config_path=str(cluster.kubeconfig())), self.store)
+        assert self.backend.settings.artifacts_mode == "exec"  # the default
         self.tasks: dict[str, str] = {}
 
     def start(self, label: str) -> tuple[str, Callable[[], Any]]:
@@ -67,12 +92,17 @@ class Keruta:
         self.tasks[handle.name] = task.id
 
         def wait() -> Any:
-            return self.backend.wait(handle)
+            outcome = self.backend.wait(handle)
+            waited = time.perf_counter()  # the outcome is known: what completion detection measures
+            dest = self.cluster.root / "collected" / task.id
+            collected = self.backend.collect(handle, dest)
+            assert collected.lost is None, collected.lost
+            return outcome, waited
 
         return handle.name, wait
 
-    def report_done(self, job: str) -> None:
-        agent_reports_completed(self.store, self.tasks[job])
+    def finish(self, job: str, pod: str) -> float:
+        return agent_finishes(self.cluster, self.store, self.tasks[job], pod)
 
 
 class PrefectKubernetes:
@@ -96,8 +126,10 @@ class PrefectKubernetes:
         run = job.trigger()
         return name, run.wait_for_completion
 
-    def report_done(self, job: str) -> None:
-        pass
+    def finish(self, job: str, pod: str) -> float:
+        written = time.perf_counter()
+        self.cluster.finish_pod(pod)
+        return written
 
 
 class BareWatch:
@@ -130,8 +162,10 @@ class BareWatch:
 
         return name, wait
 
-    def report_done(self, job: str) -> None:
-        pass
+    def finish(self, job: str, pod: str) -> float:
+        written = time.perf_counter()
+        self.cluster.finish_pod(pod)
+        return written
 
 
 def run_one(system: Any, label: str, running_for: float, offset: Callable[[], float] = lambda: 0.3) -> dict[str, Any]:
@@ -145,7 +179,9 @@ def run_one(system: Any, label: str, running_for: float, offset: Callable[[], fl
 
     def waiter() -> None:
         try:
-            wait()
+            answer = wait()
+            # keruta's wait also collects the files: the outcome was known when its wait() returned
+            done["known"] = answer[1] if isinstance(answer, tuple) else time.perf_counter()
         except BaseException as exc:  # reported below
             errors.append(exc)
         done["at"] = time.perf_counter()
@@ -155,14 +191,12 @@ def run_one(system: Any, label: str, running_for: float, offset: Callable[[], fl
     pod = cluster.wait_for_pod(job)["metadata"]["name"]
     cluster.run_pod(pod)
     time.sleep(running_for + offset())
-    system.report_done(job)
-    written = time.perf_counter()
-    cluster.finish_pod(pod)
+    written = system.finish(job, pod)
     thread.join(120)
     if errors:
         raise errors[0]
     calls = [c for c in cluster.calls[before:] if c.resource and c.name in (None, job, pod)]
-    return {"latency": done["at"] - written, "calls": calls, "wall": done["at"] - started}
+    return {"latency": done["known"] - written, "calls": calls, "wall": done["at"] - started}
 
 
 # --- the measurements -------------------------------------------------------------------------------
@@ -233,8 +267,9 @@ def concurrent_tasks(root: Path, tasks: int, running_for: float) -> dict[str, di
 
 
 def orchestration_overhead(root: Path, runs: int) -> dict[str, float]:
-    """keruta-task flow on the Kubernetes backend: flow start → Job create received, and Pod complete →
-    run recorded (and → flow returned), against an empty Prefect flow measured in the same server."""
+    """keruta-task flow on the Kubernetes backend in the default settings (artifacts mode exec): flow start
+    → Job create received, and the agent's final report → run recorded, its files collected over exec
+    (and → flow returned), against an empty Prefect flow measured in the same server."""
     from prefect import flow
 
     from keruta_prefect.blocks import seed
@@ -258,7 +293,9 @@ def orchestration_overhead(root: Path, runs: int) -> dict[str, float]:
 
     cluster = new_cluster(root)
     block = f"bench-{uuid.uuid4().hex[:6]}"
-    seed(KerutaSettings(config_path=str(cluster.kubeconfig()), artifacts_mode="off"), name=block)
+    settings = KerutaSettings(config_path=str(cluster.kubeconfig()))
+    assert settings.artifacts_mode == "exec"  # the default
+    seed(settings, name=block)
     store = get_store()
     to_create, to_record, to_return = [], [], []
     for i in range(runs):
@@ -279,13 +316,14 @@ def orchestration_overhead(root: Path, runs: int) -> dict[str, float]:
         pod = cluster.wait_for_pod(create.name)["metadata"]["name"]
         cluster.run_pod(pod)
         time.sleep(0.3)
-        agent_reports_completed(store, task_id)  # then its container ends
-        written = time.perf_counter()
-        cluster.finish_pod(pod)
+        written = agent_finishes(cluster, store, task_id, pod)  # it holds until its files are collected
         while not store.runs(task_id) or store.runs(task_id)[-1].finished_at is None:
             time.sleep(0.002)
         recorded = time.perf_counter()
         thread.join(60)
+        [run] = store.runs(task_id)
+        assert run.artifacts_note is None and [a.path for a in store.artifacts(task_id)] == ["report.txt"], \
+            (run.artifacts_note, store.artifacts(task_id))
         to_create.append(create.at - started)
         to_record.append(recorded - written)
         to_return.append(holder["returned"] - written)

@@ -12,7 +12,8 @@ from benchmarks.artifacts import vm_hwm
 
 def fan_out(tasks: int, concurrency: int) -> dict[str, Any]:
     """``tasks`` trivial tasks through keruta-pipeline, ``concurrency`` at once, under the global limit."""
-    from keruta_prefect.pipelines import ensure_concurrency_limit, keruta_pipeline
+    from keruta_prefect.limits import ensure_concurrency_limit
+    from keruta_prefect.pipelines import keruta_pipeline
     from keruta_prefect.store import get_store
 
     limit = f"keruta-bench-{uuid.uuid4().hex[:6]}"

@@ -324,10 +324,10 @@ def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
             handles.setdefault((handle.backend, handle.name), (handle, None))
     stopped = []
     for handle, run_id in handles.values():
-        get_backend(handle.backend, settings, store).cancel(handle)
+        left = get_backend(handle.backend, settings, store).cancel(handle)
         if handle.task_id:
             stopped.append(handle.task_id)
-        _cancelled(store, handle.task_id, run_id, "the flow run was cancelled")
+        _cancelled(store, handle.task_id, run_id, "the flow run was cancelled" + (f"; {left}" if left else ""))
     return stopped
 
 
@@ -486,10 +486,10 @@ def take_over(runner: Backend, handle: RunHandle) -> Outcome | None:
                        message="the attempt's agent was gone when the flow came back to it")
     if runner.can_reattach(handle):
         return None
-    runner.cancel(handle)
+    left = runner.cancel(handle)
     return Outcome(status=TaskStatus.FAILED, reason=LOST, retryable=True,
                    message="its agent was left running by a flow process that ended and could not report to "
-                           "this one, so it was stopped")
+                           "this one, so it was stopped" + (f" ({left})" if left else ""))
 
 
 def wait_or_stop(runner: Backend, store: Store, handle: RunHandle, run_id: int, settings: KerutaSettings) -> Outcome:
@@ -514,7 +514,9 @@ def wait_or_stop(runner: Backend, store: Store, handle: RunHandle, run_id: int, 
 
 def _stop_quietly(runner: Backend, handle: RunHandle) -> None:
     try:
-        runner.cancel(handle)
+        left = runner.cancel(handle)
+        if left:
+            get_run_logger().warning("stopping attempt %d of task %s: %s", handle.attempt, handle.task_id, left)
     except Exception as exc:
         get_run_logger().error("the agent of attempt %d of task %s could not be stopped: %s", handle.attempt,
                                handle.task_id, _one_line(exc))

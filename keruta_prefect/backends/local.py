@@ -173,12 +173,13 @@ class LocalBackend:
         server, _token = embedded_api(self.store, self.settings)
         return _proc_api.get(key) == server.url
 
-    def cancel(self, handle: RunHandle) -> None:
+    def cancel(self, handle: RunHandle) -> str | None:
         """Stop the agent and everything it started: SIGTERM to the agent (it stops the script
         gracefully and reports CANCELLED), then after the grace period SIGKILL to every process left in
-        the agent's session — like a container's boundary, found without any in-memory handle."""
+        the agent's session — like a container's boundary, found without any in-memory handle.
+        None when all are gone; else one line naming the processes that are still there."""
         if handle.pid is None:
-            return
+            return None
         proc = _procs.get(f"{handle.task_id}/{handle.attempt}")
         try:
             os.kill(handle.pid, signal.SIGTERM)
@@ -189,15 +190,23 @@ class LocalBackend:
             if proc is not None:
                 proc.poll()  # reap our own child, so it does not linger as a zombie
             if not session_processes(handle.pid):
-                return
+                return None
             time.sleep(0.05)
         for pid in session_processes(handle.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if proc is not None:
-            proc.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while session_processes(handle.pid) and time.monotonic() < deadline:
+            if proc is not None:
+                proc.poll()
+            time.sleep(0.05)
+        left = session_processes(handle.pid)
+        if left:
+            return (f"processes {', '.join(map(str, left))} of agent {handle.pid} were still there 5 s after "
+                    "SIGKILL")
+        return None
 
 
 def session_processes(session_id: int) -> list[int]:

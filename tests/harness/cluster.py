@@ -116,6 +116,7 @@ class Stream:
     drop: bool = False
     expire: bool = False
     silent: bool = False
+    inject: list[bytes] = field(default_factory=list)  # raw lines to send as they are (watch faults)
 
 
 def status_body(code: int, reason: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -172,6 +173,9 @@ class Cluster:
         self.finished_pods: set[tuple[str | None, str]] = set()
         self.peak_watches = 0  # most watch streams open at the same time
         self.exec_commands: list[list[str]] = []
+        self.exec_faults: list[tuple[str, int]] = []  # ("stall", 0) or ("break", after_bytes), one per exec
+        self.denied_in: set[tuple[str, str | None, str, str]] = set()  # (resource, subresource, verb, namespace)
+        self.stuck_pods: set[tuple[str, str]] = set()  # (namespace, pod): a finalizer keeps them after deletion
         self.validation_errors: list[str] = []
 
     # --- life cycle ----------------------------------------------------------------------------------
@@ -359,7 +363,8 @@ class Cluster:
         call = Call(verb, resource.group or "", resource.plural or "", request.subresource, request.namespace, name)
         self.calls.append(call)
 
-        if (call.resource, call.subresource, verb) in self.denied:
+        if (call.resource, call.subresource, verb) in self.denied or \
+                (call.resource, call.subresource, verb, request.namespace or "") in self.denied_in:
             sub = f"/{call.subresource}" if call.subresource else ""
             group = f' in API group "{call.group}"' if call.group else ' in API group ""'
             return error(403, "Forbidden", f'{call.resource}{sub}{"." + call.group if call.group else ""} '
@@ -540,6 +545,8 @@ class Cluster:
                 if stream.expire:
                     await send("ERROR", status_body(410, "Expired", "too old resource version"))
                     return response
+                while stream.inject:
+                    await response.write(stream.inject.pop(0))
                 pending = [e for e in self.history if e.rv > last] if not stream.silent else []
                 for event in pending:
                     last = event.rv
@@ -836,6 +843,14 @@ class Cluster:
         ws = aiohttp.web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"))
         await ws.prepare(request._raw_request)
         self.exec_commands.append(command)
+        fault, limit = self.exec_faults.pop(0) if self.exec_faults else ("", 0)
+        if fault == "stall":  # upgraded, then nothing at all until the client goes (or 120 s)
+            try:
+                await asyncio.wait_for(ws.receive(), 120)
+            except TimeoutError:
+                pass
+            await ws.close()
+            return ws
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                         stdout=asyncio.subprocess.PIPE,
@@ -846,12 +861,29 @@ class Cluster:
             await ws.close()
             return ws
 
+        sent = 0
+
         async def pump(stream: asyncio.StreamReader, channel: bytes) -> None:
+            nonlocal sent
             while chunk := await stream.read(32 * 1024):
-                await ws.send_bytes(channel + chunk)
+                if fault == "break" and channel == b"\x01":
+                    chunk = chunk[:limit - sent]
+                sent += len(chunk)
+                if chunk:
+                    await ws.send_bytes(channel + chunk)
+                if fault == "break" and sent >= limit:
+                    raise ConnectionAbortedError
 
         assert proc.stdout is not None and proc.stderr is not None
-        await asyncio.gather(pump(proc.stdout, b"\x01"), pump(proc.stderr, b"\x02"))
+        try:
+            await asyncio.gather(pump(proc.stdout, b"\x01"), pump(proc.stderr, b"\x02"))
+        except ConnectionAbortedError:  # the connection breaks mid-stream: no status, no close frame
+            proc.kill()
+            await proc.wait()
+            transport = request._raw_request.transport
+            if transport is not None:
+                transport.abort()
+            return ws
         code = await proc.wait()
         status = {"metadata": {}, "status": "Success"} if code == 0 else {
             "metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
@@ -1005,6 +1037,8 @@ class Cluster:
                                                               "deletionGracePeriodSeconds": int(self.grace_seconds)}})
         if await self._stop_container(namespace, name):
             await asyncio.sleep(0.05)
+        if (namespace, name) in self.stuck_pods:
+            return  # a finalizer nobody removes: the Pod stays, marked for deletion
         await self.remove(PODS, namespace, name)
 
     async def _stop_container(self, namespace: str, pod: str) -> bool:
@@ -1118,8 +1152,34 @@ class Cluster:
     def fail(self, count: int, status: int = 500, verb: str | None = None, resource: str | None = None) -> None:
         self.faults.append(Fault(count, status, verb, resource))
 
-    def deny(self, resource: str, verb: str, subresource: str | None = None) -> None:
-        self.denied.add((resource, subresource, verb))
+    def deny(self, resource: str, verb: str, subresource: str | None = None, namespace: str | None = None) -> None:
+        """RBAC refuses the verb (in one namespace, or everywhere)."""
+        if namespace is None:
+            self.denied.add((resource, subresource, verb))
+        else:
+            self.denied_in.add((resource, subresource, verb, namespace))
+
+    def stall_exec(self, count: int = 1) -> None:
+        """The next ``count`` execs are upgraded to a WebSocket and then send nothing at all."""
+        self.exec_faults.extend([("stall", 0)] * count)
+
+    def break_exec(self, after_bytes: int) -> None:
+        """The next exec's connection breaks after ``after_bytes`` bytes of stdout (no status, no close)."""
+        self.exec_faults.append(("break", after_bytes))
+
+    def inject_watch_lines(self, *lines: bytes) -> None:
+        """Raw lines into every open watch stream, before its next event (e.g. b"\\n", a blank line)."""
+        for stream in self.watches():
+            stream.inject.extend(lines)
+        self.call(self._notify())
+
+    def stick_pod(self, pod: str, namespace: str = "default") -> None:
+        """A finalizer nobody removes: deleting the Pod marks it, and it stays."""
+        self.stuck_pods.add((namespace, pod))
+
+    def unstick_pod(self, pod: str, namespace: str = "default") -> None:
+        self.stuck_pods.discard((namespace, pod))
+        self.call(self.remove(PODS, namespace, pod))
 
     def watches(self) -> list[Stream]:
         return [s for s in self.streams if s.kind == "watch"]

@@ -15,6 +15,10 @@ from keruta_prefect.settings import KerutaSettings
 
 _clients: dict[tuple[bool, str | None, str | None], kubernetes.client.ApiClient] = {}
 _lock = threading.Lock()
+# For pods/exec only: kubernetes.stream.stream() swaps call_api on the ApiClient it is given for the length
+# of the call. A client of its own keeps the shared client's concurrent requests (watches, logs) off the
+# WebSocket; its lock keeps two exec calls from swapping at once. One per cluster connection, reused.
+_exec_clients: dict[int, tuple[kubernetes.client.ApiClient, kubernetes.client.ApiClient, threading.Lock]] = {}
 
 
 def disabled_message() -> str:
@@ -47,6 +51,16 @@ def api_client(settings: KerutaSettings) -> kubernetes.client.ApiClient:
         client = kubernetes.client.ApiClient(configuration)
         _clients[key] = client
         return client
+
+
+def exec_client(api: kubernetes.client.ApiClient) -> tuple[kubernetes.client.ApiClient, threading.Lock]:
+    """The ApiClient (and the lock to hold around stream()) for exec calls on ``api``'s cluster."""
+    with _lock:
+        found = _exec_clients.get(id(api))
+        if found is None or found[0] is not api:
+            found = (api, kubernetes.client.ApiClient(api.configuration), threading.Lock())
+            _exec_clients[id(api)] = found
+        return found[1], found[2]
 
 
 def api_detail(exc: ApiException) -> str:

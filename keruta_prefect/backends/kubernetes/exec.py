@@ -2,7 +2,8 @@
 
 The archive is read frame by frame from the WebSocket's stdout channel straight into the safe
 extractor (keruta_prefect.artifacts.extract_tar_stream): it is never whole in memory, and the caps
-apply while it streams. The exec's own status (channel 3) and stderr tell why a collection failed.
+apply while it streams. The exec's own status (channel 3) and stderr tell why a collection failed;
+an exec without that status (the connection broke, perhaps right between two files) keeps nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import stream
-from kubernetes.stream.ws_client import _IgnoredIO
-from websocket import ABNF, WebSocketConnectionClosedException
+from kubernetes.stream.ws_client import WSClient, _IgnoredIO
+from websocket import ABNF, WebSocketConnectionClosedException, WebSocketException, WebSocketTimeoutException
 
 from keruta_prefect.artifacts import ArchiveRejected, CollectResult, extract_tar_stream
+from keruta_prefect.backends.kubernetes.client import exec_client
 
 STDOUT, STDERR, ERROR = 1, 2, 3
 
@@ -28,22 +30,30 @@ class ArtifactsLost(RuntimeError):
     """The files could not be collected; ``str()`` is the reason, for "artifacts lost: <reason>"."""
 
 
+class ContainerGone(ArtifactsLost):
+    """The exec was refused because the Pod is gone (404) or its container has stopped (400)."""
+
+
 class _ExecReader(io.RawIOBase):
     """The exec's stdout channel as a readable byte stream; stderr (its tail) and the status aside.
 
     Frames are taken one at a time from the client's WebSocket: WSClient.update() would drain every
     frame already available into one growing bytes object (quadratic, and the whole archive in memory
     when the sender is faster than the reader). Here memory holds only what the extractor has not read.
+    Every read waits at most ``timeout`` seconds: an exec that sends nothing for that long is stalled.
     """
 
     def __init__(self, client: object, timeout: float) -> None:
         self.socket = client.sock  # type: ignore[attr-defined]
         self.socket.settimeout(timeout)
+        self.timeout = timeout
         self.chunks: collections.deque[bytes] = collections.deque()
         self.offset = 0
         self.stderr = b""
         self.status = b""
         self.closed_by_server = False
+        self.stalled = False  # nothing came for `timeout` seconds
+        self.dropped: str | None = None  # the connection broke (not a close by the server)
 
     def readable(self) -> bool:
         return True
@@ -51,7 +61,15 @@ class _ExecReader(io.RawIOBase):
     def _pull(self) -> None:
         try:
             opcode, frame = self.socket.recv_data_frame(True)
-        except (WebSocketConnectionClosedException, OSError):
+        except WebSocketTimeoutException:
+            self.stalled = True
+            self.closed_by_server = True
+            return
+        except WebSocketConnectionClosedException:
+            self.closed_by_server = True
+            return
+        except (WebSocketException, OSError) as exc:
+            self.dropped = f"{type(exc).__name__}: {exc}"
             self.closed_by_server = True
             return
         if opcode == ABNF.OPCODE_CLOSE:
@@ -95,38 +113,45 @@ def _refusal(exc: ApiException, pod: str) -> ArtifactsLost:
         return ArtifactsLost(f"exec into Pod {pod} is forbidden: grant `create` on `pods/exec` "
                              "(deployments/rbac.yaml), or set keruta.artifacts.mode=upload")
     if status == 404:
-        return ArtifactsLost(f"the Pod {pod} is gone (deleted before its files were collected)")
+        return ContainerGone(f"the Pod {pod} is gone (deleted before its files were collected)")
     if status == 400:
-        return ArtifactsLost(f"the agent container of Pod {pod} is not running any more")
+        return ContainerGone(f"the agent container of Pod {pod} is not running any more")
     return ArtifactsLost(f"exec into Pod {pod} failed: {text.strip()[:200]}")
 
 
 def exec_command(api: kubernetes.client.ApiClient, namespace: str, pod: str, command: list[str],
-                 container: str = "main", timeout: float = 30) -> object:
-    # A client of its own: kubernetes.stream.stream() swaps call_api on the ApiClient it is given for the
-    # length of the call, which would send the shared client's concurrent requests (watches, logs) over
-    # a WebSocket too.
-    core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(api.configuration))
+                 container: str = "main", timeout: float = 30) -> WSClient:
+    """Start ``command`` in the container; the caller reads the returned WSClient and closes it.
+
+    One exec ApiClient per cluster connection (see client.exec_client), never a new one per call."""
+    exec_api, lock = exec_client(api)
+    if not lock.acquire(timeout=timeout):
+        raise ArtifactsLost(f"exec into Pod {pod} could not start: another exec has been connecting for {timeout:g}s")
     try:
-        client = stream(core.connect_get_namespaced_pod_exec, pod, namespace, command=command, container=container,
-                        stdin=False, stdout=True, stderr=True, tty=False, _preload_content=False, binary=True,
-                        _request_timeout=timeout)
-    except ApiException as exc:
+        client = stream(kubernetes.client.CoreV1Api(exec_api).connect_get_namespaced_pod_exec, pod, namespace,
+                        command=command, container=container, stdin=False, stdout=True, stderr=True, tty=False,
+                        _preload_content=False, binary=True, _request_timeout=timeout)
+    except ApiException as exc:  # stream() turns every failure to connect into one (status 0)
         raise _refusal(exc, pod) from None
+    finally:
+        lock.release()
     # stream() does not pass capture_all on: without this the client keeps a copy of everything it reads
     # (the whole archive) in memory. Nothing was read yet, so dropping the capture loses nothing.
-    client._all = _IgnoredIO()  # type: ignore[attr-defined]
+    client._all = _IgnoredIO()
     return client
 
 
 def collect_directory(api: kubernetes.client.ApiClient, namespace: str, pod: str, source: str, dest: Path, *,
                       max_file_size: int, max_total_size: int, timeout: float = 60) -> CollectResult:
-    """`tar cf - -C <source> .` in the agent container, extracted safely into ``dest`` as it streams."""
+    """`tar cf - -C <source> .` in the agent container, extracted safely into ``dest`` as it streams.
+
+    Raises ArtifactsLost (stalled: nothing for ``timeout`` seconds; the connection dropped before tar's
+    exit status came; tar failed) or ArchiveRejected; OSError when ``dest`` cannot be written."""
     client = exec_command(api, namespace, pod, ["tar", "cf", "-", "-C", source, "."], timeout=timeout)
-    reader = _ExecReader(client, timeout)
     rejected: ArchiveRejected | None = None
     result = CollectResult()
     try:
+        reader = _ExecReader(client, timeout)
         try:
             result = extract_tar_stream(io.BufferedReader(reader, 1 << 20), dest, max_file_size=max_file_size,
                                         max_total_size=max_total_size)
@@ -134,19 +159,67 @@ def collect_directory(api: kubernetes.client.ApiClient, namespace: str, pod: str
             rejected = exc
         reader.drain()
     finally:
-        client.close()  # type: ignore[attr-defined]
-    status = _status(reader.status)
-    if status.get("status") not in (None, "Success"):  # tar's own failure explains a short archive best
-        stderr = reader.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise ArtifactsLost(f"tar in Pod {pod} failed: {status.get('message', '')}"
-                            + (f" ({stderr[-1]})" if stderr else ""))
+        close(client)
+    try:
+        if reader.stalled:
+            raise ArtifactsLost(f"the exec into Pod {pod} sent nothing for {timeout:g}s (stalled); "
+                                "the files were not collected")
+        status = _status(reader.status)
+        if not status:  # it always comes (channel 3) before a proper close: without it the archive may be cut
+            why = reader.dropped or "closed without tar's exit status"
+            raise ArtifactsLost(f"the connection to Pod {pod} broke while its files were sent ({why}); "
+                                "nothing was kept")
+        if status.get("status") != "Success":  # tar's own failure explains a short archive best
+            stderr = reader.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise ArtifactsLost(f"tar in Pod {pod} failed: {status.get('message', '')}"
+                                + (f" ({stderr[-1]})" if stderr else ""))
+    except ArtifactsLost:
+        for item in result.files:  # what an incomplete archive delivered is not kept either
+            (dest / item.path).unlink(missing_ok=True)
+        raise
     if rejected is not None:
         raise rejected
     return result
 
 
+def release(api: kubernetes.client.ApiClient, namespace: str, pod: str, path: str, timeout: float) -> str | None:
+    """`touch <path>` in the container (the agent's signal to exit); None when done, else why not.
+    Never raises; the WebSocket is closed in every case."""
+    try:
+        client = exec_command(api, namespace, pod, ["touch", path], timeout=timeout)
+    except ArtifactsLost as exc:
+        return str(exc)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        reader = _ExecReader(client, timeout)
+        reader.drain()
+        if reader.stalled:
+            return f"touch in Pod {pod} answered nothing for {timeout:g}s"
+        status = _status(reader.status)
+        if status.get("status") != "Success":
+            return f"touch in Pod {pod} failed: {status.get('message') or reader.dropped or 'no exit status'}"
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        close(client)
+
+
+def close(client: WSClient) -> None:
+    """Close the exec's WebSocket and its socket. (websocket-client's close() returns early once the
+    server's close frame has been read, leaving the socket open until garbage collection: shutdown()
+    closes it now.)"""
+    try:
+        client.close()
+    finally:
+        if client.sock is not None:
+            client.sock.shutdown()
+
+
 def _status(raw: bytes) -> dict[str, object]:
     try:
-        return json.loads(raw.decode("utf-8")) if raw else {}
+        found = json.loads(raw.decode("utf-8")) if raw else {}
+        return found if isinstance(found, dict) else {}
     except ValueError:
         return {}
