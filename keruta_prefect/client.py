@@ -6,8 +6,8 @@ Two kinds of failure, never confused:
   backoff until ``retry_seconds`` have passed; then the call fails. Trying again later may help.
 - *refused* (:class:`ApiRejected`): any other 4xx, an answer that is not the keruta API's JSON, or a URL
   the client cannot use. Sending the same request again cannot help, so it fails at once. ``permanent``
-  refusals (401, 403, 404, 410, and anything that is not an HTTP answer) refuse every call alike; the
-  others (400, 409, 413, 422…) concern this request's content.
+  refusals (401, 403, 404, 405, 407, 410, 414, 415, and anything that is not an HTTP answer) refuse every
+  call alike; the others (400, 409, 413, 422…) concern this request's content.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from urllib.parse import quote
 import httpx
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
-PERMANENT_STATUS = {401, 403, 404, 410}  # wrong token, forbidden, task (or route) gone: every call will fail
+PERMANENT_STATUS = {401, 403, 404, 405, 407, 410, 414, 415}  # every call alike: wrong token, URL, proxy, route
 
 
 class ApiError(Exception):
@@ -39,6 +39,7 @@ class ApiRejected(ApiError):
         super().__init__(f"{what}: HTTP {status}: {detail}" if status is not None else f"{what}: {detail}")
         self.status = status
         self.detail = detail
+        self.what = what
 
     @property
     def permanent(self) -> bool:

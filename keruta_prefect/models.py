@@ -136,13 +136,17 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+INT32 = 2**31
+MAX_TIMEOUT = 366 * 24 * 3600  # a year: more is a mistake, and the Job's activeDeadlineSeconds must stay sane
+
+
 class Task(Camel):
     """A keruta task. Field names and camelCase aliases follow the original keruta."""
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     title: str = Field("", max_length=1000)
     description: str = Field("", max_length=1_000_000)
-    priority: int = 0
+    priority: int = Field(0, ge=-INT32, le=INT32 - 1)  # a database INTEGER (PostgreSQL: 32 bits)
     status: TaskStatus = TaskStatus.PENDING
     documents: list[str] = Field(default_factory=list)
     image: str | None = None
@@ -157,7 +161,8 @@ class Task(Camel):
     storage_class: str | None = None
     pvc_name: str | None = None
     script: Annotated[Script | None, BeforeValidator(_script)] = None
-    timeout_seconds: int | None = Field(None, ge=1, validation_alias=AliasChoices("timeoutSeconds", "timeout"))
+    timeout_seconds: int | None = Field(None, ge=1, le=MAX_TIMEOUT,
+                                        validation_alias=AliasChoices("timeoutSeconds", "timeout"))
     resources: Resources | None = None
     progress: int | None = Field(None, ge=0, le=100)
     message: str | None = None
@@ -170,10 +175,12 @@ class Task(Camel):
     def _id(cls, value: str | None) -> str | None:
         return None if value is None else check_task_id(value)
 
-    @field_validator("title", "description")
+    @field_validator("*")
     @classmethod
-    def _no_nul(cls, value: str) -> str:
-        if "\x00" in value:
+    def _no_nul(cls, value: Any) -> Any:
+        """No text field may hold a NUL: PostgreSQL refuses it (a 500 where a 422 belongs)."""
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and "\x00" in text for text in texts):
             raise ValueError("must not contain NUL characters")
         return value
 
@@ -231,6 +238,8 @@ def parse_task_spec(data: str | bytes | dict[str, Any], *, source: str = "task")
             data = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise TaskSpecError(f"{source}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise TaskSpecError(f"{source}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise TaskSpecError(f"{source}: a task spec is a JSON object, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if k not in ("status", "createdAt", "updatedAt", "logs")}

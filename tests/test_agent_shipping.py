@@ -222,7 +222,8 @@ def test_lines_the_api_refuses_are_isolated_and_dropped_with_one_report(api: Api
 
 
 @pytest.mark.parametrize(("status", "detail"), [(401, "missing or wrong token (Authorization: Bearer <token>)"),
-                                                (403, "forbidden"), (404, "task 'gone' not found")])
+                                                (403, "forbidden"), (404, "task 'gone' not found"),
+                                                (405, "Method Not Allowed"), (407, "Proxy Authentication Required")])
 def test_a_permanent_refusal_of_the_logs_is_reported_once_and_is_not_api_unreachable(
         api: Api, store: Store, tmp_path: Path, status: int, detail: str) -> None:
     def refuse_logs(method: str, path: str, body: bytes) -> tuple[int, str] | None:
@@ -241,6 +242,23 @@ def test_a_permanent_refusal_of_the_logs_is_reported_once_and_is_not_api_unreach
     assert str(spool) in done.stderr.splitlines()[-1]
     assert store.get_task("gone").status == "COMPLETED"  # the status calls were accepted
     assert front.count(status) <= 2  # no retry storm
+
+
+def test_a_blanket_refusal_of_every_line_is_recognised_and_ends_shipping_once(
+        api: Api, store: Store, tmp_path: Path) -> None:
+    """A proxy that answers 400 to every log post: not "some bad lines" to bisect for ever, line by line."""
+    def refuse_logs(method: str, path: str, body: bytes) -> tuple[int, str] | None:
+        return (400, "Bad Request") if path.endswith("/logs") else None
+
+    make(store, "blanket", "for i in $(seq 1 3000); do echo line $i; done")
+    with Front(api.url, refuse=refuse_logs) as front:
+        done = run_agent(Via(api, front), "blanket", tmp_path / "w", "--api-retry-seconds", "60")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "refused, one by one" in done.stderr
+    assert front.count(400) <= 200, front.count(400)  # not about two requests for each of 3,000 lines
+    spool = tmp_path / "w" / ".keruta" / "unsent-logs.jsonl"
+    assert len(spool.read_text().splitlines()) >= 2900  # what was not tried line by line is kept
 
 
 def test_a_final_status_refused_for_good_is_a_configuration_error(api: Api, store: Store, tmp_path: Path) -> None:

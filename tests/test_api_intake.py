@@ -418,3 +418,57 @@ def test_nul_in_log_lines_and_status_messages_is_kept_as_a_replacement_character
     assert (logs.status_code, status.status_code) == (200, 200)
     assert [row.message for row in any_store.logs("nul")] == ["a\ufffdb"]
     assert any_store.get_task("nul").message == "x\ufffdy"
+
+
+@pytest.mark.parametrize("field", ["repositoryRef", "session", "storageClass", "title", "documents"])
+def test_nul_in_any_task_field_is_refused_naming_it_on_both_databases(any_store: Store, tmp_path: Path,
+                                                                       field: str) -> None:
+    from tests.conftest import Api
+
+    server = Api(any_store, tmp_path / "artifacts").start()
+    value: object = ["a\x00b"] if field == "documents" else "a\x00b"
+    try:
+        answer = httpx.post(f"{server.url}/api/v1/tasks", headers=server.headers,
+                            json={"id": "nul-task", "script": "true", field: value})
+    finally:
+        server.stop()
+    assert answer.status_code == 422, answer.text
+    assert field in answer.json()["detail"] and "NUL" in answer.json()["detail"]
+    assert any_store.list_tasks() == []
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/api/v1/tasks/t/logs", {"source": "s", "lines": [{"seq": 2**63, "message": "x"}]}),
+    ("POST", "/api/v1/tasks/t/logs", {"source": "s", "lines": [{"seq": 1, "ts": 1e20, "message": "x"}]}),
+    ("POST", "/api/v1/tasks/t/logs", {"source": "s", "lines": [{"seq": 1, "ts": -1e12, "message": "x"}]}),
+    ("POST", "/api/v1/tasks", {"id": "big", "priority": 2**70}),
+    ("POST", "/api/v1/tasks", {"id": "big", "priority": 2**31}),
+    ("POST", "/api/v1/tasks", {"id": "big", "timeoutSeconds": 10**23}),
+    ("GET", "/api/v1/tasks?offset=1180591620717411303424", None),
+])
+def test_numbers_out_of_range_are_422_not_500(any_store: Store, tmp_path: Path, method: str, path: str,
+                                              body: object) -> None:
+    from tests.conftest import Api
+
+    any_store.create_task(Task.model_validate({"id": "t", "script": "true"}))
+    server = Api(any_store, tmp_path / "artifacts").start()
+    try:
+        answer = httpx.request(method, f"{server.url}{path}", headers=server.headers, json=body)
+        raw_nan = httpx.post(f"{server.url}/api/v1/tasks/t/logs", headers={**server.headers,
+                             "Content-Type": "application/json"},
+                             content=b'{"source": "s", "lines": [{"seq": 1, "ts": NaN, "message": "x"}]}')
+    finally:
+        server.stop()
+    assert answer.status_code == 422, answer.text
+    assert raw_nan.status_code == 422, raw_nan.text
+    assert any_store.count_logs("t") == 0
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/api/v1/tasks/t/logs"), ("POST", "/api/v1/tasks"),
+                                              ("PUT", "/api/v1/tasks/t/status")])
+def test_json_nested_too_deeply_is_400_not_500(api: Any, store: Store, method: str, path: str) -> None:
+    store.create_task(Task.model_validate({"id": "t", "script": "true"}))
+    answer = httpx.request(method, f"{api.url}{path}", content=b"[" * 100_000 + b"]" * 100_000,
+                           headers={**api.headers, "Content-Type": "application/json"})
+    assert answer.status_code in (400, 422), answer.text
+    assert "Traceback" not in answer.text

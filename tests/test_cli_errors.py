@@ -151,6 +151,20 @@ def test_bad_options_are_one_line_naming_the_option_and_value(
     one_line(cli(homes, *args, KERUTA_API_TOKEN="t"), 2, *names)
 
 
+@pytest.mark.parametrize(("command", "spec", "names"), [
+    ("add", {"id": "big", "priority": 10**23}, ["priority", "100000000000000000000000"]),
+    ("add", {"id": "big", "timeoutSeconds": 10**23}, ["timeoutSeconds"]),
+    ("render", {"id": "big", "timeoutSeconds": 10**23}, ["timeoutSeconds"]),
+    ("add", {"id": "nul", "session": "a\u0000b"}, ["session", "NUL"]),
+])
+def test_numbers_out_of_range_and_nul_in_a_task_file_are_one_line(
+        homes: dict[str, str], tmp_path: Path, command: str, spec: dict[str, object], names: list[str]) -> None:
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps({**spec, "script": "true"}))
+    args = ["tasks", "add", "--task-file", str(path)] if command == "add" else ["render", "--task-file", str(path)]
+    one_line(cli(homes, *args), 2, *names)
+
+
 def test_an_unexpected_error_is_one_line_exit_4_and_debug_shows_the_traceback(homes: dict[str, str]) -> None:
     code = ("import sys, keruta_prefect.cli as cli\n"
             "def boom(args): raise ZeroDivisionError('division by zero')\n"

@@ -92,7 +92,8 @@ def parse_api_url(name: str, value: str | None) -> str:
         url = httpx.URL(value)
     except httpx.InvalidURL:
         url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
+    port_ok = url is not None and (url.port is None or 0 < url.port < 65536)
+    if url is None or url.scheme not in ("http", "https") or not url.host or not port_ok:
         raise UsageError(f"{name}={value!r}: expected an http:// or https:// URL of the keruta API")
     return value
 

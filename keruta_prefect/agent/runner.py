@@ -111,6 +111,9 @@ def refusal_report(refused: Sequence[tuple[Line, ApiRejected]]) -> list[str]:
     return messages
 
 
+REFUSED_IN_A_ROW = 32  # this many single lines refused in a row: a refusal of every line, not of some
+
+
 class LogShipper:
     """Numbers lines and sends them in ordered batches from a background thread.
 
@@ -131,6 +134,7 @@ class LogShipper:
         self.refused: ApiRejected | None = None
         self.failure: BaseException | None = None  # of the shipping thread, or of a reader (see _pump)
         self.dropped = 0
+        self._refused_in_a_row = 0  # single lines refused since the last stored batch
         self._open = True  # until the end mark close() queues has been read
         self._queue: queue.Queue[Line | None] = queue.Queue()
         self._seq = 0
@@ -230,12 +234,17 @@ class LogShipper:
             if count == 1:
                 self._refused_lines.append((batch[0], exc))
                 del self._pending[:1]
+                self._refused_in_a_row += 1
+                if self._refused_in_a_row >= REFUSED_IN_A_ROW:  # not these lines: the API refuses any line
+                    raise ApiRejected(exc.status, f"{exc.detail} (the last {REFUSED_IN_A_ROW} lines were all "
+                                                  "refused, one by one)", exc.what) from None
                 return
             half = count // 2
             self._deliver(half)
             self._deliver(count - half)
             return
         del self._pending[:count]
+        self._refused_in_a_row = 0
 
     def _report_refused(self) -> None:
         if not self._refused_lines:

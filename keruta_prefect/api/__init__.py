@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import anyio
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi import FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
@@ -59,8 +59,8 @@ class StatusUpdate(BaseModel):
 class LogIn(BaseModel):
     level: str = Field("INFO", max_length=16)
     message: StoredText = Field(max_length=MAX_LOG_MESSAGE)
-    seq: int | None = Field(None, ge=0)
-    ts: float | None = None
+    seq: int | None = Field(None, ge=0, le=2**31 - 1)  # a database INTEGER
+    ts: float | None = Field(None, ge=0, le=253402300799, allow_inf_nan=False)  # seconds, up to the year 9999
 
 
 class LogBatch(BaseModel):
@@ -121,6 +121,10 @@ def create_app(
     async def _conflict(_request: Request, exc: InvalidTransition) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_request: Request, _exc: RecursionError) -> JSONResponse:
+        return JSONResponse({"detail": "body is not valid JSON (nested too deeply)"}, status_code=400)
+
     @app.get("/api/v1/health")
     async def health() -> dict[str, str]:  # on the event loop: answers even when every worker thread is busy
         return {"status": "ok"}
@@ -140,7 +144,8 @@ def create_app(
             raise HTTPException(409, str(exc)) from None
 
     @app.get("/api/v1/tasks", dependencies=auth)
-    def list_tasks(status: TaskStatus | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    def list_tasks(status: TaskStatus | None = None, limit: int = 100,
+                   offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict[str, Any]]:
         limit = max(1, min(limit, 1000))
         return [_task_json(t) for t in store.list_tasks(status, limit=limit, offset=max(0, offset))]
 
@@ -171,8 +176,8 @@ def create_app(
     def _store_logs(task_id: str, body: bytes) -> dict[str, Any]:
         try:
             raw = json.loads(body)
-        except ValueError:
-            raise HTTPException(400, "body is not valid JSON") from None
+        except (ValueError, RecursionError):
+            raise HTTPException(400, "body is not valid JSON (or nested too deeply)") from None
         try:
             if isinstance(raw, dict) and "lines" in raw:
                 batch = LogBatch.model_validate(raw)
