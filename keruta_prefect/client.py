@@ -71,6 +71,9 @@ class KerutaClient:
             headers={"Authorization": f"Bearer {token}", "User-Agent": "keruta-agent"},
             timeout=timeout,
             transport=transport,
+            # Plain http:// (the in-cluster Service, the embedded API) never uses TLS: skip loading the CA
+            # bundle, which costs each agent process about 90 ms of CPU.
+            verify=not self.api_url.startswith("http://"),
         )
 
     def close(self) -> None:

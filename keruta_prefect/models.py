@@ -23,7 +23,16 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from keruta_prefect.validation import check_dns_label, check_env_name, check_image, check_quantity, one_line
+from keruta_prefect.validation import (  # noqa: F401 - TASK_ID, MAX_TASK_ID: re-exported
+    MAX_TASK_ID,
+    TASK_ID,
+    check_dns_label,
+    check_env_name,
+    check_image,
+    check_quantity,
+    check_task_id,
+    one_line,
+)
 
 
 class TaskStatus(StrEnum):
@@ -66,19 +75,6 @@ class InvalidTransition(ValueError):
 def check_transition(current: TaskStatus, new: TaskStatus) -> None:
     if new != current and new not in TRANSITIONS[current]:
         raise InvalidTransition(current, new)
-
-
-TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-MAX_TASK_ID = 512
-
-
-def check_task_id(value: str) -> str:
-    if not value or len(value) > MAX_TASK_ID or not TASK_ID.match(value):
-        raise ValueError(
-            f"task ids are 1-{MAX_TASK_ID} characters of letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return value
 
 
 class Camel(BaseModel):

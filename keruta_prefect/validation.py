@@ -149,3 +149,16 @@ def single_line(text: str, limit: int = 1000) -> str:
     """``text`` as one line: its non-blank lines joined, cut to ``limit`` characters."""
     line = " ".join(part.strip() for part in text.splitlines() if part.strip())
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_TASK_ID = 512
+
+
+def check_task_id(value: str) -> str:
+    if not value or len(value) > MAX_TASK_ID or not TASK_ID.match(value):
+        raise ValueError(
+            f"task ids are 1-{MAX_TASK_ID} characters of letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return value

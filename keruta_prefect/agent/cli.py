@@ -101,7 +101,7 @@ def parse_api_url(name: str, value: str | None) -> str:
 def parse_task_id(name: str, value: str | None) -> str:
     if not value:
         raise UsageError(f"{name} is required")
-    from keruta_prefect.models import check_task_id  # here: pydantic costs the helpers a second to import
+    from keruta_prefect.validation import check_task_id  # not models: its pydantic classes cost ~0.2 s
 
     try:
         return check_task_id(value)
