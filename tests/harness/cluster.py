@@ -241,9 +241,12 @@ class Cluster:
         assert self.changed is not None
         return self.changed
 
-    async def _wait_change(self, timeout: float) -> None:
-        """Until the store or a log changes, or ``timeout`` seconds."""
+    async def _wait_change(self, timeout: float, ready: Callable[[], bool] | None = None) -> None:
+        """Until the store or a log changes, or ``timeout`` seconds. ``ready`` is checked under the lock
+        first: a change made while the caller was busy (e.g. writing a response) is not missed."""
         async with self._cond():
+            if ready is not None and ready():
+                return
             try:
                 await asyncio.wait_for(self._cond().wait(), timeout)
             except TimeoutError:
@@ -609,7 +612,7 @@ class Cluster:
                     sent += 1
                 if not follow or log.finished:
                     return response
-                await self._wait_change(0.5)
+                await self._wait_change(0.5, lambda seen=index: seen < len(log.lines) or log.finished)
         except (ConnectionResetError, RuntimeError):
             return response
         finally:
