@@ -176,8 +176,10 @@ def create_app(
     def _store_logs(task_id: str, body: bytes) -> dict[str, Any]:
         try:
             raw = json.loads(body)
-        except (ValueError, RecursionError):
-            raise HTTPException(400, "body is not valid JSON (or nested too deeply)") from None
+        except ValueError:
+            raise HTTPException(400, "body is not valid JSON") from None
+        except RecursionError:
+            raise HTTPException(400, "body is not valid JSON (nested too deeply)") from None
         try:
             if isinstance(raw, dict) and "lines" in raw:
                 batch = LogBatch.model_validate(raw)
