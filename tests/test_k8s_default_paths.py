@@ -148,6 +148,31 @@ def test_a_wait_after_the_container_ended_returns_at_once_with_the_whole_log(
     assert not follower_threads()
 
 
+def test_a_pod_that_changed_before_the_wait_subscribed_is_seen_at_once(manual_cluster: Cluster, store: Store) -> None:
+    """The shared watch saw the Pod end before this wait subscribed (a fast start, a reattach): no event will
+    come for it, so the wait must look at once, not after its first 0.5 s timeout."""
+    cluster = manual_cluster
+    backend = KubernetesBackend(settings_for(cluster, artifacts_mode="off"), store, tuning=fast())
+    handle = backend.launch(store.create_task(Task(id="d-early")), RunContext(attempt=1))
+    pod = cluster.wait_for_pod(handle.name)["metadata"]["name"]
+    other = watch.subscribe(backend.api, "default", backend.tuning, handle.name)  # keeps the shared watch alive
+    try:
+        cluster.run_pod(pod)
+        cluster.log(pod, "keruta-agent INFO done")
+        cluster.end_log(pod)
+        cluster.finish_pod(pod, 0)
+        cluster.wait_for(lambda: any("terminated" in (s.get("state") or {}) for p in other.pods()
+                                     for s in (p.get("status") or {}).get("containerStatuses") or []),
+                         what="the shared watch to see the container end")
+        started = time.monotonic()
+        outcome = backend.wait(handle)
+        elapsed = time.monotonic() - started
+    finally:
+        other.close()
+    assert outcome.status == "COMPLETED"
+    assert elapsed < 0.45, elapsed  # the first look used to come only after a 0.5 s wait for an event
+
+
 # --- 14e: levels of the Pod log lines ----------------------------------------------------------------
 
 def test_the_agents_own_lines_keep_their_level_and_the_scripts_lines_are_info(

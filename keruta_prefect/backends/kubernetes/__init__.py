@@ -180,9 +180,13 @@ class KubernetesBackend:
                     except Exception:
                         log.warning("a note for the run log could not be passed on", exc_info=True)
 
+        first = True
         try:
             while True:
-                event = subscription.get(timeout=0.5)
+                # The first look is at once: the Pod may have changed before this subscription existed (a
+                # fast start, a reattach), and then no event would come to end the first 0.5 s wait.
+                event = subscription.get(timeout=0.0 if first else 0.5)
+                first = False
                 now = time.monotonic()
                 if not subscription.alive or (event is not None and event[0] == WATCH_ENDED):
                     reason = subscription.watch.failure or "stopped"
