@@ -43,11 +43,17 @@ def test_the_api_token_leaks_nowhere(cluster: Cluster, api: Api, store: Store, k
     places["database"] = (keruta_home / "keruta.db").read_bytes().decode("latin-1")
     places["jobs"] = json.dumps(cluster.jobs()) + json.dumps(cluster.pods())
     flow_run_id = state.state_details.flow_run_id
+    # The run's logs reach Prefect in the background: wait until they are there (a condition, not luck).
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run_id)
         places["parameters"] = json.dumps(run.parameters, default=str)
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        places["prefect logs"] = "\n".join(log.message for log in logs)
+
+        def read_logs() -> str:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            text = "\n".join(log.message for log in logs)
+            return text if "keruta task secret-run COMPLETED" in text else ""  # the flow's last words are in
+
+        places["prefect logs"] = cluster.wait_for(read_logs, timeout=30, what="the run's logs in Prefect")
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         places["artifacts"] = "\n".join(str(a.data) for a in artifacts)
