@@ -69,11 +69,6 @@ def holder_alive(store: Store, holder: str) -> bool:
     return holds(holder_state(holder), store.lease_of(holder), datetime.now(UTC))
 
 
-def flow_run_alive(flow_run_id: str) -> bool:
-    """Is this flow run still able to run a task (not in a final state)? Unknown runs are not."""
-    return holds(holder_state(flow_run_id), None, datetime.now(UTC))
-
-
 def claim_owner() -> str:
     """Who claims tasks from here: the current flow run (a process-unique name outside one)."""
     return str(runtime_flow_run.id) if runtime_flow_run.id else f"process-{uuid.uuid4()}"

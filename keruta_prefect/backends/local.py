@@ -27,9 +27,8 @@ from keruta_prefect.store import LogLine, Store
 
 _embedded: dict[str, tuple[ApiServer, str]] = {}
 _embedded_lock = threading.Lock()
-# The agents this process started, by "task/attempt", with the embedded API each reports to.
-_procs: dict[str, subprocess.Popen[bytes]] = {}
-_proc_api: dict[str, str] = {}
+# The agents this process started, by "task/attempt": the process and the embedded API it reports to.
+_procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
 
 
 def embedded_api(store: Store, settings: KerutaSettings) -> tuple[ApiServer, str]:
@@ -78,8 +77,7 @@ class LocalBackend:
                                     stdout=agent_log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             agent_log.close()
-        _procs[f"{task.id}/{ctx.attempt}"] = proc
-        _proc_api[f"{task.id}/{ctx.attempt}"] = server.url
+        _procs[f"{task.id}/{ctx.attempt}"] = (proc, server.url)
         return RunHandle(backend=self.name, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
                          name=work_dir.name, pid=proc.pid)
 
@@ -88,7 +86,7 @@ class LocalBackend:
         return attempt_dir(self.settings.work_root(), task_id, attempt)
 
     def wait(self, handle: RunHandle, on_log: LogSink | None = None) -> Outcome:
-        proc = _procs.get(f"{handle.task_id}/{handle.attempt}")
+        proc, _api_url = _procs.get(f"{handle.task_id}/{handle.attempt}", (None, None))
         lines: queue.Queue[LogLine] = queue.Queue()
 
         def listener(task_id: str, rows: list[LogLine]) -> None:
@@ -166,12 +164,11 @@ class LocalBackend:
     def can_reattach(self, handle: RunHandle) -> bool:
         """Only an agent this process started (and whose embedded API still serves it) can report here;
         one left by a flow process that died lost its API and token with it."""
-        key = f"{handle.task_id}/{handle.attempt}"
-        proc = _procs.get(key)
+        proc, api_url = _procs.get(f"{handle.task_id}/{handle.attempt}", (None, None))
         if proc is None or proc.pid != handle.pid:
             return False
         server, _token = embedded_api(self.store, self.settings)
-        return _proc_api.get(key) == server.url
+        return api_url == server.url
 
     def cancel(self, handle: RunHandle) -> str | None:
         """Stop the agent and everything it started: SIGTERM to the agent (it stops the script
@@ -180,7 +177,7 @@ class LocalBackend:
         None when all are gone; else one line naming the processes that are still there."""
         if handle.pid is None:
             return None
-        proc = _procs.get(f"{handle.task_id}/{handle.attempt}")
+        proc, _api_url = _procs.get(f"{handle.task_id}/{handle.attempt}", (None, None))
         try:
             os.kill(handle.pid, signal.SIGTERM)
         except ProcessLookupError:
