@@ -51,6 +51,8 @@ def prefect_server(database: str, home: Path) -> Iterator[str]:
                 temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield "the Prefect test harness (SQLite)"
         return
+    import prefect.context
+
     from tests.harness.postgres import Postgres
     from tests.harness.processes import prefect_server as server_process
 
@@ -59,7 +61,10 @@ def prefect_server(database: str, home: Path) -> Iterator[str]:
         pg.create_database("prefect")
         env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", "asyncpg")}
         with server_process(env, home / "prefect-server.log") as base, \
-                temporary_settings({PREFECT_API_URL: f"{base}/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                temporary_settings({PREFECT_API_URL: f"{base}/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
+                prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+            # ...process-global too, as a profile or the environment would be (and as prefect_test_harness
+            # does): Prefect's own service threads do not inherit the context variables.
             yield f"`prefect server start` on PostgreSQL {pg.bin.parent.name}"
     finally:
         pg.stop()

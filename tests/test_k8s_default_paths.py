@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -513,3 +514,39 @@ def test_jobs_of_a_flow_run_are_found_in_every_namespace_given(manual_cluster: C
     cluster.deny("jobs", "list")  # nowhere at all: that is an error worth raising
     with pytest.raises(BackendError, match="forbidden"):
         backend.jobs_of_flow_run("fr-many", set())
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_agents_last_lines_reach_the_flow_runs_prefect_log_whatever_the_process_settings(
+        k8s_api: tuple[Cluster, Api], store: Store) -> None:
+    """The follower goes on after wait() returned (the agent holds, then says it exits). Its lines belong to
+    the caller's flow run on the caller's Prefect API, also when that API is set only in the caller's
+    context (``temporary_settings``, a flow composed under other settings), not process-wide: a thread
+    without the caller's context sent them elsewhere (here, to a dead address; in the benchmark, to an
+    ephemeral server whose start blocked Prefect's event loop for 15 s, stalling the next flow)."""
+    import prefect.context
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from keruta_prefect.blocks import seed
+    from keruta_prefect.flows import keruta_task
+
+    cluster, api = k8s_api
+    block = f"ctx-{uuid.uuid4().hex[:8]}"
+    seed(settings_for(cluster, api), name=block)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        elsewhere = prefect.context.get_settings_context()  # the process's settings: another API
+    with prefect.context._temporary_global_settings_context(elsewhere):
+        state = keruta_task(task_spec={"id": "ctx-run", "script": "echo hello"}, backend="kubernetes",
+                            settings_block=block, return_state=True)
+    assert state.is_completed()
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        def lines() -> list[str]:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            messages = [log.message for log in logs]
+            return messages if "keruta-agent INFO artifacts collected; exiting" in messages else []
+
+        messages = cluster.wait_for(lines, timeout=30, what="the agent's last line in the flow run's log")
+    assert "hello" in messages

@@ -17,6 +17,7 @@ It always ends by itself: the container ended (``finished()``), the Pod is gone,
 from __future__ import annotations
 
 import codecs
+import contextvars
 import logging
 import threading
 import time
@@ -74,9 +75,14 @@ class LogFollower:
         self._wake = threading.Event()
         self._response: urllib3.response.BaseHTTPResponse | None = None
         self._callback_failures = 0
-        self.thread = threading.Thread(target=self._main, name=f"keruta-log-{pod}", daemon=True)
+        self._context = contextvars.Context()
+        self.thread = threading.Thread(target=lambda: self._context.run(self._main), name=f"keruta-log-{pod}",
+                                       daemon=True)
 
     def start(self) -> LogFollower:
+        """Start following, in a copy of the caller's context: the callbacks log to the caller's flow run
+        with its Prefect settings (the API it talks to), even after the caller has moved on."""
+        self._context = contextvars.copy_context()
         with _active_lock:
             _active.add(self)
         self.thread.start()
