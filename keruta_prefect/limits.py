@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 TASKS_LIMIT = "keruta-tasks"
 
@@ -41,13 +41,21 @@ def ensure_concurrency_limit(name: str, slots: int) -> bool:
 @contextmanager
 def task_slot(name: str | None, slots: int) -> Iterator[None]:
     """Hold one slot of the global limit ``name`` (created with ``slots`` if absent) for the block;
-    waits for a free slot. ``None`` or ``""``: no limit."""
+    waits for a free slot. ``None`` or ``""``: no limit.
+
+    The slot is asked for straight away (one request on the start path of every task); only when the
+    server has no such limit is it created, then asked for again."""
     if not name:
         yield
         return
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
-    if ensure_concurrency_limit(name, slots):
-        log.info("created the Prefect global concurrency limit %r with %d slots", name, slots)
-    with concurrency(name, occupy=1, strict=True):
+    with ExitStack() as held:
+        try:
+            held.enter_context(concurrency(name, occupy=1, strict=True))
+        except ConcurrencySlotAcquisitionError:  # no such limit (or a refusal: asked again below, as it was)
+            if ensure_concurrency_limit(name, slots):
+                log.info("created the Prefect global concurrency limit %r with %d slots", name, slots)
+            held.enter_context(concurrency(name, occupy=1, strict=True))
         yield
