@@ -148,7 +148,8 @@ def _run(sizes: dict[str, object], out: Path, server: str) -> str:
     end_extra = oh["to_record"] - oh["empty_end"]
     section("4. Orchestration overhead",
             f"The keruta-task flow on the Kubernetes backend in the default settings (artifacts mode exec), medians "
-            f"of {int(oh['runs'])} runs, against an empty Prefect flow in the same server. After the agent's final "
+            f"of {int(oh['runs'])} runs, against an empty Prefect flow in the same server and process, the two taking "
+            "turns. After the agent's final "
             "report: the outcome, the collection of its files over exec (tar, release), the run recorded. "
             "Target: ≤ 100 ms above the empty flow.", "",
             "| step | keruta-task | empty flow | above it |", "|---|---|---|---|",
