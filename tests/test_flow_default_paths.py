@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -244,3 +245,23 @@ def test_the_claim_rules_hold_for_every_state_and_lease() -> None:
     assert not holds("RUNNING", past, now)
     for waiting in ("SCHEDULED", "PENDING", "PAUSED", "CANCELLING"):
         assert holds(waiting, past, now)
+
+
+def test_a_run_that_needs_no_slot_returns_while_the_limit_is_full_and_leaves_nothing_behind(store: Store) -> None:
+    """The slot is asked for in the background from the flow's start, overlapping its first steps. A run
+    that ends before it needs the slot (here: its task is already COMPLETED) does not wait for a full
+    limit, leaves no thread asking, and takes no slot."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    limit = _limit(1)
+    store.create_task(Task.model_validate({"id": "gl-done", "script": "true"}))
+    keruta_task(task_id="gl-done", concurrency_limit=limit)
+    assert store.get_task("gl-done").status == "COMPLETED"
+    with concurrency(limit, occupy=1, strict=True):  # someone else holds the only slot
+        started = time.monotonic()
+        again = keruta_task(task_id="gl-done", concurrency_limit=limit, return_state=True)
+        assert again.is_completed() and time.monotonic() - started < 60  # (it used to be: wait for ever)
+        assert not [t for t in threading.enumerate() if t.name == f"keruta-slot-{limit}"]
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
