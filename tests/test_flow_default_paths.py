@@ -248,9 +248,8 @@ def test_the_claim_rules_hold_for_every_state_and_lease() -> None:
 
 
 def test_a_run_that_needs_no_slot_returns_while_the_limit_is_full_and_leaves_nothing_behind(store: Store) -> None:
-    """The slot is asked for in the background from the flow's start, overlapping its first steps. A run
-    that ends before it needs the slot (here: its task is already COMPLETED) does not wait for a full
-    limit, leaves no thread asking, and takes no slot."""
+    """A run that ends before it needs the slot (here: its task is already COMPLETED) does not wait for
+    a full limit, leaves no thread asking for one, and takes no slot."""
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
 
