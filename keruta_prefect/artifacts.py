@@ -39,12 +39,39 @@ class CollectResult:
         return sum(f.size for f in self.files)
 
     def note(self) -> str | None:
+        """What was lost or left out, in one bounded line (it is stored, printed and sent): the first
+        ``MAX_NOTES`` notes, each at most ``MAX_NOTE_CHARS`` characters, then how many more; at most
+        ``MAX_NOTE_BYTES`` bytes of UTF-8 in all."""
         parts = []
         if self.lost:
-            parts.append(self.lost)
+            parts.append(_shortened(self.lost, MAX_LOST_CHARS))
         if self.skipped:
-            parts.append("not kept: " + "; ".join(self.skipped))
-        return " | ".join(parts) or None
+            shown = "; ".join(_shortened(note, MAX_NOTE_CHARS) for note in self.skipped[:MAX_NOTES])
+            more = len(self.skipped) - MAX_NOTES
+            parts.append("not kept: " + shown + (f"; … and {more} more" if more > 0 else ""))
+        text = " | ".join(parts)
+        if len(text) * 4 > MAX_NOTE_BYTES and len(encoded := text.encode("utf-8", "backslashreplace")) > MAX_NOTE_BYTES:
+            text = encoded[:MAX_NOTE_BYTES - 3].decode("utf-8", "ignore") + "…"  # "…" is 3 bytes
+        return text or None
+
+
+MAX_NOTES = 20  # notes named one by one in CollectResult.note(); the rest are counted
+MAX_NOTE_CHARS = 200  # one note, shortened in the middle (its reason is at the end)
+MAX_LOST_CHARS = 1000  # why the artifacts were lost
+MAX_NOTE_BYTES = 8 << 10  # the whole note
+
+
+def _shortened(text: str, limit: int) -> str:
+    """``text`` if at most ``limit`` characters, else its start and end around an ellipsis."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
+def _shown(raw: str) -> str:
+    """An entry's name in a rejection reason: quoted, on one line, and shortened."""
+    return _shortened(repr(raw), MAX_NOTE_CHARS)
 
 
 def attempt_dir(root: Path, task_id: str, attempt: int) -> Path:
@@ -63,6 +90,9 @@ class PublishStranded(OSError):
 
 
 MAX_MEMBERS = 200_000  # a file-count bomb stops here
+MAX_HEADER_BYTES = 64 << 10  # one GNU long-name/long-link or pax header; global pax headers all together
+MAX_MEMBER_HEADER_BYTES = 256 << 10  # all the headers of one entry (long names, pax records, a sparse map)
+MAX_NAMES_BYTES = 32 << 20  # the entries' names all together: what the extractor holds while it reads
 
 
 def entry_name(raw: str) -> str:
@@ -75,12 +105,12 @@ def entry_name(raw: str) -> str:
     ``a\\..\\b`` for a path), or holding a NUL. Other backslashes are kept: on POSIX they are part of a name.
     """
     if raw.startswith(("/", "\\")):  # stricter than tarfile's `data` filter, which strips the slash
-        raise ArchiveRejected(f"unsafe entry {raw!r}: an absolute path")
+        raise ArchiveRejected(f"unsafe entry {_shown(raw)}: an absolute path")
     if "\0" in raw:
-        raise ArchiveRejected(f"unsafe entry {raw!r}: a NUL in the name")
+        raise ArchiveRejected(f"unsafe entry {_shown(raw)}: a NUL in the name")
     parts = PurePosixPath(raw).parts
     if ".." in parts or ("\\" in raw and ".." in re.split(r"[/\\]", raw)):
-        raise ArchiveRejected(f"unsafe entry {raw!r}: a '..' component")
+        raise ArchiveRejected(f"unsafe entry {_shown(raw)}: a '..' component")
     return "/".join(parts)
 
 
@@ -96,15 +126,49 @@ def _utf8(name: str) -> bool:
     return True
 
 
+_HEADER_KINDS = {tarfile.GNUTYPE_LONGNAME: "GNU long-name", tarfile.GNUTYPE_LONGLINK: "GNU long-link",
+                 tarfile.XHDTYPE: "pax extended", tarfile.XGLTYPE: "pax global",
+                 tarfile.SOLARIS_XHDTYPE: "Solaris extended"}
+
+
+class _HeaderBudget:
+    """The archive's stream while tarfile reads the headers of one entry: reading more than ``budget``
+    bytes rejects the archive before it is read. tarfile reads a chain of long-name, pax and sparse-map
+    headers (one inside the other) whole into memory, however long the archive says they are."""
+
+    def __init__(self, fileobj: IO[bytes], budget: int, offset: int) -> None:
+        self.fileobj, self.left, self.offset = fileobj, budget, offset
+
+    def read(self, size: int) -> bytes:
+        if size > self.left:
+            raise ArchiveRejected(f"the headers of the entry at byte {self.offset} take more than "
+                                  f"{MAX_MEMBER_HEADER_BYTES} bytes (long names, pax records or a sparse map)")
+        self.left -= size
+        return self.fileobj.read(size)
+
+    def tell(self) -> int:
+        return self.fileobj.tell()
+
+    def seek(self, pos: int) -> None:
+        self.fileobj.seek(pos)
+
+
 class _Member(tarfile.TarInfo):
-    """tarfile's TarInfo, except that an archive must end with its end-of-archive marker.
+    """tarfile's TarInfo, except that an archive must end with its end-of-archive marker, and what its
+    headers make tarfile read is bounded.
 
     In stream mode tarfile takes a header that is missing, short or garbled (after the first) for the
     end of the archive, so a stream cut right between two entries would pass as whole and half of it
-    would be kept."""
+    would be kept. A GNU long-name or long-link header, or a pax header, larger than ``MAX_HEADER_BYTES``
+    rejects the archive before tarfile reads it (it would read it whole, into memory); all the headers of
+    one entry, sparse maps included, are read within ``MAX_MEMBER_HEADER_BYTES``."""
 
     @classmethod
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        fileobj = tarfile_.fileobj
+        if isinstance(fileobj, _HeaderBudget):  # a header after a long-name or pax header: within its budget
+            return super().fromtarfile(tarfile_)
+        tarfile_.fileobj = _HeaderBudget(fileobj, MAX_MEMBER_HEADER_BYTES, tarfile_.offset)
         try:
             return super().fromtarfile(tarfile_)
         except tarfile.EOFHeaderError:
@@ -113,6 +177,23 @@ class _Member(tarfile.TarInfo):
             if tarfile_.offset == 0:
                 raise  # the very first header: tarfile says "not a tar archive"
             raise ArchiveRejected(f"the archive is broken or cut short (no end-of-archive marker: {exc})") from None
+        finally:
+            tarfile_.fileobj = fileobj
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size < 0:
+            raise ArchiveRejected(f"the entry at byte {self.offset} has a negative size ({self.size})")
+        kind = _HEADER_KINDS.get(self.type)
+        if kind is not None:
+            if self.size > MAX_HEADER_BYTES:
+                raise ArchiveRejected(f"a {kind} header of {self.size} bytes at byte {self.offset} "
+                                      f"(the cap is {MAX_HEADER_BYTES})")
+            if self.type == tarfile.XGLTYPE:  # global headers add up, for every entry after them
+                held = sum(len(k) + len(v) for k, v in tarfile_.pax_headers.items())
+                if held + self.size > MAX_HEADER_BYTES:
+                    raise ArchiveRejected(f"pax global headers of more than {MAX_HEADER_BYTES} bytes in all "
+                                          f"(at byte {self.offset})")
+        return super()._proc_member(tarfile_)
 
 
 def _too_long(target: str, name: str, path_max: int, name_max: int) -> bool:
@@ -127,7 +208,8 @@ def _as_directories(path: str, dirs: set[str], entries: dict[str, ArtifactInfo |
     """Record ``path`` and its parents as directories; one that is already a file rejects the archive."""
     while path not in dirs:
         if path in entries:
-            raise ArchiveRejected(f"conflicting entries: {path!r} is both a file and a directory (at {raw!r})")
+            raise ArchiveRejected(f"conflicting entries: {_shown(path)} is both a file and a directory "
+                                  f"(at {_shown(raw)})")
         dirs.add(path)
         path = path.rpartition("/")[0]
 
@@ -185,23 +267,31 @@ def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_
         except tarfile.TarError as exc:
             raise ArchiveRejected(f"not a tar archive ({exc})") from None
         with archive:
-            for count, member in enumerate(archive, start=1):
+            count = names = 0
+            while (member := archive.next()) is not None:
+                archive.members.clear()  # tarfile keeps every entry read; nothing here looks back
+                count += 1
                 if count > max_members:
                     raise ArchiveRejected(f"more than {max_members} entries")
+                names += len(member.name)
+                if names > MAX_NAMES_BYTES:
+                    raise ArchiveRejected(f"the entries' names take more than {MAX_NAMES_BYTES} bytes in all "
+                                          f"(at entry {count})")
                 name = entry_name(member.name)
                 try:
                     safe = tarfile.data_filter(member, staged)
                 except tarfile.FilterError as exc:
-                    raise ArchiveRejected(f"unsafe entry {member.name!r}: {exc}") from None
+                    why = _shortened(str(exc), MAX_NOTE_CHARS)
+                    raise ArchiveRejected(f"unsafe entry {_shown(member.name)}: {why}") from None
                 if safe.isdir():
                     if name in entries:
-                        raise ArchiveRejected(f"conflicting entries: {name!r} is both a file and a directory")
+                        raise ArchiveRejected(f"conflicting entries: {_shown(name)} is both a file and a directory")
                     _as_directories(name, dirs, entries, member.name)
                     continue
                 if not name:
-                    raise ArchiveRejected(f"unsafe entry {member.name!r}: a file without a name")
+                    raise ArchiveRejected(f"unsafe entry {_shown(member.name)}: a file without a name")
                 if name in dirs:
-                    raise ArchiveRejected(f"conflicting entries: {name!r} is both a file and a directory")
+                    raise ArchiveRejected(f"conflicting entries: {_shown(name)} is both a file and a directory")
                 parent = name.rpartition("/")[0]
                 _as_directories(parent, dirs, entries, member.name)
                 earlier = entries.pop(name, None)  # the last entry of a name wins, as with `tar x`
@@ -287,11 +377,11 @@ def _merge(source: str, target: str, prefix: str, aside: str, moves: list[tuple[
             continue
         if item.is_dir(follow_symlinks=False):
             if not stat.S_ISDIR(there.st_mode):
-                raise ArchiveRejected(f"cannot keep {name!r}: a file of that name is in {target} already (from an "
-                                      "earlier collection); nothing of this archive was kept")
+                raise ArchiveRejected(f"cannot keep {_shown(name)}: a file of that name is in {target} already "
+                                      "(from an earlier collection); nothing of this archive was kept")
             _merge(item.path, final, name + "/", aside, moves)
         elif stat.S_ISDIR(there.st_mode):
-            raise ArchiveRejected(f"cannot keep {name!r}: a directory of that name is in {target} already (from "
+            raise ArchiveRejected(f"cannot keep {_shown(name)}: a directory of that name is in {target} already (from "
                                   "an earlier collection); nothing of this archive was kept")
         else:
             kept = os.path.join(aside, str(len(moves)))
