@@ -25,6 +25,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
+from prefect.types import Name
 from sqlalchemy.exc import OperationalError
 
 from keruta_prefect.artifacts import CollectResult, attempt_dir
@@ -38,7 +39,7 @@ from keruta_prefect.backends.base import (
 )
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
 from keruta_prefect.claims import ClaimLease, claim_owner, claim_task
-from keruta_prefect.limits import TASKS_LIMIT, task_slot
+from keruta_prefect.limits import TASKS_LIMIT, SlotUnavailable, task_slot
 from keruta_prefect.manifest import namespace_of, needs_volume, pvc_name
 from keruta_prefect.models import (
     ArtifactInfo,
@@ -379,7 +380,7 @@ def keruta_task(
     backend: BackendName = "local",
     settings_block: str = DEFAULT_BLOCK,
     claim: str | None = None,
-    concurrency_limit: str | None = TASKS_LIMIT,
+    concurrency_limit: Name | None = TASKS_LIMIT,
 ) -> TaskResult:
     """Run one keruta task: by ``task_id`` (a stored task) or ``task_spec`` (keruta's camelCase JSON).
 
@@ -403,8 +404,12 @@ def keruta_task(
         logger.info("keruta task %s is already COMPLETED; returning its recorded result", task_.id)
         return recorded_result(store, task_.id)
     logger.info("keruta task %s (%s) on the %s backend", task_.id, task_.title or "untitled", runner.name)
-    with ClaimLease(store, owner), task_slot(concurrency_limit, settings.processor_concurrency):
-        ended = run_attempts(runner, store, settings, task_)
+    try:
+        with ClaimLease(store, owner), task_slot(concurrency_limit, settings.processor_concurrency):
+            ended = run_attempts(runner, store, settings, task_)
+    except SlotUnavailable as exc:  # the task stays PENDING; its claim goes with this (failed) flow run
+        logger.error("%s", exc)
+        return Failed(message=str(exc))  # type: ignore[return-value]
     if isinstance(ended, TaskResult):
         result = ended
     else:

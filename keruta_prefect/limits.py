@@ -10,10 +10,12 @@ is left alone. Slots are leased, so a crashed flow process frees its slot when t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 TASKS_LIMIT = "keruta-tasks"
+PAUSED_POLL = 5.0  # seconds between asks while the limit has no slot at all
 
 log = logging.getLogger("keruta.limits")
 
@@ -38,13 +40,18 @@ def ensure_concurrency_limit(name: str, slots: int) -> bool:
     return True
 
 
+class SlotUnavailable(Exception):
+    """The global limit could not give a slot, for a reason waiting does not cure (one line)."""
+
+
 @contextmanager
 def task_slot(name: str | None, slots: int) -> Iterator[None]:
     """Hold one slot of the global limit ``name`` (created with ``slots`` if absent) for the block;
     waits for a free slot. ``None`` or ``""``: no limit.
 
     The slot is asked for straight away (one request on the start path of every task); only when the
-    server has no such limit is it created, then asked for again."""
+    server has no such limit is it created, then asked for again. A limit with no slot at all (0: paused
+    in the UI) is waited on, said once, until it has one. Anything else raises SlotUnavailable."""
     if not name:
         yield
         return
@@ -52,10 +59,42 @@ def task_slot(name: str | None, slots: int) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
     with ExitStack() as held:
-        try:
-            held.enter_context(concurrency(name, occupy=1, strict=True))
-        except ConcurrencySlotAcquisitionError:  # no such limit (or a refusal: asked again below, as it was)
-            if ensure_concurrency_limit(name, slots):
-                log.info("created the Prefect global concurrency limit %r with %d slots", name, slots)
-            held.enter_context(concurrency(name, occupy=1, strict=True))
+        created = paused = False
+        while True:
+            try:
+                held.enter_context(concurrency(name, occupy=1, strict=True))
+                break
+            except ConcurrencySlotAcquisitionError as exc:
+                status = getattr(getattr(exc.__cause__, "response", None), "status_code", None)
+                if status == 422:  # "slots requested is greater than the limit": a limit of 0, paused
+                    if not paused:
+                        _say(f"the Prefect global concurrency limit {name!r} has no slot (0: paused?); "
+                             f"waiting until it has one")
+                        paused = True
+                    time.sleep(PAUSED_POLL)
+                    continue
+                if status is None and not created:  # no such limit (or no answer): create it, ask again
+                    created = True
+                    if ensure_concurrency_limit(name, slots):
+                        log.info("created the Prefect global concurrency limit %r with %d slots", name, slots)
+                    continue
+                raise SlotUnavailable(f"concurrency_limit={name!r}: no slot could be taken: "
+                                      f"{_first_line(exc.__cause__ or exc)}") from None
+        if paused:
+            _say(f"the Prefect global concurrency limit {name!r} has a slot again")
         yield
+
+
+def _say(message: str) -> None:
+    """To the flow run's log (shown in the Prefect UI) when there is one, else to keruta's."""
+    try:
+        from prefect import get_run_logger
+
+        get_run_logger().warning("%s", message)
+    except Exception:
+        log.warning("%s", message)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__

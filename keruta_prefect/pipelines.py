@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment as runtime_deployment
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.types import Name
 from pydantic import BaseModel, Field
 
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
@@ -196,7 +197,7 @@ def keruta_pipeline(
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 4,
     backend: BackendName = "local",
     settings_block: str = DEFAULT_BLOCK,
-    concurrency_limit: str | None = TASKS_LIMIT,
+    concurrency_limit: Name | None = TASKS_LIMIT,
 ) -> PipelineResult:
     """Run ``parent`` (if given), then ``children`` with at most ``concurrency`` at once.
 
@@ -315,7 +316,7 @@ def keruta_dispatch(
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 4,
     backend: BackendName = "local",
     settings_block: str = DEFAULT_BLOCK,
-    concurrency_limit: str | None = TASKS_LIMIT,
+    concurrency_limit: Name | None = TASKS_LIMIT,
     deployment: str | None = None,
 ) -> DispatchResult:
     """Take up to ``max_tasks`` PENDING tasks by priority, claim each, and run them: here as child flow

@@ -10,7 +10,9 @@ import textwrap
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websocket import WebSocketTimeoutException
@@ -264,3 +266,49 @@ def test_a_run_that_needs_no_slot_returns_while_the_limit_is_full_and_leaves_not
         assert not [t for t in threading.enumerate() if t.name == f"keruta-slot-{limit}"]
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
+
+
+@pytest.mark.parametrize("name", ["x/y", "a%b", "<p>"])
+def test_a_limit_name_prefect_refuses_fails_the_run_in_one_line_before_anything_is_stored(store: Store,
+                                                                                         name: str) -> None:
+    """The flow parameter is checked as Prefect checks limit names (the UI's form and a deployment's
+    parameter schema refuse it too): no traceback, nothing stored or claimed."""
+    from prefect.exceptions import ParameterTypeError
+
+    try:
+        state = keruta_task(task_spec={"id": "bad-limit", "script": "true"}, concurrency_limit=name,
+                            return_state=True)
+        message = state.message or ""
+        assert state.is_failed()
+    except ParameterTypeError as exc:  # a direct call: Prefect refuses the parameters before the run
+        message = str(exc)
+    assert "concurrency_limit" in message
+    assert store.list_tasks() == []
+
+
+def test_a_limit_with_no_slot_is_waited_on_said_once_then_the_task_runs(store: Store,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A limit set to 0 in the UI pauses keruta tasks: a run waits (and says so in its log), and runs
+    when the limit has a slot again, instead of failing with Prefect's 422."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    limit = _limit(0)
+    states: dict[str, Any] = {}
+    waiter = threading.Thread(target=lambda: states.setdefault("state", keruta_task(
+        task_spec={"id": "paused-1", "script": "echo ran"}, concurrency_limit=limit, return_state=True)))
+    waiter.start()
+    wait_until(lambda: any("has no slot" in r.getMessage() for r in caplog.records), what="the run to say it waits")
+    assert waiter.is_alive() and store.runs("paused-1") == []  # waiting, no agent
+    with get_client(sync_client=True) as client:
+        client.update_global_concurrency_limit(limit, GlobalConcurrencyLimitUpdate(limit=1))  # "in the UI"
+    waiter.join(120)
+    assert states["state"].is_completed(), states["state"].message
+    assert "ran" in [row.message for row in store.logs("paused-1")]
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
