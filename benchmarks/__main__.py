@@ -32,7 +32,7 @@ def _isolate() -> Path:
     os.environ["KERUTA_DATABASE_URL"] = f"sqlite:///{home / 'keruta.db'}"
     return home
 
-FULL = {"runs": 30, "durations": (5, 60), "concurrent": 50, "overhead_runs": 10, "fan_out": (200, 20),
+FULL = {"runs": 30, "durations": (5, 60), "concurrent": 50, "overhead_runs": 20, "fan_out": (200, 20),
         "artifacts": (1024, 10000), "log_lines": 200_000}
 SMOKE = {"runs": 3, "durations": (1,), "concurrent": 4, "overhead_runs": 2, "fan_out": (6, 3),
          "artifacts": (2, 50), "log_lines": 2000}
