@@ -12,8 +12,10 @@ The API *refusing* lines is not the API being *unreachable*:
 - a refusal of everything (401 wrong token, 403, 404 task gone) stops shipping: reported once, the
   remaining lines go to the spool, and the agent exits EXIT_CONFIG (permanent; not retried).
 
-While the API is unreachable the lines wait in memory; if it never comes back within the retry budget
-they are written to ``<work-dir>/.keruta/unsent-logs.jsonl`` and the agent exits EXIT_API_UNREACHABLE.
+While the API is unreachable the lines wait in memory, up to MEMORY_BYTES; past that, or once the API has
+been away longer than the retry budget, they wait on disk in ``<work-dir>/.keruta/unsent-logs.jsonl`` and
+are taken back from there, in order, when the API answers again. If it never comes back within the retry
+budget, the unsent lines are left in that file and the agent exits EXIT_API_UNREACHABLE.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ MAX_LINE_BYTES = 16 * 1024  # longer lines are sent in pieces of this size
 BATCH_LINES = 2000  # the API takes up to 5,000 lines per batch
 # Bytes of JSON body per batch: the API takes 16 MiB, a default ingress-nginx 1 MiB (proxy-body-size).
 BATCH_BYTES = 512 * 1024
+# Unsent lines held in memory (bytes of JSON, as for batches); past this they wait in the spool file.
+MEMORY_BYTES = 8 * 1024 * 1024
 MIN_BATCH_BYTES = 4 * 1024  # a 413 never shrinks batches below this (a single line is always sent alone)
 BATCH_SECONDS = 0.2
 _ENVELOPE_BYTES = len(encode_json({"source": "agent-" + "0" * 16, "lines": []}))
@@ -117,12 +121,19 @@ REFUSED_IN_A_ROW = 32  # this many single lines refused in a row: a refusal of e
 class LogShipper:
     """Numbers lines and sends them in ordered batches from a background thread.
 
-    Lines that cannot be delivered are appended to ``spool`` (JSON lines). After ``close``: ``refused`` is
-    the refusal of everything that stopped shipping (or None), ``failure`` an internal error of the
-    shipping thread (or None), ``dropped`` how many lines the API refused one by one."""
+    Unsent lines are held in memory up to ``memory_bytes`` (bytes of JSON, as batches count them). Past that,
+    or once the API has been away longer than ``retry_seconds``, each new line is appended to ``spool`` (JSON
+    lines) instead, and every later line follows it there until the shipper has taken them all back, in
+    order, to send them: memory stays bounded whatever the script prints while the API is away, and no line
+    overtakes an older one. The lines of the spool this shipper has taken back are cut off the file once it
+    has taken back the last; at ``close`` the file holds exactly the lines not delivered (after whatever it
+    held before). After ``close``: ``refused`` is the refusal of everything that stopped shipping (or None),
+    ``failure`` an internal error of the shipping thread (or None), ``dropped`` how many lines the API refused
+    one by one, ``lost`` how many lines could be neither kept nor written to the spool (a full disk)."""
 
     def __init__(self, client: KerutaClient, task_id: str, spool: Path, *, max_lines: int = BATCH_LINES,
-                 max_bytes: int = BATCH_BYTES, debug: bool = False) -> None:
+                 max_bytes: int = BATCH_BYTES, debug: bool = False, memory_bytes: int = MEMORY_BYTES,
+                 retry_seconds: float | None = None) -> None:
         self.client = client
         self.task_id = task_id
         self.spool = spool
@@ -131,34 +142,145 @@ class LogShipper:
         self.source = f"agent-{uuid.uuid4().hex[:16]}"
         self.max_lines = max_lines
         self.max_bytes = max_bytes
+        self.memory_bytes = memory_bytes
+        self.retry_seconds = retry_seconds  # the API away longer than this: new lines go to the spool
         self.refused: ApiRejected | None = None
         self.failure: BaseException | None = None  # of the shipping thread, or of a reader (see _pump)
         self.dropped = 0
+        self.lost = 0
         self._refused_in_a_row = 0  # single lines refused since the last stored batch
         self._open = True  # until the end mark close() queues has been read
         self._queue: queue.Queue[Line | None] = queue.Queue()
         self._seq = 0
-        self._seq_lock = threading.Lock()
+        # Guards the numbering, the bytes held in memory and the spool's state: a line is numbered and put
+        # in its place (memory or spool) at once, so no line overtakes an older one.
+        self._lock = threading.Lock()
         self._pending: list[Line] = []
+        self._mem_bytes = 0  # of the lines in the queue and in pending
+        self._peak_bytes = 0
+        self._down_since: float | None = None  # monotonic time of the first failure since the last success
+        # Lines waiting in the spool: bytes [_spool_read, _spool_end) of the file, _spool_lines of them;
+        # bytes [_spool_base, _spool_read) were taken back into memory. _spool_fd is open while any wait.
+        self._spool_fd: int | None = None
+        self._spool_base = self._spool_read = self._spool_end = 0
+        self._spool_lines = 0
         self._refused_lines: list[tuple[Line, ApiRejected]] = []
         self._closing = threading.Event()
         self._close_deadline = 0.0
         self._thread = threading.Thread(target=self._run, name="log-shipper", daemon=True)
         self._thread.start()
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes (of JSON) of the unsent lines held in memory now; the rest wait in the spool file."""
+        return self._mem_bytes
+
+    @property
+    def peak_pending_bytes(self) -> int:
+        """The most ``pending_bytes`` has been."""
+        return self._peak_bytes
+
+    @property
+    def waiting_in_spool(self) -> int:
+        """How many lines wait in the spool file to be taken back and sent."""
+        return self._spool_lines
+
     def emit(self, level: str, message: str) -> None:
-        self._queue.put(self._line(level, message))
+        with self._lock:
+            line = self._numbered(level, message)
+            if self._spool_fd is None and not self._must_spool(line.size):
+                self._hold(line.size)
+                self._queue.put(line)
+            else:
+                self._park(line)
 
     def _line(self, level: str, message: str, report: bool = False) -> Line:
-        with self._seq_lock:
-            seq = self._seq
-            self._seq += 1
+        with self._lock:
+            return self._numbered(level, message, report)
+
+    def _numbered(self, level: str, message: str, report: bool = False) -> Line:
+        seq = self._seq
+        self._seq += 1
         return Line.of({"seq": seq, "level": level, "message": message, "ts": time.time()}, report)
+
+    def _must_spool(self, size: int) -> bool:
+        if self._mem_bytes + size > self.memory_bytes:
+            return True
+        down_since, budget = self._down_since, self.retry_seconds
+        return down_since is not None and budget is not None and time.monotonic() - down_since > budget
+
+    def _hold(self, size: int) -> None:
+        self._mem_bytes += size
+        self._peak_bytes = max(self._peak_bytes, self._mem_bytes)
+
+    def _park(self, line: Line) -> None:
+        """Append one line to the spool (the lock is held). A line that cannot be written is counted lost."""
+        data = (json.dumps(line.item) + "\n").encode("utf-8")
+        try:
+            if self._spool_fd is None:
+                self.spool.parent.mkdir(parents=True, exist_ok=True)
+                self._spool_fd = os.open(self.spool, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                self._spool_base = self._spool_read = self._spool_end = os.fstat(self._spool_fd).st_size
+            written = 0
+            while written < len(data):
+                written += os.write(self._spool_fd, data[written:])
+        except OSError as exc:
+            if self._spool_fd is not None:
+                try:
+                    os.ftruncate(self._spool_fd, self._spool_end)  # no half line
+                except OSError:
+                    pass
+            if not self.lost:
+                log.error("log lines lost: cannot write %s: %s", self.spool, exc.strerror or exc)
+            self.lost += 1
+            return
+        self._spool_end += len(data)
+        self._spool_lines += 1
+
+    def _take_back(self) -> None:
+        """Once memory holds no unsent line, read the oldest lines waiting in the spool back into pending (up to
+        half the memory bound). When the last is read, the file is cut back and new lines stay in memory again."""
+        # (Lines still queued are older than those in the spool: while any wait there, none is queued.)
+        if self._pending or (self._open and not self._queue.empty()) or not self._spool_lines:
+            return
+        with self._lock:
+            start, end = self._spool_read, self._spool_end
+        with self.spool.open("rb") as src:
+            src.seek(start)
+            data = src.read(min(end - start, max(1, self.memory_bytes // 2)))
+            if not data.endswith(b"\n"):
+                cut = data.rfind(b"\n") + 1
+                data = data[:cut] if cut else data + src.readline()  # a line longer than the chunk: whole
+        lines = [Line.of(json.loads(raw)) for raw in data.splitlines()]
+        with self._lock:
+            self._pending.extend(lines)
+            self._hold(sum(line.size for line in lines))
+            self._spool_read += len(data)
+            self._spool_lines -= len(lines)
+            if self._spool_read == self._spool_end:  # all taken back: cut them off, new lines stay in memory
+                self._close_spool(truncate=True)
+
+    def _close_spool(self, truncate: bool) -> None:
+        if self._spool_fd is None:
+            return
+        try:
+            if truncate:
+                os.ftruncate(self._spool_fd, self._spool_base)
+        finally:
+            os.close(self._spool_fd)
+            self._spool_fd = None
+            self._spool_base = self._spool_read = self._spool_end = 0
+
+    def _shift(self, count: int) -> None:
+        """The first ``count`` pending lines are delivered or dropped: they leave memory."""
+        with self._lock:
+            self._mem_bytes -= sum(line.size for line in self._pending[:count])
+            del self._pending[:count]
 
     def _drain(self, block_for: float) -> None:
         """Move queued lines to pending (up to a few batches); ``_open`` turns False at the end mark."""
         try:
-            item = self._queue.get(timeout=block_for)
+            item = self._queue.get(timeout=block_for) if block_for > 0 else self._queue.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -193,10 +315,11 @@ class LogShipper:
 
     def _ship(self) -> None:
         backoff = 0.1
-        while self._open or self._pending:
+        while self._open or self._pending or self._spool_lines:
             if self._open:
                 # Lines that arrive while a batch is in flight form the next batch.
-                self._drain(0.0 if self._pending else BATCH_SECONDS)
+                self._drain(0.0 if self._pending or self._spool_lines else BATCH_SECONDS)
+            self._take_back()
             if not self._pending:
                 continue
             try:
@@ -207,6 +330,8 @@ class LogShipper:
                           self.spool, exc)
                 return
             except ApiError:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
                 if self._closing.is_set() and time.monotonic() >= self._close_deadline:
                     return
                 time.sleep(backoff)
@@ -214,6 +339,7 @@ class LogShipper:
                 continue
             finally:
                 self._report_refused()
+            self._down_since = None
             backoff = 0.1
 
     def _deliver(self, count: int) -> None:
@@ -233,7 +359,7 @@ class LogShipper:
                 self.max_bytes = max(MIN_BATCH_BYTES, min(self.max_bytes, size // 2))
             if count == 1:
                 self._refused_lines.append((batch[0], exc))
-                del self._pending[:1]
+                self._shift(1)
                 self._refused_in_a_row += 1
                 if self._refused_in_a_row >= REFUSED_IN_A_ROW:  # not these lines: the API refuses any line
                     raise ApiRejected(exc.status, f"{exc.detail} (the last {REFUSED_IN_A_ROW} lines were all "
@@ -243,7 +369,7 @@ class LogShipper:
             self._deliver(half)
             self._deliver(count - half)
             return
-        del self._pending[:count]
+        self._shift(count)
         self._refused_in_a_row = 0
 
     def _report_refused(self) -> None:
@@ -254,26 +380,68 @@ class LogShipper:
         for message in refusal_report([r for r in refused if not r[0].report]):
             log.error("%s", message)
             # Straight into the next batch: at close, the queue is no longer read after its end mark.
-            self._pending.append(self._line("ERROR", message, report=True))
+            line = self._line("ERROR", message, report=True)
+            with self._lock:
+                self._pending.append(line)
+                self._hold(line.size)
         for message in refusal_report([r for r in refused if r[0].report]):
             log.error("%s (the report of refused lines itself)", message)
 
     def _to_spool(self) -> None:
-        lines, self._pending = self._pending, []
-        if not lines:
-            return
-        try:
-            self.spool.parent.mkdir(parents=True, exist_ok=True)
-            with self.spool.open("a", encoding="utf-8") as out:
-                out.writelines(json.dumps(line.item) + "\n" for line in lines)
-        except OSError as exc:
-            log.error("%d log lines lost: cannot write %s: %s", len(lines), self.spool, exc.strerror or exc)
-            return
-        self.spooled += len(lines)
+        """Leave every unsent line in the spool, in order: the lines in memory, then those waiting in the file.
+        The file ends up as what it held before this shipper, then exactly these lines."""
+        with self._lock:
+            lines, self._pending = self._pending, []
+            self._mem_bytes -= sum(line.size for line in lines)
+            waiting = self._spool_lines
+            try:
+                if not waiting:
+                    self._close_spool(truncate=True)
+                    if lines:
+                        self.spool.parent.mkdir(parents=True, exist_ok=True)
+                        with self.spool.open("a", encoding="utf-8") as out:
+                            out.writelines(json.dumps(line.item) + "\n" for line in lines)
+                elif lines or self._spool_read > self._spool_base:
+                    self._rewrite_spool(lines)
+                else:
+                    self._close_spool(truncate=False)  # the file already ends with exactly these lines
+            except OSError as exc:
+                log.error("%d log lines lost: cannot write %s: %s", len(lines) + waiting, self.spool,
+                          exc.strerror or exc)
+                self.lost += len(lines) + waiting
+                self._spool_lines = 0
+                self._close_spool(truncate=False)
+                return
+            self._spool_lines = 0
+            self.spooled += len(lines) + waiting
+
+    def _rewrite_spool(self, lines: list[Line]) -> None:
+        """The file's bytes before this shipper, then ``lines``, then the lines still waiting (streamed: the
+        waiting lines are never read whole into memory)."""
+        temporary = self.spool.with_name(self.spool.name + ".tmp")
+        with self.spool.open("rb") as src, temporary.open("wb") as out:
+            left = self._spool_base
+            while left > 0:
+                chunk = src.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                out.write(chunk)
+                left -= len(chunk)
+            out.writelines((json.dumps(line.item) + "\n").encode("utf-8") for line in lines)
+            src.seek(self._spool_read)
+            left = self._spool_end - self._spool_read
+            while left > 0:
+                chunk = src.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                out.write(chunk)
+                left -= len(chunk)
+        os.replace(temporary, self.spool)
+        self._close_spool(truncate=False)
 
     def close(self, timeout: float) -> int:
         """Flush everything, waiting up to ``timeout`` seconds for the API; the lines that could not be
-        delivered are appended to the spool. Returns how many lines are in the spool (0 on success)."""
+        delivered are left in the spool. Returns how many lines are in the spool (0 on success)."""
         self._close_deadline = time.monotonic() + timeout
         self._closing.set()
         self._queue.put(None)
@@ -360,7 +528,7 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
         return EXIT_API_UNREACHABLE
 
     spool = config.work_dir / ".keruta" / "unsent-logs.jsonl"
-    shipper = LogShipper(client, task_id, spool, debug=config.debug)
+    shipper = LogShipper(client, task_id, spool, debug=config.debug, retry_seconds=config.retry_seconds)
     terminated = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: terminated.set())  # kept through the hold that follows
