@@ -118,6 +118,13 @@ def refusal_report(refused: Sequence[tuple[Line, ApiRejected]]) -> list[str]:
 REFUSED_IN_A_ROW = 32  # this many single lines refused in a row: a refusal of every line, not of some
 
 
+def _copy(src: IO[bytes], out: IO[bytes], size: int) -> None:
+    """``size`` bytes (or up to the end) from ``src`` to ``out``, a MiB at a time."""
+    while size > 0 and (chunk := src.read(min(size, 1 << 20))):
+        out.write(chunk)
+        size -= len(chunk)
+
+
 class LogShipper:
     """Numbers lines and sends them in ordered batches from a background thread.
 
@@ -420,22 +427,10 @@ class LogShipper:
         waiting lines are never read whole into memory)."""
         temporary = self.spool.with_name(self.spool.name + ".tmp")
         with self.spool.open("rb") as src, temporary.open("wb") as out:
-            left = self._spool_base
-            while left > 0:
-                chunk = src.read(min(left, 1 << 20))
-                if not chunk:
-                    break
-                out.write(chunk)
-                left -= len(chunk)
+            _copy(src, out, self._spool_base)
             out.writelines((json.dumps(line.item) + "\n").encode("utf-8") for line in lines)
             src.seek(self._spool_read)
-            left = self._spool_end - self._spool_read
-            while left > 0:
-                chunk = src.read(min(left, 1 << 20))
-                if not chunk:
-                    break
-                out.write(chunk)
-                left -= len(chunk)
+            _copy(src, out, self._spool_end - self._spool_read)
         os.replace(temporary, self.spool)
         self._close_spool(truncate=False)
 
