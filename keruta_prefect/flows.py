@@ -380,7 +380,7 @@ def keruta_task(
     backend: BackendName = "local",
     settings_block: str = DEFAULT_BLOCK,
     claim: str | None = None,
-    concurrency_limit: Name | None = TASKS_LIMIT,
+    concurrency_limit: Name | Literal[""] | None = TASKS_LIMIT,
 ) -> TaskResult:
     """Run one keruta task: by ``task_id`` (a stored task) or ``task_spec`` (keruta's camelCase JSON).
 

@@ -73,10 +73,14 @@ def task_slot(name: str | None, slots: int) -> Iterator[None]:
                         paused = True
                     time.sleep(PAUSED_POLL)
                     continue
-                if status is None and not created:  # no such limit (or no answer): create it, ask again
+                if exc.__cause__ is None and not created:  # Prefect's "must be created": create it, ask again
                     created = True
-                    if ensure_concurrency_limit(name, slots):
-                        log.info("created the Prefect global concurrency limit %r with %d slots", name, slots)
+                    try:
+                        if ensure_concurrency_limit(name, slots):
+                            log.info("created the Prefect global concurrency limit %r with %d slots", name, slots)
+                    except Exception as failure:
+                        raise SlotUnavailable(f"concurrency_limit={name!r}: the limit could not be created: "
+                                              f"{_first_line(failure)}") from None
                     continue
                 raise SlotUnavailable(f"concurrency_limit={name!r}: no slot could be taken: "
                                       f"{_first_line(exc.__cause__ or exc)}") from None

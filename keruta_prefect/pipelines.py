@@ -14,7 +14,7 @@ which is created with ``keruta.task.processor.concurrency`` slots if absent and 
 # No `from __future__ import annotations`: Prefect builds the flows' parameter models from these hints.
 import uuid
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -197,7 +197,7 @@ def keruta_pipeline(
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 4,
     backend: BackendName = "local",
     settings_block: str = DEFAULT_BLOCK,
-    concurrency_limit: Name | None = TASKS_LIMIT,
+    concurrency_limit: Name | Literal[""] | None = TASKS_LIMIT,
 ) -> PipelineResult:
     """Run ``parent`` (if given), then ``children`` with at most ``concurrency`` at once.
 
@@ -316,7 +316,7 @@ def keruta_dispatch(
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 4,
     backend: BackendName = "local",
     settings_block: str = DEFAULT_BLOCK,
-    concurrency_limit: Name | None = TASKS_LIMIT,
+    concurrency_limit: Name | Literal[""] | None = TASKS_LIMIT,
     deployment: str | None = None,
 ) -> DispatchResult:
     """Take up to ``max_tasks`` PENDING tasks by priority, claim each, and run them: here as child flow

@@ -110,3 +110,26 @@ def test_lines_spooled_during_an_outage_that_outlasts_the_budget_are_left_in_ord
     assert [r["message"] for r in rows[1:]] == [expected(i) for i in range(20_000)]
     assert [r["seq"] for r in rows[1:]] == list(range(20_000))
     assert script_rows(store, "never") == []
+
+
+
+def test_a_spool_that_cannot_be_written_keeps_the_lines_in_memory_while_they_fit(
+        api: Api, store: Store, tmp_path: Path) -> None:
+    """Past --api-retry-seconds lines go to the spool; when it cannot be written (its directory is a file
+    here; a full disk alike) and memory still has room, they wait in memory instead of being lost."""
+    make(store, "unwritable", "echo never")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    outage = Outage()
+    with Front(api.url, refuse=outage) as front, \
+            KerutaClient(front.url, api.token, retry_seconds=0) as client:
+        shipper = LogShipper(client, "unwritable", blocker / "unsent-logs.jsonl", retry_seconds=0)
+        shipper.emit("INFO", "first")
+        wait_for(lambda: front.count(503) >= 1, 30, "no batch tried")
+        for i in range(10):
+            shipper.emit("INFO", f"line {i}")  # past the retry budget: to the spool, which cannot be written
+        assert shipper.lost == 0 and shipper.pending_bytes > 0
+        outage.down.clear()
+        assert shipper.close(30) == 0
+    assert shipper.lost == 0
+    assert [m for _, m in script_rows(store, "unwritable")] == ["first"] + [f"line {i}" for i in range(10)]

@@ -312,3 +312,16 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 60) 
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def test_a_prefect_api_that_does_not_answer_the_slot_request_is_one_line() -> None:
+    """Not taken for "no such limit" (whose creation would then raise the client's raw error)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from keruta_prefect.limits import SlotUnavailable, task_slot
+
+    name = f"unanswered-{uuid.uuid4().hex[:6]}"  # (Prefect keeps one acquisition service per limit name)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}), \
+            pytest.raises(SlotUnavailable) as raised, task_slot(name, 4):
+        pass
+    assert f"concurrency_limit={name!r}" in str(raised.value) and "\n" not in str(raised.value)

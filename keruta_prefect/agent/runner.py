@@ -155,6 +155,7 @@ class LogShipper:
         self.failure: BaseException | None = None  # of the shipping thread, or of a reader (see _pump)
         self.dropped = 0
         self.lost = 0
+        self._park_failed = False
         self._refused_in_a_row = 0  # single lines refused since the last stored batch
         self._open = True  # until the end mark close() queues has been read
         self._queue: queue.Queue[Line | None] = queue.Queue()
@@ -198,8 +199,14 @@ class LogShipper:
             if self._spool_fd is None and not self._must_spool(line.size):
                 self._hold(line.size)
                 self._queue.put(line)
-            else:
-                self._park(line)
+            elif not self._park(line):
+                if self._spool_lines == 0 and self._mem_bytes + line.size <= self.memory_bytes:
+                    self._hold(line.size)  # the disk refused it, memory can still hold it: nothing overtaken
+                    self._queue.put(line)
+                else:
+                    if not self.lost:
+                        log.error("log lines lost: %s cannot be written and memory is full", self.spool)
+                    self.lost += 1
 
     def _line(self, level: str, message: str, report: bool = False) -> Line:
         with self._lock:
@@ -220,8 +227,8 @@ class LogShipper:
         self._mem_bytes += size
         self._peak_bytes = max(self._peak_bytes, self._mem_bytes)
 
-    def _park(self, line: Line) -> None:
-        """Append one line to the spool (the lock is held). A line that cannot be written is counted lost."""
+    def _park(self, line: Line) -> bool:
+        """Append one line to the spool (the lock is held); False when it cannot be written."""
         data = (json.dumps(line.item) + "\n").encode("utf-8")
         try:
             if self._spool_fd is None:
@@ -237,12 +244,13 @@ class LogShipper:
                     os.ftruncate(self._spool_fd, self._spool_end)  # no half line
                 except OSError:
                     pass
-            if not self.lost:
-                log.error("log lines lost: cannot write %s: %s", self.spool, exc.strerror or exc)
-            self.lost += 1
-            return
+            if not self._park_failed:
+                log.error("cannot write %s: %s", self.spool, exc.strerror or exc)
+                self._park_failed = True
+            return False
         self._spool_end += len(data)
         self._spool_lines += 1
+        return True
 
     def _take_back(self) -> None:
         """Once memory holds no unsent line, read the oldest lines waiting in the spool back into pending (up to
@@ -426,12 +434,16 @@ class LogShipper:
         """The file's bytes before this shipper, then ``lines``, then the lines still waiting (streamed: the
         waiting lines are never read whole into memory)."""
         temporary = self.spool.with_name(self.spool.name + ".tmp")
-        with self.spool.open("rb") as src, temporary.open("wb") as out:
-            _copy(src, out, self._spool_base)
-            out.writelines((json.dumps(line.item) + "\n").encode("utf-8") for line in lines)
-            src.seek(self._spool_read)
-            _copy(src, out, self._spool_end - self._spool_read)
-        os.replace(temporary, self.spool)
+        try:
+            with self.spool.open("rb") as src, temporary.open("wb") as out:
+                _copy(src, out, self._spool_base)
+                out.writelines((json.dumps(line.item) + "\n").encode("utf-8") for line in lines)
+                src.seek(self._spool_read)
+                _copy(src, out, self._spool_end - self._spool_read)
+            os.replace(temporary, self.spool)
+        except BaseException:
+            temporary.unlink(missing_ok=True)  # a full disk: do not leave half a copy taking its space
+            raise
         self._close_spool(truncate=False)
 
     def close(self, timeout: float) -> int:
@@ -544,6 +556,8 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
     if config.upload and status != "TERMINATED":
         upload_artifacts(config, client, shipper)
     spooled = shipper.close(config.retry_seconds)
+    if shipper.lost:  # the API away, the spool unwritable and memory full at once: said, not hidden
+        log.error("%d log lines lost: neither sent nor written to %s", shipper.lost, spool)
     exit_code = {"COMPLETED": EXIT_OK, "FAILED": EXIT_TASK_FAILED, "TERMINATED": EXIT_TERMINATED}[status]
     if shipper.refused is not None:
         # Refused for good (wrong token, task gone…): a configuration error, not an unreachable API.
