@@ -52,6 +52,7 @@ from keruta_prefect.models import (
 )
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, TaskRunRow, get_store
+from keruta_prefect.validation import exception_line
 
 BackendName = Literal["local", "kubernetes"]
 
@@ -254,13 +255,7 @@ def collect_artifacts(backend: Backend, handle: RunHandle, settings: KerutaSetti
         return backend.collect(handle, dest)
     except Exception as exc:  # however collection failed, the run is still recorded: the files are lost, said why
         get_run_logger().warning("collecting the files of task %s failed", handle.task_id, exc_info=True)
-        return CollectResult(lost=f"artifacts lost: {_one_line(exc)}")
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception as one line a person can read: its message's first line, else its type."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+        return CollectResult(lost=f"artifacts lost: {exception_line(exc)}")
 
 
 @task(name="record-run", cache_policy=NO_CACHE, retries=5, retry_delay_seconds=exponential_backoff(0.5),
@@ -510,7 +505,7 @@ def wait_or_stop(runner: Backend, store: Store, handle: RunHandle, run_id: int, 
                                handle.attempt, handle.task_id, exc_info=reason == "WAIT_FAILED")
         _stop_quietly(runner, handle)
         return Outcome(status=TaskStatus.FAILED, reason=reason,
-                       message=f"the {runner.name} backend could not follow the attempt: {_one_line(exc)}")
+                       message=f"the {runner.name} backend could not follow the attempt: {exception_line(exc)}")
     except BaseException:  # cancelled, crashed or interrupted while waiting: never leave the agent behind
         _stop_quietly(runner, handle)
         _cancelled(store, handle.task_id, run_id, "the flow run was cancelled or stopped")
@@ -524,7 +519,7 @@ def _stop_quietly(runner: Backend, handle: RunHandle) -> None:
             get_run_logger().warning("stopping attempt %d of task %s: %s", handle.attempt, handle.task_id, left)
     except Exception as exc:
         get_run_logger().error("the agent of attempt %d of task %s could not be stopped: %s", handle.attempt,
-                               handle.task_id, _one_line(exc))
+                               handle.task_id, exception_line(exc))
 
 
 def unrecorded(task: Task, handle: RunHandle, outcome: Outcome, collected: CollectResult,

@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+from keruta_prefect.validation import exception_line
+
 TASKS_LIMIT = "keruta-tasks"
 PAUSED_POLL = 5.0  # seconds between asks while the limit has no slot at all
 
@@ -80,10 +82,10 @@ def task_slot(name: str | None, slots: int) -> Iterator[None]:
                             log.info("created the Prefect global concurrency limit %r with %d slots", name, slots)
                     except Exception as failure:
                         raise SlotUnavailable(f"concurrency_limit={name!r}: the limit could not be created: "
-                                              f"{_first_line(failure)}") from None
+                                              f"{exception_line(failure)}") from None
                     continue
                 raise SlotUnavailable(f"concurrency_limit={name!r}: no slot could be taken: "
-                                      f"{_first_line(exc.__cause__ or exc)}") from None
+                                      f"{exception_line(exc.__cause__ or exc)}") from None
         if paused:
             _say(f"the Prefect global concurrency limit {name!r} has a slot again")
         yield
@@ -97,8 +99,3 @@ def _say(message: str) -> None:
         get_run_logger().warning("%s", message)
     except Exception:
         log.warning("%s", message)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__

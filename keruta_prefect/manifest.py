@@ -14,13 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from keruta_prefect.agent.contract import EXIT_CONFIG  # permanent: the podFailurePolicy fails the Job at once
 from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 
 TRUNCATION_MARKER = "…[truncated; full text: GET /api/v1/tasks/{id}]"
 CONTAINER = "main"
 WORK_DIR = "/work"
-AGENT_CONFIG_EXIT_CODE = 2  # keruta-agent's EXIT_CONFIG: permanent, fails the Job at once
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -270,7 +270,7 @@ def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str
             "activeDeadlineSeconds": timeout + settings.artifacts_hold_timeout + 300,
             "podFailurePolicy": {"rules": [
                 {"action": "FailJob",
-                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [AGENT_CONFIG_EXIT_CODE]}},
+                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_CONFIG]}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]},
             "template": {

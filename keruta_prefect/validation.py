@@ -145,6 +145,12 @@ def check_block_name(value: str) -> str:
     return value
 
 
+def exception_line(exc: BaseException) -> str:
+    """An exception as one line a person can read: its type and its message's first line (cut to 300)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
 def single_line(text: str, limit: int = 1000) -> str:
     """``text`` as one line: its non-blank lines joined, cut to ``limit`` characters."""
     line = " ".join(part.strip() for part in text.splitlines() if part.strip())

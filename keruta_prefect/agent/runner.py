@@ -37,19 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from keruta_prefect.agent.contract import (
+    EXIT_API_UNREACHABLE,
+    EXIT_CONFIG,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    EXIT_TERMINATED,
+)
 from keruta_prefect.client import ApiError, ApiRejected, KerutaClient, encode_json
 
 log = logging.getLogger("keruta.agent")
 
-# Exit codes (documented in the README). EXIT_CONFIG is permanent: a Job's podFailurePolicy fails
-# the Job at once on it (also used when the API refuses the agent for good: wrong token, task gone);
-# EXIT_API_UNREACHABLE is transient: the flow may try the task again.
-EXIT_OK = 0
-EXIT_TASK_FAILED = 1
-EXIT_CONFIG = 2
-EXIT_API_UNREACHABLE = 3
-EXIT_INTERNAL = 4
-EXIT_TERMINATED = 143
 
 MAX_LINE_BYTES = 16 * 1024  # longer lines are sent in pieces of this size
 BATCH_LINES = 2000  # the API takes up to 5,000 lines per batch

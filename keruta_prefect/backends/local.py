@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from keruta_prefect.agent import runner as agent_exit
+from keruta_prefect.agent import contract as agent_exit
 from keruta_prefect.api import ApiServer, create_app
 from keruta_prefect.artifacts import CollectResult, attempt_dir, collect_with_tar
 from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle
@@ -129,22 +129,23 @@ class LocalBackend:
         if code == agent_exit.EXIT_OK:
             return Outcome(status=TaskStatus.COMPLETED, exit_code=0, message=task.message or "completed")
         if code == agent_exit.EXIT_TASK_FAILED:
-            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=task.error_code or "SCRIPT_FAILED",
+            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=task.error_code or agent_exit.SCRIPT_FAILED,
                            message=task.message or "the script failed")
         if code == agent_exit.EXIT_CONFIG:
-            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason="AGENT_CONFIG_ERROR",
+            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=agent_exit.AGENT_CONFIG_ERROR,
                            message=agent_said or "keruta-agent reported a configuration error")
         if code == agent_exit.EXIT_API_UNREACHABLE:
-            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason="API_UNREACHABLE", retryable=True,
+            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=agent_exit.API_UNREACHABLE, retryable=True,
                            message=agent_said or "keruta-agent could not reach the keruta API")
         if code in (agent_exit.EXIT_TERMINATED, -signal.SIGTERM):
-            return Outcome(status=TaskStatus.CANCELLED, exit_code=code, reason="TERMINATED",
+            return Outcome(status=TaskStatus.CANCELLED, exit_code=code, reason=agent_exit.TERMINATED,
                            message="the agent was terminated")
         if code < 0:
             name = signal.Signals(-code).name
-            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=f"AGENT_KILLED_{name}", retryable=True,
+            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=f"{agent_exit.AGENT_KILLED}_{name}",
+                           retryable=True,
                            message=f"keruta-agent was killed by {name}")
-        return Outcome(status=TaskStatus.FAILED, exit_code=code, reason="AGENT_ERROR",
+        return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=agent_exit.AGENT_ERROR,
                        message=agent_said or f"keruta-agent exited with code {code}")
 
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult:

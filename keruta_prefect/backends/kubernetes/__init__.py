@@ -23,6 +23,7 @@ import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
+from keruta_prefect.agent import contract
 from keruta_prefect.agent.runner import COLLECTED_MARKER, READY_LINE
 from keruta_prefect.artifacts import ArchiveRejected, CollectResult
 from keruta_prefect.backends.base import BackendError, LogSink, Outcome, RunContext, RunHandle, TransientBackendError
@@ -311,8 +312,9 @@ class KubernetesBackend:
     def _reported_outcome(self, handle: RunHandle) -> Outcome:
         task = self.store.get_task(handle.task_id)
         if task.status == "COMPLETED":
-            return Outcome(status=task.status, exit_code=0, message=task.message or "the task completed")
-        return self._with_task_report(handle, Outcome(status=task.status, exit_code=1, reason="SCRIPT_FAILED"))
+            return Outcome(status=task.status, exit_code=contract.EXIT_OK, message=task.message or "the task completed")
+        failed = Outcome(status=task.status, exit_code=contract.EXIT_TASK_FAILED, reason=contract.SCRIPT_FAILED)
+        return self._with_task_report(handle, failed)
 
     def _follow(self, handle: RunHandle, pod: str, wake: Callable[[], None], on_log: LogSink | None,
                 holding: set[str]) -> LogFollower:
@@ -360,7 +362,7 @@ class KubernetesBackend:
 
     def _with_task_report(self, handle: RunHandle, outcome: Outcome) -> Outcome:
         """A failed script: the agent reported why (errorCode, message) to the API; use its words."""
-        if outcome.reason == "SCRIPT_FAILED":
+        if outcome.reason == contract.SCRIPT_FAILED:
             try:
                 task = self.store.get_task(handle.task_id)
             except LookupError:

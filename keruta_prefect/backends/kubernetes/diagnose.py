@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from keruta_prefect.agent import contract
 from keruta_prefect.models import TaskStatus
 
 from ..base import Outcome
@@ -16,17 +17,19 @@ from ..base import Outcome
 PULL_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "RegistryUnavailable"}
 CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
-# keruta-agent's exit codes (see keruta_prefect.agent.runner)
+# keruta-agent's exit codes (keruta_prefect.agent.contract)
 AGENT_EXIT = {
-    0: (TaskStatus.COMPLETED, None, False, "the task completed"),
-    1: (TaskStatus.FAILED, "SCRIPT_FAILED", False, "the task's script failed"),
-    2: (TaskStatus.FAILED, "AGENT_CONFIG_ERROR", False,
+    contract.EXIT_OK: (TaskStatus.COMPLETED, None, False, "the task completed"),
+    contract.EXIT_TASK_FAILED: (TaskStatus.FAILED, contract.SCRIPT_FAILED, False, "the task's script failed"),
+    contract.EXIT_CONFIG: (TaskStatus.FAILED, contract.AGENT_CONFIG_ERROR, False,
         "keruta-agent could not start the task (configuration error: token, task id or API URL); see its log"),
-    3: (TaskStatus.FAILED, "API_UNREACHABLE", True,
+    contract.EXIT_API_UNREACHABLE: (TaskStatus.FAILED, contract.API_UNREACHABLE, True,
         "keruta-agent could not reach the keruta API (check keruta.kubernetes.api-url, the Service and the "
         "NetworkPolicy)"),
-    4: (TaskStatus.FAILED, "AGENT_ERROR", False, "keruta-agent hit an internal error; see its log"),
-    143: (TaskStatus.CANCELLED, "TERMINATED", False, "the agent was terminated (its Pod was deleted)"),
+    contract.EXIT_INTERNAL: (TaskStatus.FAILED, contract.AGENT_ERROR, False,
+                             "keruta-agent hit an internal error; see its log"),
+    contract.EXIT_TERMINATED: (TaskStatus.CANCELLED, contract.TERMINATED, False,
+                               "the agent was terminated (its Pod was deleted)"),
 }
 
 
@@ -66,7 +69,7 @@ def exit_outcome(code: int, terminated: dict[str, Any], pod_name: str, memory_li
                        message=f"the agent container ran out of memory{limit} and was killed; raise the task's "
                                "resources.memoryLimit or keruta.kubernetes.default-memory-limit")
     status, reason, retryable, message = AGENT_EXIT.get(
-        code, (TaskStatus.FAILED, "AGENT_KILLED" if code > 128 else "AGENT_ERROR", code > 128,
+        code, (TaskStatus.FAILED, contract.AGENT_KILLED if code > 128 else contract.AGENT_ERROR, code > 128,
                f"keruta-agent ended with exit code {code}" + (" (killed by a signal)" if code > 128 else "")))
     return Outcome(status=status, exit_code=code, reason=reason, retryable=retryable, message=message)
 
@@ -196,7 +199,8 @@ def _job_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome | N
                                message=f"the Job ran longer than its deadline ({deadline}s); raise the task's "
                                        "timeoutSeconds")
             if reason == "PodFailurePolicy":
-                return Outcome(status=TaskStatus.FAILED, exit_code=2, reason="AGENT_CONFIG_ERROR",
+                return Outcome(status=TaskStatus.FAILED, exit_code=contract.EXIT_CONFIG,
+                               reason=contract.AGENT_CONFIG_ERROR,
                                message=f"{AGENT_EXIT[2][3]} ({condition.get('message', '')})")
             last = sorted(pods, key=_created)[-1] if pods else None
             terminated = _main_state(last).get("terminated") if last else None
