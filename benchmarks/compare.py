@@ -50,7 +50,7 @@ def agent_finishes(cluster: Cluster, store: Any, task_id: str, pod: str) -> floa
     """keruta-agent's end in exec mode (the default), on the manual kubelet: a file to collect, the final
     report, the Pod log line that says it holds its files; its container ends when the collection has
     touched the marker. Returns when the final report was written (time.perf_counter())."""
-    from keruta_prefect.agent.runner import COLLECTED_MARKER, READY_LINE
+    from keruta_prefect.contract import COLLECTED_MARKER, READY_LINE
 
     files = cluster.root / "pods" / "default" / pod / "artifacts"  # the Pod's artifacts volume
     files.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from keruta_prefect.errors import PermanentError
 from keruta_prefect.models import ArtifactInfo
 
 CHUNK = 1 << 20
@@ -80,11 +81,11 @@ def attempt_dir(root: Path, task_id: str, attempt: int) -> Path:
     return root / safe / f"attempt-{attempt}"
 
 
-class ArchiveRejected(ValueError):
+class ArchiveRejected(PermanentError, ValueError):
     """A hostile or broken archive: nothing of it is kept."""
 
 
-class PublishStranded(OSError):
+class PublishStranded(PermanentError, OSError):
     """Publishing failed and undoing it failed too: the staging directory named in the message is left
     in place, because it holds files of the destination that were moved aside."""
 

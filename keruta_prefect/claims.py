@@ -19,6 +19,7 @@ from types import TracebackType
 
 from prefect.runtime import flow_run as runtime_flow_run
 
+from keruta_prefect.errors import PermanentError
 from keruta_prefect.models import Task, TaskStatus
 from keruta_prefect.store import Store
 
@@ -27,7 +28,7 @@ CLAIM_LEASE = timedelta(minutes=5)
 log = logging.getLogger("keruta.claims")
 
 
-class TaskClaimed(RuntimeError):
+class TaskClaimed(PermanentError, RuntimeError):
     """Another live flow run holds the task: it runs it (never two at once)."""
 
     def __init__(self, task_id: str, holder: str) -> None:
@@ -121,3 +122,28 @@ class ClaimLease:
                  _tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def claim_pending_tasks(store: Store, owner: str, limit: int) -> list[str]:
+    """Claim up to ``limit`` PENDING tasks for ``owner``, highest priority first. A claim is a
+    compare-and-set in the database, so of two dispatchers racing for a task exactly one gets it; a claim
+    left by a flow run that ended (a crashed dispatcher) is taken over."""
+    claimed: list[str] = []
+    alive: dict[str, bool] = {}
+    for found, holder in store.pending(limit * 4 + 20):
+        if len(claimed) >= limit:
+            break
+        if holder is not None and holder != owner:
+            if holder not in alive:
+                alive[holder] = holder_alive(store, holder)
+            if alive[holder]:
+                continue
+        if store.claim(found.id, owner, replacing=(None, holder), lease=CLAIM_LEASE) is not None:
+            claimed.append(found.id)
+    return claimed
+
+
+def pass_claim(store: Store, task_id: str, owner: str, new_owner: str) -> None:
+    """``owner`` hands its claim on ``task_id`` to ``new_owner`` (the flow run that will run it). If that
+    flow run has taken it already, nothing changes."""
+    store.claim(task_id, new_owner, replacing=(owner,), lease=CLAIM_LEASE)

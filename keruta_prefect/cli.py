@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from keruta_prefect.backends.base import BackendError
+from keruta_prefect.errors import PermanentError
 from keruta_prefect.models import Task, TaskSpecError
 from keruta_prefect.settings import (
     KerutaSettings,
@@ -39,7 +40,7 @@ EPHEMERAL_STARTUP_TIMEOUT = 180
 DEBUG_HINT = "run with --debug (or KERUTA_DEBUG=1) to see the traceback"
 
 
-class UsageError(Exception):
+class UsageError(PermanentError):
     pass
 
 
@@ -200,12 +201,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     """The Job (and PVC) of a task as YAML, offline; --server-dry-run asks the cluster to check them."""
     import yaml
 
-    from keruta_prefect.manifest import JobContext, build_job, build_pvc
+    from keruta_prefect.manifest import build_job, build_pvc
+    from keruta_prefect.models import RunContext
 
     settings = _settings(args.properties)
     task = _task_file(args.task_file)
     _in_range("--attempt", args.attempt, 1, 10000)
-    ctx = JobContext(attempt=args.attempt, root_task_id=task.parent_id)
+    ctx = RunContext(attempt=args.attempt, root_task_id=task.parent_id)
     documents = [doc for doc in (build_pvc(task, settings, ctx), build_job(task, settings, ctx)) if doc]
     print(yaml.safe_dump_all(documents, sort_keys=False, allow_unicode=True), end="")
     if args.server_dry_run:

@@ -22,15 +22,19 @@ from urllib.parse import quote
 
 import httpx
 
+from keruta_prefect.errors import TransientError
+
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 PERMANENT_STATUS = {401, 403, 404, 405, 407, 410, 414, 415}  # every call alike: wrong token, URL, proxy, route
 
 
-class ApiError(Exception):
+class ApiError(TransientError):
     """The keruta API could not be reached (or kept failing) within the retry budget."""
 
 
 class ApiRejected(ApiError):
+    transient = False  # refused, not unreachable: asking again gets the same answer
+
     """The keruta API refused the request (a 4xx, or an answer it cannot mean): sending it again cannot help.
 
     ``status`` is None when there was no HTTP answer to speak of (a URL scheme httpx cannot use)."""

@@ -10,18 +10,12 @@ Each Prefect task is one step with one reason to retry:
 
 # No `from __future__ import annotations` here: Prefect rebuilds the flow's parameter model from its
 # signature when a deployment runs it, and string annotations do not resolve there.
-import contextvars
-import re
-import threading
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.events import emit_event
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
@@ -29,6 +23,7 @@ from prefect.types import Name
 from sqlalchemy.exc import OperationalError
 
 from keruta_prefect.artifacts import CollectResult, attempt_dir
+from keruta_prefect.backends import BackendName, get_backend
 from keruta_prefect.backends.base import (
     Backend,
     BackendError,
@@ -39,10 +34,10 @@ from keruta_prefect.backends.base import (
 )
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
 from keruta_prefect.claims import ClaimLease, claim_owner, claim_task
+from keruta_prefect.errors import PermanentError
 from keruta_prefect.limits import TASKS_LIMIT, SlotUnavailable, task_slot
-from keruta_prefect.manifest import namespace_of, needs_volume, pvc_name
+from keruta_prefect.manifest import namespace_of
 from keruta_prefect.models import (
-    ArtifactInfo,
     InvalidTransition,
     Task,
     TaskResult,
@@ -50,14 +45,15 @@ from keruta_prefect.models import (
     TaskStatus,
     parse_task_spec,
 )
+from keruta_prefect.progress import ProgressReporter
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, TaskRunRow, get_store
+from keruta_prefect.summary import publish_summary, publish_unrecorded, recorded_result
+from keruta_prefect.trees import release_volume, root_of
 from keruta_prefect.validation import exception_line
 
-BackendName = Literal["local", "kubernetes"]
 
-
-class KerutaTaskFailed(Exception):
+class KerutaTaskFailed(PermanentError):
     """The keruta task ended FAILED or CANCELLED; ``result`` holds everything that was recorded."""
 
     def __init__(self, result: TaskResult) -> None:
@@ -83,18 +79,6 @@ def _retry_on(*types: type[BaseException]) -> Any:
     return condition
 
 
-def get_backend(name: str, settings: KerutaSettings, store: Store) -> Backend:
-    if name == "local":
-        from keruta_prefect.backends.local import LocalBackend
-
-        return LocalBackend(settings, store)
-    if name == "kubernetes":
-        from keruta_prefect.backends.kubernetes import KubernetesBackend
-
-        return KubernetesBackend(settings, store)
-    raise ValueError(f"backend={name!r}: allowed: local, kubernetes")
-
-
 # --- the steps --------------------------------------------------------------------------------------
 
 @task(name="prepare-task", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(0.5),
@@ -118,47 +102,6 @@ def prepare_task(store: Store, task_id: str | None, task_spec: dict[str, Any] | 
     return claim_task(store, current.id, owner, handed_over_by)
 
 
-def root_of(store: Store, task: Task) -> str:
-    """The id of the root of the task's tree (its own id when it has no parent)."""
-    current, seen = task, {task.id}
-    while current.parent_id and current.parent_id not in seen and len(seen) < 100:
-        seen.add(current.parent_id)
-        try:
-            current = store.get_task(current.parent_id)
-        except LookupError:
-            return current.parent_id or current.id
-    return current.id
-
-
-def tree_done(store: Store, root: str) -> bool:
-    """Is every task of the tree rooted at ``root`` in a final status?"""
-    pending, seen = [root], set()
-    while pending:
-        current = pending.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        try:
-            if not store.get_task(current).status.terminal:
-                return False
-        except LookupError:
-            pass
-        pending.extend(child.id for child in store.children(current))
-    return True
-
-
-def release_volume(store: Store, runner: Backend, settings: KerutaSettings, task: Task, root: str) -> None:
-    """A task tree's volume is deleted when its last unfinished task ends (keruta.kubernetes.pvc-retention=
-    delete); tasks of the tree submitted later start with a fresh volume."""
-    delete_volume = getattr(runner, "delete_volume", None)
-    if (delete_volume is None or settings.pvc_retention != "delete" or task.pvc_name
-            or not needs_volume(task, has_children=bool(store.children(task.id)))):
-        return
-    if tree_done(store, root):
-        delete_volume(namespace_of(task, settings), pvc_name(root))
-        get_run_logger().info("task tree %s is done: its volume %s was deleted", root, pvc_name(root))
-
-
 def handle_of(run: TaskRunRow) -> RunHandle:
     return RunHandle(backend=run.backend, task_id=run.task_id, attempt=run.attempt, flow_run_id=run.flow_run_id,
                      name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid)
@@ -174,57 +117,6 @@ def launch_agent(backend: Backend, store: Store, task: Task, ctx: RunContext) ->
     ))
     assert run.id is not None
     return handle, run.id
-
-
-class ProgressReporter:
-    """A Prefect progress artifact that follows the percentage the agent reports (`keruta-agent progress`).
-
-    The agent reports to the keruta API, which stores it with the task; a thread reads it once a second
-    (whichever backend, whichever process serves the API) and updates the artifact when it changes."""
-
-    def __init__(self, store: Store, task_id: str, interval: float = 1.0) -> None:
-        self.store, self.task_id, self.interval = store, task_id, interval
-        self.artifact_id: uuid.UUID | None = None
-        self.last: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def poll(self) -> None:
-        from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-        progress = self.store.get_task(self.task_id).progress
-        if progress is None or progress == self.last:
-            return
-        if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(
-                progress, key=_artifact_key(self.task_id) + "-progress",
-                description=f"progress reported by keruta task {self.task_id}")
-        else:
-            update_progress_artifact(self.artifact_id, progress)
-        self.last = progress
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.poll()
-            except Exception as exc:  # progress is a courtesy: never let it break the wait
-                get_run_logger().debug("progress not updated: %s", exc)
-
-    def __enter__(self) -> "ProgressReporter":
-        context = contextvars.copy_context()  # the artifact belongs to this task run and flow run
-        self._thread = threading.Thread(target=context.run, args=(self._loop,), daemon=True,
-                                        name=f"keruta-progress-{self.task_id}")
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        try:
-            self.poll()  # the last word (e.g. 100) before the wait ends
-        except Exception:
-            pass
 
 
 @task(name="wait-for-agent", cache_policy=NO_CACHE, retries=5, retry_delay_seconds=exponential_backoff(1),
@@ -276,27 +168,6 @@ def record_run(store: Store, run_id: int, task: Task, outcome: Outcome, collecte
     return recorded_result(store, task.id)
 
 
-def recorded_result(store: Store, task_id: str) -> TaskResult:
-    """The TaskResult of a task's last recorded run."""
-    task = store.get_task(task_id)
-    runs = store.runs(task_id)
-    run = runs[-1] if runs else None
-    files = [ArtifactInfo(path=a.path, size=a.size, sha256=a.sha256, location=a.location)
-             for a in store.artifacts(task_id) if run is None or a.run_id == run.id]
-    return TaskResult(
-        task_id=task_id, status=task.status, attempt=run.attempt if run else 0,
-        backend=run.backend if run else "none", exit_code=run.exit_code if run else None,
-        reason=run.reason if run else task.error_code, message=run.message if run else task.message,
-        job_name=run.job_name if run else None, namespace=run.namespace if run else None,
-        started_at=_utc(run.started_at) if run else None, finished_at=_utc(run.finished_at) if run else None,
-        log_lines=store.count_logs(task_id), artifacts=files, artifacts_note=run.artifacts_note if run else None,
-    )
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
 def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
                          backend: str | None = None, parameters: dict[str, Any] | None = None) -> list[str]:
     """Stop every agent a flow run started that has not finished, and mark its task CANCELLED.
@@ -311,12 +182,11 @@ def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
     settings = load_settings(settings_block)
     runs = store.unfinished_runs(flow_run_id)
     handles = {(run.backend, run.job_name): (handle_of(run), run.id) for run in runs}
-    if backend == "kubernetes" or any(run.backend == "kubernetes" for run in runs):
-        # By label too: a Job created just before a crash may never have been recorded.
-        k8s = get_backend("kubernetes", settings, store)
-        namespaces = {run.namespace for run in runs if run.namespace}
-        namespaces |= _task_namespaces(store, settings, parameters or {})
-        for handle in k8s.jobs_of_flow_run(flow_run_id, namespaces):  # type: ignore[attr-defined]
+    # Each backend also finds the attempts by itself (on Kubernetes by label): a Job created just before
+    # a crash may never have been recorded.
+    namespaces = {run.namespace for run in runs if run.namespace} | _task_namespaces(store, settings, parameters or {})
+    for name in sorted({run.backend for run in runs} | ({backend} if backend else set())):
+        for handle in get_backend(name, settings, store).attempts_of_flow_run(flow_run_id, namespaces):
             handles.setdefault((handle.backend, handle.name), (handle, None))
     stopped = []
     for handle, run_id in handles.values():
@@ -470,7 +340,9 @@ def run_attempts(runner: Backend, store: Store, settings: KerutaSettings, task_:
             result = record_run(store, run_id, task_, outcome, collected)
         except OperationalError as exc:  # still unavailable after record-run's retries: fail loudly
             return unrecorded(task_, handle, outcome, collected, exc)
-        release_volume(store, runner, settings, task_, root)
+        deleted = release_volume(store, runner, settings, task_, root)
+        if deleted is not None:
+            logger.info("task tree %s is done: its volume %s was deleted", root, deleted)
         return result
 
 
@@ -531,57 +403,10 @@ def unrecorded(task: Task, handle: RunHandle, outcome: Outcome, collected: Colle
                         job_name=handle.name, namespace=handle.namespace, finished_at=datetime.now(UTC),
                         artifacts=collected.files, artifacts_note=collected.note())
     cause = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    key = publish_unrecorded(result)
     text = (f"keruta task {task.id} ended {outcome.status} but the database did not take the result "
-            f"({cause}); the outcome is kept in artifact {_artifact_key(task.id)}-unrecorded")
-    create_markdown_artifact(f"# Not recorded: keruta task `{task.id}`\n\n{text}\n\n```json\n"
-                             f"{result.model_dump_json(indent=2)}\n```\n", key=f"{_artifact_key(task.id)}-unrecorded",
-                             description=f"the outcome of keruta task {task.id}, not in the database")
+            f"({cause}); the outcome is kept in artifact {key}")
     get_run_logger().error("%s", text)
     return Failed(message=text, data=KerutaTaskFailed(result))
 
 
-def _artifact_key(task_id: str) -> str:
-    return ("keruta-" + re.sub(r"[^a-z0-9-]+", "-", task_id.lower())).strip("-")[:100]
-
-
-def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
-    """A markdown summary and the artifact table on the flow run; a `keruta.task.*` event."""
-    tail = [row.message for row in store.last_logs(task.id, 20)]
-    duration = f"{result.duration_seconds:.1f}s" if result.duration_seconds is not None else "-"
-    where = f"Job `{result.namespace}/{result.job_name}`" if result.namespace else f"`{result.job_name}`"
-    lines = [
-        f"# keruta task `{task.id}`: **{result.status}**",
-        "",
-        "| | |", "|---|---|",
-        f"| title | {_cell(task.title)} |",
-        f"| status | {result.status} |",
-        f"| reason | {_cell(result.reason or '-')} |",
-        f"| message | {_cell(result.message or '-')} |",
-        f"| exit code | {result.exit_code if result.exit_code is not None else '-'} |",
-        f"| backend | {result.backend} ({where}), attempt {result.attempt} |",
-        f"| duration | {duration} |",
-        f"| log lines | {result.log_lines} |",
-        f"| artifacts | {len(result.artifacts)} files, {sum(a.size for a in result.artifacts)} bytes"
-        + (f" — {_cell(result.artifacts_note)}" if result.artifacts_note else "") + " |",
-        "",
-        "## Log tail",
-        "```",
-        *[line.replace("```", "'''") for line in tail],
-        "```",
-    ]
-    key = _artifact_key(task.id)
-    create_markdown_artifact("\n".join(lines), key=key, description=f"keruta task {task.id}")
-    if result.artifacts:
-        create_table_artifact([a.model_dump() for a in result.artifacts], key=f"{key}-files"[:100],
-                              description=f"files collected from keruta task {task.id}")
-    emit_event(
-        event=f"keruta.task.{result.status.value.lower()}",
-        resource={"prefect.resource.id": f"keruta.task.{task.id}", "prefect.resource.name": task.title or task.id,
-                  "keruta.task.id": task.id},
-        payload={"status": result.status.value, "reason": result.reason, "exit_code": result.exit_code,
-                 "message": result.message, "attempt": result.attempt},
-    )
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:300]

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+from keruta_prefect.errors import TransientError
 from keruta_prefect.validation import exception_line
 
 TASKS_LIMIT = "keruta-tasks"
@@ -42,7 +43,7 @@ def ensure_concurrency_limit(name: str, slots: int) -> bool:
     return True
 
 
-class SlotUnavailable(Exception):
+class SlotUnavailable(TransientError):
     """The global limit could not give a slot, for a reason waiting does not cure (one line)."""
 
 

@@ -12,10 +12,8 @@ import hashlib
 import re
 from typing import Any
 
-from pydantic import BaseModel
-
-from keruta_prefect.agent.contract import EXIT_CONFIG  # permanent: the podFailurePolicy fails the Job at once
-from keruta_prefect.models import Task
+from keruta_prefect.contract import Env, ExitCode
+from keruta_prefect.models import RunContext, Task
 from keruta_prefect.settings import KerutaSettings
 
 TRUNCATION_MARKER = "…[truncated; full text: GET /api/v1/tasks/{id}]"
@@ -53,13 +51,15 @@ echo "keruta: cloned $KERUTA_REPOSITORY_URL at $(git rev-parse --short HEAD)"
 """
 
 
-class JobContext(BaseModel):
-    """What a manifest depends on beyond the task and the settings."""
-
-    attempt: int = 1
-    flow_run_id: str | None = None
-    root_task_id: str | None = None  # the root of the task's tree (for the shared volume)
-    has_children: bool = False  # a parent shares its volume with the children that run after it
+# The Job's activeDeadlineSeconds is the task's timeout + the artifacts hold + this margin: time for the
+# Pod to be scheduled, its image pulled and the repository cloned before the agent's own clock starts.
+DEADLINE_MARGIN_SECONDS = 300
+# The user the agent and the clone run as (non-root; the agent image's user, deployments/agent/Dockerfile),
+# also the group that owns the volumes (fsGroup) so both can write the work directory.
+AGENT_UID = 1000
+# The clone init container: a shallow git clone needs little CPU; the limit bounds a huge repository.
+CLONE_RESOURCES: dict[str, dict[str, str]] = {"requests": {"cpu": "50m", "memory": "64Mi"},
+                                              "limits": {"memory": "512Mi"}}
 
 
 def _digest(text: str, length: int = 10) -> str:
@@ -116,18 +116,18 @@ def task_env(task: Task, settings: KerutaSettings) -> dict[str, str]:
     manifest) and then the task's ``additional_env`` last, so it may refer to all of them."""
     marker = TRUNCATION_MARKER.replace("{id}", task.id)
     env = {
-        "KERUTA_TASK_ID": task.id,
-        "KERUTA_TASK_TITLE": truncate_utf8(task.title, settings.description_env_limit, marker),
-        "KERUTA_TASK_DESCRIPTION": truncate_utf8(task.description, settings.description_env_limit, marker),
-        "KERUTA_TASK_PRIORITY": str(task.priority),
-        "KERUTA_TASK_STATUS": str(task.status),
-        "KERUTA_TASK_CREATED_AT": task.created_at.isoformat(),
-        "KERUTA_TASK_UPDATED_AT": task.updated_at.isoformat(),
+        Env.TASK_ID: task.id,
+        Env.TASK_TITLE: truncate_utf8(task.title, settings.description_env_limit, marker),
+        Env.TASK_DESCRIPTION: truncate_utf8(task.description, settings.description_env_limit, marker),
+        Env.TASK_PRIORITY: str(task.priority),
+        Env.TASK_STATUS: str(task.status),
+        Env.TASK_CREATED_AT: task.created_at.isoformat(),
+        Env.TASK_UPDATED_AT: task.updated_at.isoformat(),
     }
     if task.repository_id:
-        env["KERUTA_REPOSITORY_ID"] = task.repository_id
+        env[Env.REPOSITORY_ID] = task.repository_id
     if task.documents:
-        env["KERUTA_DOCUMENT_ID"] = task.documents[0]
+        env[Env.DOCUMENT_ID] = task.documents[0]
     return env
 
 
@@ -140,11 +140,11 @@ def needs_volume(task: Task, has_children: bool = False) -> bool:
     return bool(task.repository_url or task.parent_id or task.pvc_name or has_children)
 
 
-def volume_claim_name(task: Task, ctx: JobContext) -> str:
+def volume_claim_name(task: Task, ctx: RunContext) -> str:
     return task.pvc_name or pvc_name(ctx.root_task_id or task.id)
 
 
-def labels(task: Task, ctx: JobContext) -> dict[str, str]:
+def labels(task: Task, ctx: RunContext) -> dict[str, str]:
     result = {
         LABEL_NAME: "keruta",
         LABEL_MANAGED_BY: MANAGED_BY,
@@ -183,22 +183,22 @@ def _env_list(values: dict[str, str]) -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in values.items()]
 
 
-def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str, Any]:
+def build_job(task: Task, settings: KerutaSettings, ctx: RunContext) -> dict[str, Any]:
     """The agent Job of one attempt of a task (a plain dict, ready for the API or YAML)."""
     job_labels = labels(task, ctx)
     timeout = task.timeout(settings.task_default_timeout)
     env = _env_list(task_env(task, settings))
     env += [
-        {"name": "KERUTA_API_URL", "value": settings.api_url},
-        {"name": "KERUTA_API_TOKEN", "valueFrom": {"secretKeyRef": {
+        {"name": Env.API_URL, "value": settings.api_url},
+        {"name": Env.API_TOKEN, "valueFrom": {"secretKeyRef": {
             "name": settings.token_secret_name, "key": settings.token_secret_key}}},
-        {"name": "KERUTA_WORK_DIR", "value": WORK_DIR},
-        {"name": "KERUTA_ARTIFACTS_DIR", "value": settings.artifacts_dir},
-        {"name": "KERUTA_TIMEOUT", "value": str(timeout)},
-        {"name": "KERUTA_ECHO", "value": "1"},  # script output also in the Pod log (the live view)
-        {"name": "KERUTA_ARTIFACTS_MODE", "value": settings.artifacts_mode},
+        {"name": Env.WORK_DIR, "value": WORK_DIR},
+        {"name": Env.ARTIFACTS_DIR, "value": settings.artifacts_dir},
+        {"name": Env.TIMEOUT, "value": str(timeout)},
+        {"name": Env.ECHO, "value": "1"},  # script output also in the Pod log (the live view)
+        {"name": Env.ARTIFACTS_MODE, "value": settings.artifacts_mode},
         # exec mode: the agent keeps the container until the flow has collected its files
-        {"name": "KERUTA_HOLD_SECONDS",
+        {"name": Env.HOLD_SECONDS,
          "value": str(settings.artifacts_hold_timeout if settings.artifacts_mode == "exec" else 0)},
         {"name": "HOME", "value": WORK_DIR},
     ]
@@ -208,7 +208,7 @@ def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str
         "image": task.image or settings.default_image,
         "imagePullPolicy": settings.image_pull_policy,
         # The seed's command: Kubernetes expands $(VAR) from the container's environment.
-        "command": ["keruta-agent", "run", "--task-id", "$(KERUTA_TASK_ID)", "--api-url", "$(KERUTA_API_URL)"],
+        "command": ["keruta-agent", "run", "--task-id", f"$({Env.TASK_ID})", "--api-url", f"$({Env.API_URL})"],
         "env": env,
         "workingDir": WORK_DIR,
         "securityContext": _container_security(),
@@ -232,9 +232,9 @@ def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str
         "automountServiceAccountToken": False,  # the agent talks to the keruta API, never to Kubernetes
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
+            "runAsUser": AGENT_UID,
+            "runAsGroup": AGENT_UID,
+            "fsGroup": AGENT_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
@@ -267,10 +267,10 @@ def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str
             "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
             # The agent enforces the task's timeout itself; this is the backstop (start-up, clone and
             # the artifact hold included).
-            "activeDeadlineSeconds": timeout + settings.artifacts_hold_timeout + 300,
+            "activeDeadlineSeconds": timeout + settings.artifacts_hold_timeout + DEADLINE_MARGIN_SECONDS,
             "podFailurePolicy": {"rules": [
                 {"action": "FailJob",
-                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_CONFIG]}},
+                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [int(ExitCode.CONFIG)]}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]},
             "template": {
@@ -283,8 +283,8 @@ def build_job(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str
 
 def _clone_container(task: Task, settings: KerutaSettings) -> dict[str, Any]:
     env = [
-        {"name": "KERUTA_REPOSITORY_URL", "value": task.repository_url or ""},
-        {"name": "KERUTA_REPOSITORY_REF", "value": task.repository_ref or ""},
+        {"name": Env.REPOSITORY_URL, "value": task.repository_url or ""},
+        {"name": Env.REPOSITORY_REF, "value": task.repository_ref or ""},
         {"name": "HOME", "value": "/tmp"},
     ]
     if task.repository_secret:
@@ -299,11 +299,11 @@ def _clone_container(task: Task, settings: KerutaSettings) -> dict[str, Any]:
         "env": env,
         "securityContext": _container_security(),
         "volumeMounts": [{"name": "work", "mountPath": WORK_DIR}],
-        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+        "resources": {kind: dict(values) for kind, values in CLONE_RESOURCES.items()},
     }
 
 
-def build_pvc(task: Task, settings: KerutaSettings, ctx: JobContext) -> dict[str, Any] | None:
+def build_pvc(task: Task, settings: KerutaSettings, ctx: RunContext) -> dict[str, Any] | None:
     """The task tree's volume, or None when the task needs none or names an existing claim."""
     if not needs_volume(task, ctx.has_children) or task.pvc_name:
         return None

@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from keruta_prefect.errors import PermanentError
 from keruta_prefect.validation import (  # noqa: F401 - TASK_ID, MAX_TASK_ID: re-exported
     MAX_TASK_ID,
     TASK_ID,
@@ -64,7 +65,17 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 }
 
 
-class InvalidTransition(ValueError):
+class RunContext(BaseModel):
+    """Who is running this attempt: carried into labels, records, the Job's manifest and the agent's
+    environment."""
+
+    flow_run_id: str | None = None
+    attempt: int = 1
+    root_task_id: str | None = None  # the root of the task's tree (tasks of a tree share a volume)
+    has_children: bool = False  # the task is a parent: its volume outlives it for its children
+
+
+class InvalidTransition(PermanentError, ValueError):
     def __init__(self, current: TaskStatus, new: TaskStatus) -> None:
         allowed = ", ".join(sorted(TRANSITIONS[current])) or "nothing (it is final)"
         super().__init__(f"cannot move a task from {current} to {new}; from {current} it may go to: {allowed}")
@@ -220,7 +231,7 @@ class Task(Camel):
         return {"id": self.id, "title": self.title, "status": str(self.status)}
 
 
-class TaskSpecError(ValueError):
+class TaskSpecError(PermanentError, ValueError):
     """A bad task spec; ``str()`` is one line naming the field (camelCase, as written) and the value."""
 
 

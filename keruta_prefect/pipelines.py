@@ -25,19 +25,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.types import Name
 from pydantic import BaseModel, Field
 
+from keruta_prefect.backends import BackendName, get_backend
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
-from keruta_prefect.claims import CLAIM_LEASE, ClaimLease, claim_owner, claim_task, holder_alive
-from keruta_prefect.flows import (
-    BackendName,
-    KerutaTaskFailed,
-    get_backend,
-    keruta_task,
-    release_volume,
-)
+from keruta_prefect.claims import ClaimLease, claim_owner, claim_pending_tasks, claim_task, pass_claim
+from keruta_prefect.errors import PermanentError
+from keruta_prefect.flows import KerutaTaskFailed, keruta_task
 from keruta_prefect.limits import TASKS_LIMIT
 from keruta_prefect.models import Task, TaskResult, TaskSpecError, TaskStatus, parse_task_spec
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, get_store
+from keruta_prefect.trees import release_volume
 
 SCHEDULE_SLUG = "processing-delay"
 
@@ -82,7 +79,7 @@ class DispatchResult(BaseModel):
     runs: list[ChildRun] = Field(default_factory=list)
 
 
-class PipelineFailed(Exception):
+class PipelineFailed(PermanentError):
     """Some task of the pipeline did not complete; ``result`` holds every run."""
 
     def __init__(self, result: PipelineResult) -> None:
@@ -243,7 +240,10 @@ def _not_run(store: Store, task_id: str, why: str) -> ChildRun:
 def _release_tree(store: Store, settings: KerutaSettings, backend: str, parent_id: str) -> None:
     """The parent ended and its children will not run: the tree is done, so its volume may go."""
     try:
-        release_volume(store, get_backend(backend, settings, store), settings, store.get_task(parent_id), parent_id)
+        deleted = release_volume(store, get_backend(backend, settings, store), settings, store.get_task(parent_id),
+                                 parent_id)
+        if deleted is not None:
+            get_run_logger().info("task tree %s is done: its volume %s was deleted", parent_id, deleted)
     except Exception as exc:
         get_run_logger().warning("the task tree's volume was not released: %s", exc)
 
@@ -255,19 +255,7 @@ def claim_pending(store: Store, owner: str, limit: int) -> list[str]:
     """Claim up to ``limit`` PENDING tasks, highest priority first. A claim is a compare-and-set in the
     database, so of two dispatchers racing for a task exactly one gets it; a claim left by a flow run
     that ended (a crashed dispatcher) is taken over."""
-    claimed: list[str] = []
-    alive: dict[str, bool] = {}
-    for found, holder in store.pending(limit * 4 + 20):
-        if len(claimed) >= limit:
-            break
-        if holder is not None and holder != owner:
-            if holder not in alive:
-                alive[holder] = holder_alive(store, holder)
-            if alive[holder]:
-                continue
-        if store.claim(found.id, owner, replacing=(None, holder), lease=CLAIM_LEASE) is not None:
-            claimed.append(found.id)
-    return claimed
+    return claim_pending_tasks(store, owner, limit)
 
 
 @task(name="hand-over", cache_policy=NO_CACHE)
@@ -283,7 +271,7 @@ def hand_over(store: Store, owner: str, task_ids: list[str], deployment: str, ba
                                  parameters={"task_id": task_id, "backend": backend, "settings_block": settings_block,
                                              "claim": owner, "concurrency_limit": limit})
         # it may have taken it already: fine
-        store.claim(task_id, str(created.id), replacing=(owner,), lease=CLAIM_LEASE)
+        pass_claim(store, task_id, owner, str(created.id))
         runs.append(ChildRun(task_id=task_id, status="SUBMITTED", flow_run_id=str(created.id)))
     return runs
 

@@ -17,6 +17,7 @@ import javaproperties
 from javaproperties.util import ascii_splitlines
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from keruta_prefect.errors import PermanentError
 from keruta_prefect.validation import (
     check_dns_label,
     check_image,
@@ -27,7 +28,7 @@ from keruta_prefect.validation import (
 )
 
 
-class SettingsError(ValueError):
+class SettingsError(PermanentError, ValueError):
     """A bad settings file or value; ``str()`` is one line naming the key, the value and the rule."""
 
 

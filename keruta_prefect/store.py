@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
+from keruta_prefect.errors import PermanentError
 from keruta_prefect.models import ArtifactInfo, Task, TaskStatus, check_transition
 from keruta_prefect.settings import SettingsError, keruta_home
 from keruta_prefect.validation import single_line
@@ -131,13 +132,13 @@ class ArtifactRow(SQLModel, table=True):
     created_at: datetime = Field(default_factory=_now)
 
 
-class TaskNotFound(LookupError):
+class TaskNotFound(PermanentError, LookupError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id!r} not found")
         self.task_id = task_id
 
 
-class TaskExists(ValueError):
+class TaskExists(PermanentError, ValueError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id!r} already exists")
         self.task_id = task_id

@@ -506,14 +506,14 @@ def test_jobs_of_a_flow_run_are_found_in_every_namespace_given(manual_cluster: C
         task = store.create_task(Task.model_validate({"id": f"d-ns-{namespace}", "namespace": namespace}))
         launched[namespace] = backend.launch(task, RunContext(flow_run_id="fr-many", attempt=1)).name
     cluster.deny("jobs", "list", namespace="team-b")  # e.g. no Role there
-    found = backend.jobs_of_flow_run("fr-many", ["team-a", "team-b", "team-c", "no-such-namespace", ""])
+    found = backend.attempts_of_flow_run("fr-many", ["team-a", "team-b", "team-c", "no-such-namespace", ""])
     assert {(h.namespace, h.name) for h in found} == {(ns, name) for ns, name in launched.items()}
     assert any("team-b" in r.getMessage() and "forbidden" in r.getMessage() for r in caplog.records)
-    assert {h.task_id for h in backend.jobs_of_flow_run("fr-many", frozenset({"team-a"}))} == {
+    assert {h.task_id for h in backend.attempts_of_flow_run("fr-many", frozenset({"team-a"}))} == {
         "d-ns-team-a", "d-ns-default"}
     cluster.deny("jobs", "list")  # nowhere at all: that is an error worth raising
     with pytest.raises(BackendError, match="forbidden"):
-        backend.jobs_of_flow_run("fr-many", set())
+        backend.attempts_of_flow_run("fr-many", set())
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from keruta_prefect.models import RunContext
 from keruta_prefect.manifest import (
-    JobContext,
     build_job,
     build_pvc,
     job_name,
@@ -41,7 +41,7 @@ def test_versions_cover_1_31_through_the_newest_shipped() -> None:
 def test_golden_job_for_a_plain_task() -> None:
     task = fixed_task(id="build-42", title="Build", description="Compile it", priority=5,
                       additionalEnv={"TARGET": "prod"}, timeoutSeconds=600, script="make")
-    job = build_job(task, KerutaSettings(), JobContext(attempt=1, flow_run_id="0b9d3c1e-7d0c-4a3e-9c55-3f1d1f0b2a11"))
+    job = build_job(task, KerutaSettings(), RunContext(attempt=1, flow_run_id="0b9d3c1e-7d0c-4a3e-9c55-3f1d1f0b2a11"))
     validate_all(job)
     golden = GOLDEN / "job-build-42.yaml"
     rendered = yaml.safe_dump(job, sort_keys=False, allow_unicode=True)
@@ -54,7 +54,7 @@ def test_golden_job_for_a_plain_task() -> None:
 
 def test_the_seeds_shape_and_the_token_only_by_secret_reference() -> None:
     job = build_job(fixed_task(id="t1", script="x"), KerutaSettings(token_secret_name="tok", token_secret_key="k"),
-                    JobContext())
+                    RunContext())
     pod = job["spec"]["template"]["spec"]
     [main] = pod["containers"]
     assert main["name"] == "main" and main["image"] == "keruta-agent:latest"
@@ -72,7 +72,7 @@ def test_the_seeds_shape_and_the_token_only_by_secret_reference() -> None:
 
 
 def test_hardened_pod_security() -> None:
-    job = build_job(fixed_task(id="sec"), KerutaSettings(), JobContext())
+    job = build_job(fixed_task(id="sec"), KerutaSettings(), RunContext())
     pod = job["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -88,7 +88,7 @@ def test_any_task_id_gives_a_valid_deterministic_job_name_and_labels(task_id: st
     name = job_name(task_id, 3)
     assert len(name) <= 63 and DNS_LABEL.match(name) and name == job_name(task_id, 3)
     assert name != job_name(task_id, 4)
-    job = build_job(task, KerutaSettings(), JobContext(attempt=3, flow_run_id="f" * 70))
+    job = build_job(task, KerutaSettings(), RunContext(attempt=3, flow_run_id="f" * 70))
     for value in job["metadata"]["labels"].values():
         assert len(value) <= 63 and LABEL_VALUE.match(value), value
     assert job["metadata"]["annotations"]["keruta.io/task-id"] == task_id  # the full id is kept
@@ -103,7 +103,7 @@ def test_ids_that_slug_alike_get_different_names() -> None:
 def test_long_descriptions_are_truncated_on_a_utf8_boundary() -> None:
     task = fixed_task(id="long", description="日本語" * 5000)
     env = {e["name"]: e.get("value") for e in
-           build_job(task, KerutaSettings(description_env_limit=1000), JobContext())["spec"]["template"]["spec"]
+           build_job(task, KerutaSettings(description_env_limit=1000), RunContext())["spec"]["template"]["spec"]
            ["containers"][0]["env"]}
     text = env["KERUTA_TASK_DESCRIPTION"]
     assert len(text.encode()) <= 1000 and text.endswith("full text: GET /api/v1/tasks/long]")
@@ -116,7 +116,7 @@ def test_resources_service_account_pull_secrets_selectors_and_tolerations() -> N
                               tolerations=[{"key": "dedicated", "operator": "Equal", "value": "keruta",
                                             "effect": "NoSchedule"}])
     task = fixed_task(id="r", image="registry.example.com/agent:2", resources={"memoryLimit": "4Gi"})
-    job = build_job(task, settings, JobContext())
+    job = build_job(task, settings, RunContext())
     validate_all(job)
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "runner" and pod["imagePullSecrets"] == [{"name": "regcred"}]
@@ -128,7 +128,7 @@ def test_resources_service_account_pull_secrets_selectors_and_tolerations() -> N
 
 
 def test_deadline_and_pod_failure_policy() -> None:
-    job = build_job(fixed_task(id="d", timeoutSeconds=100), KerutaSettings(artifacts_hold_timeout=60), JobContext())
+    job = build_job(fixed_task(id="d", timeoutSeconds=100), KerutaSettings(artifacts_hold_timeout=60), RunContext())
     assert job["spec"]["activeDeadlineSeconds"] == 100 + 60 + 300
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In",
@@ -140,8 +140,8 @@ def test_repository_task_clones_into_its_volume_without_a_shell_seeing_task_valu
     settings = KerutaSettings(default_pvc_storage_class="fast", default_pvc_storage_size="5Gi")
     task = fixed_task(id="repo-1", repositoryUrl="https://git.example.com/team/app.git", repositoryRef="main",
                       repositorySecret="git-creds")
-    job = build_job(task, settings, JobContext())
-    pvc = build_pvc(task, settings, JobContext())
+    job = build_job(task, settings, RunContext())
+    pvc = build_pvc(task, settings, RunContext())
     assert pvc is not None
     validate_all(job)
     validate_all(pvc)
@@ -160,16 +160,16 @@ def test_repository_task_clones_into_its_volume_without_a_shell_seeing_task_valu
 
 def test_a_child_task_uses_its_root_tasks_volume() -> None:
     child = fixed_task(id="child", parentId="parent", script="ls")
-    job = build_job(child, KerutaSettings(), JobContext(root_task_id="root"))
+    job = build_job(child, KerutaSettings(), RunContext(root_task_id="root"))
     assert job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc_name("root")
-    pvc = build_pvc(child, KerutaSettings(), JobContext(root_task_id="root"))
+    pvc = build_pvc(child, KerutaSettings(), RunContext(root_task_id="root"))
     assert pvc is not None and pvc["metadata"]["name"] == pvc_name("root")
-    assert build_pvc(fixed_task(id="plain"), KerutaSettings(), JobContext()) is None
+    assert build_pvc(fixed_task(id="plain"), KerutaSettings(), RunContext()) is None
 
 
 def test_the_builder_is_pure() -> None:
     task = fixed_task(id="p", additionalEnv={"A": "1"})
     settings = KerutaSettings()
-    first = json.dumps(build_job(task, settings, JobContext()), sort_keys=True)
-    assert all(json.dumps(build_job(task, settings, JobContext()), sort_keys=True) == first for _ in range(3))
+    first = json.dumps(build_job(task, settings, RunContext()), sort_keys=True)
+    assert all(json.dumps(build_job(task, settings, RunContext()), sort_keys=True) == first for _ in range(3))
     assert task.additional_env == {"A": "1"}

@@ -2,7 +2,7 @@
 
 The token is read from KERUTA_API_TOKEN only (a flag would show in `ps`). Every failure is one line on
 stderr: bad input (a flag, an environment variable, a path) names the field and the value and exits 2
-(EXIT_CONFIG), as does a refusal by the keruta API; an unreachable API exits 3; anything unexpected is the
+(exit 2), as does a refusal by the keruta API; an unreachable API exits 3; anything unexpected is the
 agent's own bug: one line, exit 4, and `--debug` or KERUTA_DEBUG=1 add the traceback.
 """
 
@@ -24,10 +24,6 @@ import httpx
 from keruta_prefect.agent.runner import (
     BATCH_BYTES,
     BATCH_LINES,
-    EXIT_API_UNREACHABLE,
-    EXIT_CONFIG,
-    EXIT_INTERNAL,
-    EXIT_OK,
     MAX_LINE_BYTES,
     AgentConfig,
     Line,
@@ -35,6 +31,8 @@ from keruta_prefect.agent.runner import (
     run_task,
 )
 from keruta_prefect.client import ApiError, ApiRejected, KerutaClient
+from keruta_prefect.contract import Env, ExitCode
+from keruta_prefect.errors import PermanentError
 
 DEFAULT_ARTIFACTS_DIR = "/.keruta/doc"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -42,7 +40,7 @@ ARTIFACT_MODES = ("exec", "upload", "off")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
-class UsageError(Exception):
+class UsageError(PermanentError):
     """Bad input: the message names the field and the value."""
 
 
@@ -112,7 +110,7 @@ def parse_task_id(name: str, value: str | None) -> str:
 def read_token() -> str:
     """KERUTA_API_TOKEN, surrounding whitespace removed (a Secret made from a file often ends in a newline).
     Its value is never printed."""
-    token = (os.environ.get("KERUTA_API_TOKEN") or "").strip()
+    token = (os.environ.get(Env.API_TOKEN) or "").strip()
     if not token:
         raise UsageError("KERUTA_API_TOKEN is required")
     bad = next((i for i, c in enumerate(token) if not ("!" <= c <= "~")), None)
@@ -137,47 +135,47 @@ def check_directory(name: str, path: Path, *, create: bool) -> Path:
 
 
 def _client(args: argparse.Namespace) -> KerutaClient:
-    return KerutaClient(parse_api_url(*_required(args, "api_url", "--api-url", "KERUTA_API_URL")), read_token(),
+    return KerutaClient(parse_api_url(*_required(args, "api_url", "--api-url", Env.API_URL)), read_token(),
                         retry_seconds=30.0)
 
 
 def _helper_task_id() -> str:
     # Set by `keruta-agent run`, which checked it; the client quotes it in URLs whatever it holds.
-    value = os.environ.get("KERUTA_TASK_ID")
+    value = os.environ.get(Env.TASK_ID)
     if not value:
         raise UsageError("KERUTA_TASK_ID is required")
     return value
 
 
 def _artifacts_dir(*, create: bool = False) -> Path:
-    value = os.environ.get("KERUTA_ARTIFACTS_DIR") or DEFAULT_ARTIFACTS_DIR
-    return check_directory("KERUTA_ARTIFACTS_DIR", Path(value), create=create)
+    value = os.environ.get(Env.ARTIFACTS_DIR) or DEFAULT_ARTIFACTS_DIR
+    return check_directory(Env.ARTIFACTS_DIR, Path(value), create=create)
 
 
 # --- commands -------------------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    name, value = _given(args, "log_level", "--log-level", "KERUTA_LOG_LEVEL")
+    name, value = _given(args, "log_level", "--log-level", Env.LOG_LEVEL)
     level = {"WARN": "WARNING"}.get((value or "INFO").upper(), (value or "INFO").upper())
     if level not in LEVELS:
         raise UsageError(f"{name}={value!r}: allowed: {', '.join(LEVELS)}")
-    echo = args.echo or parse_flag("KERUTA_ECHO", os.environ.get("KERUTA_ECHO"))
-    mode = os.environ.get("KERUTA_ARTIFACTS_MODE") or ""
+    echo = args.echo or parse_flag(Env.ECHO, os.environ.get(Env.ECHO))
+    mode = os.environ.get(Env.ARTIFACTS_MODE) or ""
     if mode and mode not in ARTIFACT_MODES:
         raise UsageError(f"KERUTA_ARTIFACTS_MODE={mode!r}: allowed: {', '.join(ARTIFACT_MODES)}")
-    work_name, work = _given(args, "work_dir", "--work-dir", "KERUTA_WORK_DIR")
-    artifacts_name, artifacts = _given(args, "artifacts_dir", "--artifacts-dir", "KERUTA_ARTIFACTS_DIR")
-    retry = parse_seconds(*_given(args, "api_retry_seconds", "--api-retry-seconds", "KERUTA_API_RETRY_SECONDS"))
+    work_name, work = _given(args, "work_dir", "--work-dir", Env.WORK_DIR)
+    artifacts_name, artifacts = _given(args, "artifacts_dir", "--artifacts-dir", Env.ARTIFACTS_DIR)
+    retry = parse_seconds(*_given(args, "api_retry_seconds", "--api-retry-seconds", Env.API_RETRY_SECONDS))
     config = AgentConfig(
-        task_id=parse_task_id(*_required(args, "task_id", "--task-id", "KERUTA_TASK_ID")),
-        api_url=parse_api_url(*_required(args, "api_url", "--api-url", "KERUTA_API_URL")),
+        task_id=parse_task_id(*_required(args, "task_id", "--task-id", Env.TASK_ID)),
+        api_url=parse_api_url(*_required(args, "api_url", "--api-url", Env.API_URL)),
         token=read_token(),
         work_dir=Path(work or "/work"),
         artifacts_dir=Path(artifacts or DEFAULT_ARTIFACTS_DIR),
-        timeout=parse_seconds(*_given(args, "timeout", "--timeout", "KERUTA_TIMEOUT")),
+        timeout=parse_seconds(*_given(args, "timeout", "--timeout", Env.TIMEOUT)),
         grace_seconds=parse_seconds("--grace", args.grace) or 2.0,
         retry_seconds=retry or 300.0,
-        hold_seconds=parse_seconds(*_given(args, "hold_seconds", "--hold-seconds", "KERUTA_HOLD_SECONDS"),
+        hold_seconds=parse_seconds(*_given(args, "hold_seconds", "--hold-seconds", Env.HOLD_SECONDS),
                                    zero=True) or 0.0,
         upload=mode == "upload",
         debug=args.debug,
@@ -204,7 +202,7 @@ def cmd_log(args: argparse.Namespace) -> int:
             count = batch_length(lines, BATCH_LINES, BATCH_BYTES)
             client.post_logs(task_id, source, [line.item for line in lines[:count]])
             del lines[:count]
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _text(value: str) -> str:
@@ -238,7 +236,7 @@ def cmd_progress(args: argparse.Namespace) -> int:
     with _client(args) as client:
         message = _text(args.message) if args.message is not None else None
         client.set_status(task_id, "IN_PROGRESS", progress=value, message=message)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_artifact_add(args: argparse.Namespace) -> int:
@@ -256,7 +254,7 @@ def cmd_artifact_add(args: argparse.Namespace) -> int:
             shutil.copy2(source, target)
     except (OSError, shutil.Error) as exc:
         raise UsageError(f"PATH={args.path!r}: cannot copy to {str(target)!r}: {_why(exc)}") from None
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _why(exc: BaseException) -> str:
@@ -271,7 +269,7 @@ def cmd_artifact_list(_args: argparse.Namespace) -> int:
     if root.is_dir():
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             print(f"{path.stat().st_size}\t{path.relative_to(root)}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_artifact_remove(args: argparse.Namespace) -> int:
@@ -286,7 +284,7 @@ def cmd_artifact_remove(args: argparse.Namespace) -> int:
             target.unlink(missing_ok=True)
     except OSError as exc:
         raise UsageError(f"PATH={args.path!r}: cannot remove: {exc.strerror or exc}") from None
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -297,9 +295,9 @@ def cmd_health(args: argparse.Namespace) -> int:
             raise  # something answers, but not a keruta API: the URL is wrong (exit 2)
         except ApiError as exc:
             _say(f"keruta API at {client.api_url} is not reachable: {exc}")
-            return EXIT_API_UNREACHABLE
+            return ExitCode.API_UNREACHABLE
     print("ok")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # --- the command line -----------------------------------------------------------------------------------------
@@ -308,7 +306,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit 2) like every other bad input."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(ExitCode.CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,20 +367,20 @@ def main(argv: list[str] | None = None) -> int:
         debug = parse_flag("KERUTA_DEBUG", os.environ.get("KERUTA_DEBUG"))
     except UsageError as exc:
         _say(exc)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     args = build_parser().parse_args(argv)
     args.debug = debug = bool(getattr(args, "debug", False)) or debug
     try:
         return int(args.func(args))
     except UsageError as exc:
         _say(exc)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except ApiRejected as exc:  # the API refuses (wrong token, unknown task, not a keruta API): permanent
         _say(exc)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except ApiError as exc:
         _say(exc)
-        return EXIT_API_UNREACHABLE
+        return ExitCode.API_UNREACHABLE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the agent's own bug: one line, distinct exit code
@@ -392,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             hint = " (run with --debug or KERUTA_DEBUG=1 for the traceback)"
         _say(f"internal error: {type(exc).__name__}: {exc}{hint}")
-        return EXIT_INTERNAL
+        return ExitCode.INTERNAL
 
 
 if __name__ == "__main__":

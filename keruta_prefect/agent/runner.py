@@ -15,7 +15,7 @@ The API *refusing* lines is not the API being *unreachable*:
 While the API is unreachable the lines wait in memory, up to MEMORY_BYTES; past that, or once the API has
 been away longer than the retry budget, they wait on disk in ``<work-dir>/.keruta/unsent-logs.jsonl`` and
 are taken back from there, in order, when the API answers again. If it never comes back within the retry
-budget, the unsent lines are left in that file and the agent exits EXIT_API_UNREACHABLE.
+budget, the unsent lines are left in that file and the agent exits ExitCode.API_UNREACHABLE.
 """
 
 from __future__ import annotations
@@ -37,15 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from keruta_prefect.agent.contract import (
-    EXIT_API_UNREACHABLE,
-    EXIT_CONFIG,
-    EXIT_INTERNAL,
-    EXIT_OK,
-    EXIT_TASK_FAILED,
-    EXIT_TERMINATED,
-)
 from keruta_prefect.client import ApiError, ApiRejected, KerutaClient, encode_json
+from keruta_prefect.contract import (
+    COLLECTED_MARKER,
+    PARAM_PREFIX,
+    READY_LINE,
+    SPOOL_FILE,
+    Env,
+    ExitCode,
+    Reason,
+    script_exit_reason,
+    script_killed_reason,
+)
 
 log = logging.getLogger("keruta.agent")
 
@@ -506,7 +509,7 @@ def _pump(stream: IO[bytes], shipper: LogShipper, echo: bool) -> None:
                 except (OSError, ValueError):  # stdout closed: the lines still go to the API
                     echo = False
     except Exception as exc:  # the agent's own bug: say so in one line, then drain the pipe
-        shipper.failure = shipper.failure or exc  # the exit code will say so (EXIT_INTERNAL)
+        shipper.failure = shipper.failure or exc  # the exit code will say so (ExitCode.INTERNAL)
         log.error("internal error while reading the script's output: %s: %s", type(exc).__name__, exc,
                   exc_info=shipper.debug)
         while stream.read(1 << 16):
@@ -521,19 +524,19 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             log.error("%s %s: %s", name, directory, exc.strerror or exc)
-            return EXIT_CONFIG
+            return ExitCode.CONFIG
     try:
         client.set_status(task_id, "IN_PROGRESS", message="keruta-agent started")
         task = client.get_task(task_id)
         script = client.get_script(task_id)
     except ApiRejected as exc:
         log.error("%s", exc)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     except ApiError as exc:
         log.error("%s", exc)
-        return EXIT_API_UNREACHABLE
+        return ExitCode.API_UNREACHABLE
 
-    spool = config.work_dir / ".keruta" / "unsent-logs.jsonl"
+    spool = config.work_dir / SPOOL_FILE
     shipper = LogShipper(client, task_id, spool, debug=config.debug, retry_seconds=config.retry_seconds)
     terminated = threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -546,7 +549,7 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
     except OSError as exc:
         message = f"cannot write the script to {path}: {exc.strerror or exc}"
         shipper.emit("ERROR", message)
-        status, error_code = "FAILED", "SCRIPT_NOT_RUNNABLE"
+        status, error_code = "FAILED", Reason.SCRIPT_NOT_RUNNABLE.value
     else:
         env = _script_env(config, script)
         timeout = config.timeout or task.get("timeoutSeconds") or None
@@ -557,18 +560,18 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
     spooled = shipper.close(config.retry_seconds)
     if shipper.lost:  # the API away, the spool unwritable and memory full at once: said, not hidden
         log.error("%d log lines lost: neither sent nor written to %s", shipper.lost, spool)
-    exit_code = {"COMPLETED": EXIT_OK, "FAILED": EXIT_TASK_FAILED, "TERMINATED": EXIT_TERMINATED}[status]
+    exit_code = {"COMPLETED": ExitCode.OK, "FAILED": ExitCode.TASK_FAILED, "TERMINATED": ExitCode.TERMINATED}[status]
     if shipper.refused is not None:
         # Refused for good (wrong token, task gone…): a configuration error, not an unreachable API.
         log.error("%d log lines not stored (the keruta API refused them); kept in %s", spooled, spool)
-        exit_code = EXIT_CONFIG
+        exit_code = ExitCode.CONFIG
     elif shipper.failure is not None:
         if spooled:
             log.error("%d log lines not sent (internal error); kept in %s", spooled, spool)
-        exit_code = EXIT_INTERNAL
+        exit_code = ExitCode.INTERNAL
     elif spooled:
         log.error("%d log lines could not be sent; kept in %s", spooled, spool)
-        exit_code = EXIT_API_UNREACHABLE
+        exit_code = ExitCode.API_UNREACHABLE
     if status == "TERMINATED":
         # SIGTERM comes from a cancel, an eviction, a node drain or a deleted Job: the agent cannot tell
         # which, so it reports no final status; whoever stopped it (the flow) knows and decides. (A
@@ -583,10 +586,10 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
         else:
             if not _same_refusal(exc, shipper.refused):  # each refusal is said once
                 log.error("%s", exc)
-            return EXIT_CONFIG
+            return ExitCode.CONFIG
     except ApiError as exc:
         log.error("%s", exc)
-        return EXIT_API_UNREACHABLE
+        return ExitCode.API_UNREACHABLE
     hold_for_collection(config, terminated)
     return exit_code
 
@@ -598,11 +601,11 @@ def _same_refusal(exc: ApiRejected, earlier: ApiRejected | None) -> bool:
 def _script_env(config: AgentConfig, script: dict[str, Any]) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "KERUTA_TASK_ID": config.task_id,
-        "KERUTA_API_URL": config.api_url,
-        "KERUTA_API_TOKEN": config.token,
-        "KERUTA_WORK_DIR": str(config.work_dir),
-        "KERUTA_ARTIFACTS_DIR": str(config.artifacts_dir),
+        Env.TASK_ID: config.task_id,
+        Env.API_URL: config.api_url,
+        Env.API_TOKEN: config.token,
+        Env.WORK_DIR: str(config.work_dir),
+        Env.ARTIFACTS_DIR: str(config.artifacts_dir),
     })
     # Scripts call the agent's helpers (`keruta-agent progress 50`): make sure this agent is on PATH.
     bin_dir = Path(sys.executable).parent
@@ -611,7 +614,7 @@ def _script_env(config: AgentConfig, script: dict[str, Any]) -> dict[str, str]:
     parameters = script.get("parameters")
     for key, value in (parameters.items() if isinstance(parameters, dict) else ()):
         if isinstance(key, str) and key.isidentifier():
-            env[f"KERUTA_PARAM_{key.upper()}"] = str(value)
+            env[f"{PARAM_PREFIX}{key.upper()}"] = str(value)
     return env
 
 
@@ -643,8 +646,6 @@ def upload_artifacts(config: AgentConfig, client: KerutaClient, shipper: LogShip
             return
 
 
-COLLECTED_MARKER = ".collected"
-READY_LINE = "artifacts ready"
 
 
 def hold_for_collection(config: AgentConfig, terminated: threading.Event) -> None:
@@ -675,7 +676,7 @@ def _execute(path: Path, config: AgentConfig, env: dict[str, str], shipper: LogS
         )
     except OSError as exc:
         shipper.emit("ERROR", f"cannot execute {path.name}: {exc.strerror}")
-        return "FAILED", "SCRIPT_NOT_RUNNABLE", f"cannot execute {path.name}: {exc.strerror}"
+        return "FAILED", Reason.SCRIPT_NOT_RUNNABLE.value, f"cannot execute {path.name}: {exc.strerror}"
     assert proc.stdout is not None and proc.stderr is not None
     readers = [threading.Thread(target=_pump, args=(stream, shipper, echo), daemon=True)
                for stream in (proc.stdout, proc.stderr)]
@@ -708,18 +709,18 @@ def _execute(path: Path, config: AgentConfig, env: dict[str, str], shipper: LogS
     elapsed = time.monotonic() - started
     if terminated.is_set():
         shipper.emit("ERROR", "keruta-agent received SIGTERM; the script was stopped")
-        return "TERMINATED", "TERMINATED", "the agent was terminated (SIGTERM) and stopped the script"
+        return "TERMINATED", Reason.TERMINATED.value, "the agent was terminated (SIGTERM) and stopped the script"
     if timed_out:
         message = f"script timed out after {timeout:g}s and was stopped"
         shipper.emit("ERROR", message)
-        return "FAILED", "TIMEOUT", message
+        return "FAILED", Reason.TIMEOUT.value, message
     if code == 0:
         return "COMPLETED", None, f"script exited with code 0 after {elapsed:.1f}s"
     if code < 0:
         name = signal.Signals(-code).name
-        error_code, message = f"SCRIPT_KILLED_{name}", f"script was killed by {name}"
+        error_code, message = script_killed_reason(name), f"script was killed by {name}"
     else:
-        error_code, message = f"SCRIPT_EXIT_{code}", f"script exited with code {code}"
+        error_code, message = script_exit_reason(code), f"script exited with code {code}"
     shipper.emit("ERROR", message)  # the script's own lines are all INFO: the failure is said here
     return "FAILED", error_code, message
 

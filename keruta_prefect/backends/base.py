@@ -7,31 +7,25 @@ watch): the flow's Prefect tasks retry exactly those. Everything about how the *
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
 from pydantic import BaseModel
 
 from keruta_prefect.artifacts import CollectResult
-from keruta_prefect.models import Task, TaskStatus
+from keruta_prefect.errors import PermanentError, TransientError
+from keruta_prefect.models import RunContext, Task
+from keruta_prefect.outcomes import AgentReport, Outcome
+from keruta_prefect.store import Store
 
 
-class TransientBackendError(RuntimeError):
+class TransientBackendError(TransientError, RuntimeError):
     """Worth another try of the same step (Prefect retries it with backoff)."""
 
 
-class BackendError(RuntimeError):
+class BackendError(PermanentError, RuntimeError):
     """A permanent problem with the backend's configuration or the cluster; one line for a person."""
-
-
-class RunContext(BaseModel):
-    """Who is running this attempt: carried into labels, records and the agent's environment."""
-
-    flow_run_id: str | None = None
-    attempt: int = 1
-    root_task_id: str | None = None  # the root of the task's tree (tasks of a tree share a volume)
-    has_children: bool = False  # the task is a parent: its volume outlives it for its children
 
 
 class RunHandle(BaseModel):
@@ -45,16 +39,6 @@ class RunHandle(BaseModel):
     namespace: str | None = None
     uid: str | None = None
     pid: int | None = None
-
-
-class Outcome(BaseModel):
-    """How an attempt ended. ``retryable`` marks system failures worth a new attempt."""
-
-    status: TaskStatus
-    exit_code: int | None = None
-    reason: str | None = None  # short machine-readable cause: SCRIPT_EXIT_3, TIMEOUT, OOMKilled…
-    message: str = ""  # what a person should know or do
-    retryable: bool = False
 
 
 LogSink = Callable[[str, str], None]  # (level, message)
@@ -78,3 +62,27 @@ class Backend(Protocol):
     def can_reattach(self, handle: RunHandle) -> bool:
         """Can this process follow an unfinished attempt that ``exists`` (its agent can still report)?"""
         ...
+
+    def attempts_of_flow_run(self, flow_run_id: str, namespaces: Iterable[str]) -> list[RunHandle]:
+        """Attempts a flow run started that are still there, found in the backend itself (not in the run
+        records: an attempt started just before a crash may never have been recorded)."""
+        ...
+
+    def release_volume(self, task: Task, root_task_id: str) -> str | None:
+        """Delete the volume the task tree rooted at ``root_task_id`` shares (the flow calls this when the
+        tree is done); the volume's name, or None when this backend keeps none."""
+        ...
+
+
+def agent_report(store: Store, task_id: str) -> AgentReport | None:
+    """What the agent reported for the task (its stored status, errorCode and message); None if the
+    task is not in the store."""
+    try:
+        task = store.get_task(task_id)
+    except LookupError:
+        return None
+    return AgentReport(status=task.status, error_code=task.error_code, message=task.message)
+
+
+__all__ = ["Backend", "BackendError", "LogSink", "Outcome", "RunContext", "RunHandle", "TransientBackendError",
+           "agent_report"]

@@ -14,14 +14,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from keruta_prefect.agent import contract as agent_exit
+from keruta_prefect import contract
 from keruta_prefect.api import ApiServer, create_app
 from keruta_prefect.artifacts import CollectResult, attempt_dir, collect_with_tar
-from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle
+from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle, agent_report
 from keruta_prefect.manifest import task_env
-from keruta_prefect.models import Task, TaskStatus
+from keruta_prefect.models import Task
+from keruta_prefect.outcomes import AgentExit, outcome_of
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import LogLine, Store
 
@@ -58,20 +60,20 @@ class LocalBackend:
     def launch(self, task: Task, ctx: RunContext) -> RunHandle:
         server, token = embedded_api(self.store, self.settings)
         work_dir = self._work_dir(task.id, ctx.attempt)
-        (work_dir / ".keruta").mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KERUTA_")}
+        (work_dir / contract.AGENT_DIR).mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(contract.ENV_PREFIX)}
         env.update(task_env(task, self.settings))
-        env.update({"KERUTA_API_URL": server.url, "KERUTA_API_TOKEN": token})
+        env.update({contract.Env.API_URL: server.url, contract.Env.API_TOKEN: token})
         env.update(task.additional_env)
         command = [
             sys.executable, "-m", "keruta_prefect.agent", "run",
             "--task-id", task.id, "--api-url", server.url,
             "--work-dir", str(work_dir),
-            "--artifacts-dir", str(work_dir / ".keruta" / "artifacts"),
+            "--artifacts-dir", str(self._artifacts_dir(work_dir)),
             "--timeout", str(task.timeout(self.settings.task_default_timeout)),
             "--grace", str(self.grace_seconds),
         ]
-        agent_log = (work_dir / ".keruta" / "agent.log").open("ab")
+        agent_log = (work_dir / contract.AGENT_LOG).open("ab")
         try:
             proc = subprocess.Popen(command, env=env, cwd=work_dir, stdin=subprocess.DEVNULL,
                                     stdout=agent_log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -80,6 +82,10 @@ class LocalBackend:
         _procs[f"{task.id}/{ctx.attempt}"] = (proc, server.url)
         return RunHandle(backend=self.name, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
                          name=work_dir.name, pid=proc.pid)
+
+    @staticmethod
+    def _artifacts_dir(work_dir: Path) -> Path:
+        return work_dir / contract.AGENT_DIR / "artifacts"
 
     def _work_dir(self, task_id: str, attempt: int) -> Path:
         """Derived from the task and attempt, so a flow that comes back to an attempt finds it again."""
@@ -118,41 +124,15 @@ class LocalBackend:
                 on_log(row.level, row.message)
 
     def _outcome(self, handle: RunHandle, code: int) -> Outcome:
-        task = self.store.get_task(handle.task_id)
-        agent_said = _last_line(self._work_dir(handle.task_id, handle.attempt) / ".keruta" / "agent.log")
-        if code == UNKNOWN_EXIT:
-            # Only what the agent reported is known: a final status stands, anything else was lost.
-            if task.status.terminal:
-                return Outcome(status=task.status, reason=task.error_code, message=task.message or "")
-            return Outcome(status=TaskStatus.FAILED, reason="AGENT_LOST", retryable=True,
-                           message="keruta-agent ended without reporting a final status")
-        if code == agent_exit.EXIT_OK:
-            return Outcome(status=TaskStatus.COMPLETED, exit_code=0, message=task.message or "completed")
-        if code == agent_exit.EXIT_TASK_FAILED:
-            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=task.error_code or agent_exit.SCRIPT_FAILED,
-                           message=task.message or "the script failed")
-        if code == agent_exit.EXIT_CONFIG:
-            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=agent_exit.AGENT_CONFIG_ERROR,
-                           message=agent_said or "keruta-agent reported a configuration error")
-        if code == agent_exit.EXIT_API_UNREACHABLE:
-            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=agent_exit.API_UNREACHABLE, retryable=True,
-                           message=agent_said or "keruta-agent could not reach the keruta API")
-        if code in (agent_exit.EXIT_TERMINATED, -signal.SIGTERM):
-            return Outcome(status=TaskStatus.CANCELLED, exit_code=code, reason=agent_exit.TERMINATED,
-                           message="the agent was terminated")
-        if code < 0:
-            name = signal.Signals(-code).name
-            return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=f"{agent_exit.AGENT_KILLED}_{name}",
-                           retryable=True,
-                           message=f"keruta-agent was killed by {name}")
-        return Outcome(status=TaskStatus.FAILED, exit_code=code, reason=agent_exit.AGENT_ERROR,
-                       message=agent_said or f"keruta-agent exited with code {code}")
+        agent_log = self._work_dir(handle.task_id, handle.attempt) / contract.AGENT_LOG
+        facts = exit_facts(code, _last_line(agent_log))
+        return outcome_of(facts, agent_report(self.store, handle.task_id))
 
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult:
         """The work directory's artifacts, through the very path a Pod's take: a tar stream into the safe
         extractor (caps, checksums, hostile-entry rejection); files tar could not read are named, and a
         failing tar is recorded (see artifacts.collect_with_tar)."""
-        source = self._work_dir(handle.task_id, handle.attempt) / ".keruta" / "artifacts"
+        source = self._artifacts_dir(self._work_dir(handle.task_id, handle.attempt))
         if not source.is_dir():
             return CollectResult()
         return collect_with_tar(source, dest, max_file_size=self.settings.artifacts_max_file_size,
@@ -207,6 +187,17 @@ class LocalBackend:
         return None
 
 
+    def attempts_of_flow_run(self, flow_run_id: str, namespaces: Iterable[str]) -> list[RunHandle]:
+        """None beyond the run records (written right after launch): a local agent reports to the embedded
+        API of the process that launched it, so one whose flow process died before recording it has lost
+        its API and ends when its retry budget runs out."""
+        return []
+
+    def release_volume(self, task: Task, root_task_id: str) -> str | None:
+        """Local attempts share no volume: a task tree's work directories stay with their attempts."""
+        return None
+
+
 def session_processes(session_id: int) -> list[int]:
     """Live (non-zombie) processes of a session, from /proc; on systems without /proc, the group."""
     proc_root = Path("/proc")
@@ -232,6 +223,14 @@ def session_processes(session_id: int) -> list[int]:
 
 
 UNKNOWN_EXIT = 1000  # the agent was not our child (another process launched it): no exit status
+
+
+def exit_facts(returncode: int, agent_said: str | None) -> AgentExit:
+    """What the local backend saw of an agent's end: its return code (negative: killed by that signal;
+    UNKNOWN_EXIT: not our child, so not seen) and the last line of its own log."""
+    if returncode == UNKNOWN_EXIT:
+        return AgentExit(code=None, detail=agent_said)
+    return AgentExit(code=contract.exit_code_of_returncode(returncode), detail=agent_said)
 
 
 def _pid_exit(pid: int | None) -> int | None:

@@ -23,10 +23,17 @@ import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
-from keruta_prefect.agent import contract
-from keruta_prefect.agent.runner import COLLECTED_MARKER, READY_LINE
+from keruta_prefect import contract
 from keruta_prefect.artifacts import ArchiveRejected, CollectResult
-from keruta_prefect.backends.base import BackendError, LogSink, Outcome, RunContext, RunHandle, TransientBackendError
+from keruta_prefect.backends.base import (
+    BackendError,
+    LogSink,
+    Outcome,
+    RunContext,
+    RunHandle,
+    TransientBackendError,
+    agent_report,
+)
 from keruta_prefect.backends.kubernetes.client import api_client, api_detail
 from keruta_prefect.backends.kubernetes.diagnose import diagnose, waiting_keys
 from keruta_prefect.backends.kubernetes.exec import ArtifactsLost, ContainerGone, collect_directory, release
@@ -38,13 +45,14 @@ from keruta_prefect.manifest import (
     LABEL_FLOW_RUN,
     LABEL_TASK,
     SELECTOR,
-    JobContext,
     build_job,
     build_pvc,
     label_value,
     namespace_of,
+    pvc_name,
 )
 from keruta_prefect.models import Task, TaskStatus
+from keruta_prefect.outcomes import AgentExit, outcome_of
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import LogLine, Store
 
@@ -90,13 +98,11 @@ class KubernetesBackend:
 
     # --- launch ------------------------------------------------------------------------------------
     def launch(self, task: Task, ctx: RunContext) -> RunHandle:
-        jctx = JobContext(attempt=ctx.attempt, flow_run_id=ctx.flow_run_id, root_task_id=ctx.root_task_id,
-                          has_children=ctx.has_children)
         namespace = namespace_of(task, self.settings)
-        pvc = build_pvc(task, self.settings, jctx)
+        pvc = build_pvc(task, self.settings, ctx)
         if pvc is not None:
             self._ensure_pvc(namespace, pvc)
-        job = build_job(task, self.settings, jctx)
+        job = build_job(task, self.settings, ctx)
         name = job["metadata"]["name"]
         try:
             response = self.batch.create_namespaced_job(namespace, job, **PLAIN)
@@ -136,7 +142,9 @@ class KubernetesBackend:
         except TRANSPORT as exc:
             raise unreachable(exc, f"create PersistentVolumeClaim {name} in namespace {namespace}") from None
 
-    def delete_volume(self, namespace: str, name: str) -> None:
+    def release_volume(self, task: Task, root_task_id: str) -> str | None:
+        """Delete the PersistentVolumeClaim the task tree shares (absent already is fine); its name."""
+        namespace, name = namespace_of(task, self.settings), pvc_name(root_task_id)
         try:
             self.core.delete_namespaced_persistent_volume_claim(name, namespace, **PLAIN)
         except ApiException as exc:
@@ -144,6 +152,7 @@ class KubernetesBackend:
                 raise api_error(exc, f"delete PersistentVolumeClaim {name}") from None
         except TRANSPORT as exc:
             raise unreachable(exc, f"delete PersistentVolumeClaim {name}") from None
+        return name
 
     # --- wait --------------------------------------------------------------------------------------
     def wait(self, handle: RunHandle, on_log: LogSink | None = None) -> Outcome:
@@ -236,7 +245,9 @@ class KubernetesBackend:
                 if verdict.outcome is not None:
                     self._let_go(handle, followers, pods)
                     handed_off = True
-                    return self._with_task_report(handle, verdict.outcome)
+                    if verdict.exit is not None:  # the agent ended: its exit facts and its own report decide
+                        return outcome_of(verdict.exit, agent_report(self.store, handle.task_id))
+                    return verdict.outcome
         finally:
             subscription.close()
             if not handed_off:
@@ -251,7 +262,7 @@ class KubernetesBackend:
             task = self.store.get_task(handle.task_id)
         except LookupError:
             task = Task(id=handle.task_id or "unknown")
-        deadline = build_job(task, self.settings, JobContext(attempt=handle.attempt))["spec"]["activeDeadlineSeconds"]
+        deadline = build_job(task, self.settings, RunContext(attempt=handle.attempt))["spec"]["activeDeadlineSeconds"]
         return float(deadline) + self.tuning.deadline_margin
 
     def _past_limit(self, handle: RunHandle, pods: list[dict[str, Any]], limit: float) -> Outcome:
@@ -274,7 +285,7 @@ class KubernetesBackend:
             message = f"no end of Job {handle.name} was seen within {limit:.0f}s; deleting it failed: " \
                       f"{unreachable(exc, 'delete Job')}"
         log.warning("%s", message)
-        return Outcome(status=TaskStatus.FAILED, reason="WAIT_DEADLINE", message=message)
+        return Outcome(status=TaskStatus.FAILED, reason=contract.Reason.WAIT_DEADLINE, message=message)
 
     def _let_go(self, handle: RunHandle, followers: dict[str, LogFollower], pods: list[dict[str, Any]]) -> None:
         """The outcome is known. Followers of ended containers deliver the rest of the log first (briefly);
@@ -310,11 +321,8 @@ class KubernetesBackend:
             return False
 
     def _reported_outcome(self, handle: RunHandle) -> Outcome:
-        task = self.store.get_task(handle.task_id)
-        if task.status == "COMPLETED":
-            return Outcome(status=task.status, exit_code=contract.EXIT_OK, message=task.message or "the task completed")
-        failed = Outcome(status=task.status, exit_code=contract.EXIT_TASK_FAILED, reason=contract.SCRIPT_FAILED)
-        return self._with_task_report(handle, failed)
+        """The agent holds its container (its exit status cannot be seen yet): its report decides."""
+        return outcome_of(AgentExit(code=None), agent_report(self.store, handle.task_id))
 
     def _follow(self, handle: RunHandle, pod: str, wake: Callable[[], None], on_log: LogSink | None,
                 holding: set[str]) -> LogFollower:
@@ -329,7 +337,7 @@ class KubernetesBackend:
             return end.settled()
 
         def on_line(seq: int, stamp: str, text: str) -> None:
-            if text.startswith(f"keruta-agent INFO {READY_LINE}"):
+            if text.startswith(contract.READY_LOG_LINE):
                 holding.add(pod)
                 wake()  # the waiter decides now, not at its next timeout
             level = line_level(text)
@@ -359,17 +367,6 @@ class KubernetesBackend:
 
         return LogFollower(self.api, namespace, pod, on_line, finished, read_timeout=self.tuning.read_timeout,
                            on_end=on_end).start()
-
-    def _with_task_report(self, handle: RunHandle, outcome: Outcome) -> Outcome:
-        """A failed script: the agent reported why (errorCode, message) to the API; use its words."""
-        if outcome.reason == contract.SCRIPT_FAILED:
-            try:
-                task = self.store.get_task(handle.task_id)
-            except LookupError:
-                return outcome
-            return outcome.model_copy(update={"reason": task.error_code or outcome.reason,
-                                              "message": task.message or outcome.message})
-        return outcome
 
     # --- artifacts -------------------------------------------------------------------------------------
     def collect(self, handle: RunHandle, dest: Path) -> CollectResult:
@@ -412,7 +409,7 @@ class KubernetesBackend:
 
     def _release(self, handle: RunHandle, pod: str) -> None:
         """Let the holding agent go (it exits and the Job completes); a failure is logged, never raised."""
-        marker = f"{self.settings.artifacts_dir}/{COLLECTED_MARKER}"
+        marker = f"{self.settings.artifacts_dir}/{contract.COLLECTED_MARKER}"
         problem = release(self.api, handle.namespace or "", pod, marker, self.tuning.exec_read_timeout)
         if problem is not None:
             log.warning("the agent of Pod %s was not released (%s); it exits when its hold timeout passes",
@@ -469,7 +466,7 @@ class KubernetesBackend:
         finally:
             subscription.close()
 
-    def jobs_of_flow_run(self, flow_run_id: str, namespaces: Iterable[str | None]) -> list[RunHandle]:
+    def attempts_of_flow_run(self, flow_run_id: str, namespaces: Iterable[str]) -> list[RunHandle]:
         """The unfinished agent Jobs a flow run created, found by label (no in-memory handle needed), in
         the default namespace and each of ``namespaces``. A namespace that does not exist is skipped; one
         that cannot be listed (forbidden, an API error) is skipped with a warning, so the others still count.

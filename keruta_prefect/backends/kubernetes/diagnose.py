@@ -9,33 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from keruta_prefect.agent import contract
+from keruta_prefect.contract import ExitCode, Reason
 from keruta_prefect.models import TaskStatus
-
-from ..base import Outcome
+from keruta_prefect.outcomes import AgentExit, Outcome, outcome_of
 
 PULL_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "RegistryUnavailable"}
 CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
-# keruta-agent's exit codes (keruta_prefect.agent.contract)
-AGENT_EXIT = {
-    contract.EXIT_OK: (TaskStatus.COMPLETED, None, False, "the task completed"),
-    contract.EXIT_TASK_FAILED: (TaskStatus.FAILED, contract.SCRIPT_FAILED, False, "the task's script failed"),
-    contract.EXIT_CONFIG: (TaskStatus.FAILED, contract.AGENT_CONFIG_ERROR, False,
-        "keruta-agent could not start the task (configuration error: token, task id or API URL); see its log"),
-    contract.EXIT_API_UNREACHABLE: (TaskStatus.FAILED, contract.API_UNREACHABLE, True,
-        "keruta-agent could not reach the keruta API (check keruta.kubernetes.api-url, the Service and the "
-        "NetworkPolicy)"),
-    contract.EXIT_INTERNAL: (TaskStatus.FAILED, contract.AGENT_ERROR, False,
-                             "keruta-agent hit an internal error; see its log"),
-    contract.EXIT_TERMINATED: (TaskStatus.CANCELLED, contract.TERMINATED, False,
-                               "the agent was terminated (its Pod was deleted)"),
-}
-
-
 @dataclass
 class Verdict:
     outcome: Outcome | None = None
+    exit: AgentExit | None = None  # the agent ended: the facts (the backend adds the agent's own report)
     notes: list[str] = field(default_factory=list)  # worth telling the user once each
     started: list[str] = field(default_factory=list)  # pods whose main container has started (follow logs)
     need_job: bool = False  # the Pods cannot tell: read the Job
@@ -62,16 +46,17 @@ def disrupted(pod: dict[str, Any]) -> bool:
         c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
-def exit_outcome(code: int, terminated: dict[str, Any], pod_name: str, memory_limit: str | None) -> Outcome:
-    if terminated.get("reason") == "OOMKilled":
-        limit = f" (limit {memory_limit})" if memory_limit else ""
-        return Outcome(status=TaskStatus.FAILED, exit_code=code, reason="OOMKilled",
-                       message=f"the agent container ran out of memory{limit} and was killed; raise the task's "
-                               "resources.memoryLimit or keruta.kubernetes.default-memory-limit")
-    status, reason, retryable, message = AGENT_EXIT.get(
-        code, (TaskStatus.FAILED, contract.AGENT_KILLED if code > 128 else contract.AGENT_ERROR, code > 128,
-               f"keruta-agent ended with exit code {code}" + (" (killed by a signal)" if code > 128 else "")))
-    return Outcome(status=status, exit_code=code, reason=reason, retryable=retryable, message=message)
+def agent_exit(terminated: dict[str, Any], memory_limit: str | None, note: str | None = None,
+               default_code: int = 0) -> AgentExit:
+    """The facts of a terminated agent container (its state.terminated)."""
+    return AgentExit(code=int(terminated.get("exitCode", default_code)),
+                     oom_killed=terminated.get("reason") == Reason.OOM_KILLED, memory_limit=memory_limit, note=note)
+
+
+def _ended(verdict: Verdict, facts: AgentExit) -> Verdict:
+    verdict.exit = facts
+    verdict.outcome = outcome_of(facts, None)  # the facts alone; the backend adds the agent's report
+    return verdict
 
 
 def diagnose(pods: list[dict[str, Any]], job: dict[str, Any] | None, *, waited: dict[str, float],
@@ -80,11 +65,13 @@ def diagnose(pods: list[dict[str, Any]], job: dict[str, Any] | None, *, waited: 
     waiting reason has been seen (``waited``: "pod/container/reason" → seconds)."""
     verdict = Verdict()
     if job_known_missing:
-        verdict.outcome = Outcome(status=TaskStatus.FAILED, reason="JOB_DELETED",
+        verdict.outcome = Outcome(status=TaskStatus.FAILED, reason=Reason.JOB_DELETED,
                                   message="the Job was deleted by someone else before the task finished")
         return verdict
     if job is not None:
         from_job = _job_outcome(job, pods)
+        if isinstance(from_job, AgentExit):
+            return _ended(verdict, from_job)
         if from_job is not None:
             verdict.outcome = from_job
             return verdict
@@ -106,13 +93,12 @@ def diagnose(pods: list[dict[str, Any]], job: dict[str, Any] | None, *, waited: 
             terminated = main["terminated"]
             limit = next(((c.get("resources") or {}).get("limits", {}).get("memory")
                           for c in pod.get("spec", {}).get("containers", []) if c.get("name") == "main"), None)
-            verdict.outcome = exit_outcome(int(terminated.get("exitCode", 0)), terminated, name, limit)
-            return verdict
+            return _ended(verdict, agent_exit(terminated, limit))
         for status in _statuses(pod, init=True):
             terminated = (status.get("state") or {}).get("terminated")
             if terminated and int(terminated.get("exitCode", 0)) != 0:
                 verdict.outcome = Outcome(
-                    status=TaskStatus.FAILED, exit_code=int(terminated["exitCode"]), reason="INIT_FAILED",
+                    status=TaskStatus.FAILED, exit_code=int(terminated["exitCode"]), reason=Reason.INIT_FAILED,
                     message=f"init container {status['name']} failed with exit code {terminated['exitCode']} "
                             "(the repository could not be prepared); see the Pod's log of that container")
                 return verdict
@@ -127,7 +113,7 @@ def diagnose(pods: list[dict[str, Any]], job: dict[str, Any] | None, *, waited: 
             message = scheduled.get("message") or "no node fits"
             if waited.get(key, 0) >= unschedulable_grace:
                 verdict.outcome = Outcome(
-                    status=TaskStatus.FAILED, reason="Unschedulable",
+                    status=TaskStatus.FAILED, reason=Reason.UNSCHEDULABLE,
                     message=f"no node can run the agent Pod: {message}; lower the task's resources or add capacity")
                 return verdict
             verdict.notes.append(f"Pod {name} is not scheduled yet: {message}")
@@ -153,7 +139,7 @@ def _waiting(pod: dict[str, Any], waited: dict[str, float], grace: float, verdic
                 verdict.notes.append(f"Pod {name}: {reason} for image {image}: {message}")
                 if waited.get(f"{name}/{container}/{reason}", 0) >= grace or any(
                         waited.get(f"{name}/{container}/{r}", 0) >= grace for r in PULL_ERRORS):
-                    return Outcome(status=TaskStatus.FAILED, reason="ImagePullBackOff",
+                    return Outcome(status=TaskStatus.FAILED, reason=Reason.IMAGE_PULL_BACK_OFF,
                                    message=f"image {image} cannot be pulled ({reason}: {message}); check the image "
                                            "name and tag, and keruta.kubernetes.image-pull-secrets for private "
                                            "registries")
@@ -185,28 +171,25 @@ def waiting_keys(pods: list[dict[str, Any]]) -> set[str]:
     return keys
 
 
-def _job_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome | None:
+def _job_outcome(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome | AgentExit | None:
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("status") != "True":
             continue
         kind, reason = condition.get("type"), condition.get("reason") or ""
         if kind in ("Complete", "SuccessCriteriaMet"):
-            return Outcome(status=TaskStatus.COMPLETED, exit_code=0, message="the task completed")
+            return AgentExit(code=ExitCode.OK)
         if kind in ("Failed", "FailureTarget"):
             if reason == "DeadlineExceeded":
                 deadline = job.get("spec", {}).get("activeDeadlineSeconds")
-                return Outcome(status=TaskStatus.FAILED, reason="DeadlineExceeded",
+                return Outcome(status=TaskStatus.FAILED, reason=Reason.DEADLINE_EXCEEDED,
                                message=f"the Job ran longer than its deadline ({deadline}s); raise the task's "
                                        "timeoutSeconds")
             if reason == "PodFailurePolicy":
-                return Outcome(status=TaskStatus.FAILED, exit_code=contract.EXIT_CONFIG,
-                               reason=contract.AGENT_CONFIG_ERROR,
-                               message=f"{AGENT_EXIT[2][3]} ({condition.get('message', '')})")
+                return AgentExit(code=ExitCode.CONFIG, note=condition.get("message", ""))
             last = sorted(pods, key=_created)[-1] if pods else None
             terminated = _main_state(last).get("terminated") if last else None
             if terminated:
-                outcome = exit_outcome(int(terminated.get("exitCode", 1)), terminated, last["metadata"]["name"], None)
-                return outcome.model_copy(update={"message": f"{outcome.message} ({reason})"})
-            return Outcome(status=TaskStatus.FAILED, reason=reason or "JobFailed",
+                return agent_exit(terminated, None, note=reason, default_code=ExitCode.TASK_FAILED)
+            return Outcome(status=TaskStatus.FAILED, reason=reason or Reason.JOB_FAILED,
                            message=condition.get("message") or "the Job failed")
     return None

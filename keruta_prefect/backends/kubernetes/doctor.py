@@ -17,8 +17,8 @@ from kubernetes.client.exceptions import ApiException
 
 from keruta_prefect.backends.base import BackendError
 from keruta_prefect.backends.kubernetes.client import api_client, api_detail
-from keruta_prefect.manifest import JobContext, build_job
-from keruta_prefect.models import Task
+from keruta_prefect.manifest import build_job
+from keruta_prefect.models import RunContext, Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.validation import IMAGE_REF
 
@@ -76,7 +76,7 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
         return checks
 
     batch = kubernetes.client.BatchV1Api(api)
-    sample = build_job(Task(id="keruta-doctor", title="doctor"), settings, JobContext())
+    sample = build_job(Task(id="keruta-doctor", title="doctor"), settings, RunContext())
     try:
         batch.create_namespaced_job(namespace, sample, dry_run="All", _preload_content=False)
         add(Check(True, f"namespace {namespace} exists and accepts agent Jobs (server-side dry run)"))

@@ -22,11 +22,12 @@ from websocket import ABNF, WebSocketConnectionClosedException, WebSocketExcepti
 
 from keruta_prefect.artifacts import ArchiveRejected, CollectResult, extract_tar_stream
 from keruta_prefect.backends.kubernetes.client import exec_client
+from keruta_prefect.errors import PermanentError
 
 STDOUT, STDERR, ERROR = 1, 2, 3
 
 
-class ArtifactsLost(RuntimeError):
+class ArtifactsLost(PermanentError, RuntimeError):
     """The files could not be collected; ``str()`` is the reason, for "artifacts lost: <reason>"."""
 
 

@@ -1,0 +1,95 @@
+"""The run summary of a keruta task: the result as recorded, the markdown summary and files table on the
+flow run, and the `keruta.task.*` event."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+
+from keruta_prefect.models import ArtifactInfo, Task, TaskResult
+from keruta_prefect.store import Store
+
+TAIL_LINES = 20  # lines of the task's log in the summary
+CELL_CHARS = 300  # longest text in one cell of the summary table
+
+
+def recorded_result(store: Store, task_id: str) -> TaskResult:
+    """The TaskResult of a task's last recorded run."""
+    task = store.get_task(task_id)
+    runs = store.runs(task_id)
+    run = runs[-1] if runs else None
+    files = [ArtifactInfo(path=a.path, size=a.size, sha256=a.sha256, location=a.location)
+             for a in store.artifacts(task_id) if run is None or a.run_id == run.id]
+    return TaskResult(
+        task_id=task_id, status=task.status, attempt=run.attempt if run else 0,
+        backend=run.backend if run else "none", exit_code=run.exit_code if run else None,
+        reason=run.reason if run else task.error_code, message=run.message if run else task.message,
+        job_name=run.job_name if run else None, namespace=run.namespace if run else None,
+        started_at=_utc(run.started_at) if run else None, finished_at=_utc(run.finished_at) if run else None,
+        log_lines=store.count_logs(task_id), artifacts=files, artifacts_note=run.artifacts_note if run else None,
+    )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def artifact_key(task_id: str) -> str:
+    return ("keruta-" + re.sub(r"[^a-z0-9-]+", "-", task_id.lower())).strip("-")[:100]
+
+
+def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
+    """A markdown summary and the artifact table on the flow run; a `keruta.task.*` event."""
+    tail = [row.message for row in store.last_logs(task.id, TAIL_LINES)]
+    duration = f"{result.duration_seconds:.1f}s" if result.duration_seconds is not None else "-"
+    where = f"Job `{result.namespace}/{result.job_name}`" if result.namespace else f"`{result.job_name}`"
+    lines = [
+        f"# keruta task `{task.id}`: **{result.status}**",
+        "",
+        "| | |", "|---|---|",
+        f"| title | {_cell(task.title)} |",
+        f"| status | {result.status} |",
+        f"| reason | {_cell(result.reason or '-')} |",
+        f"| message | {_cell(result.message or '-')} |",
+        f"| exit code | {result.exit_code if result.exit_code is not None else '-'} |",
+        f"| backend | {result.backend} ({where}), attempt {result.attempt} |",
+        f"| duration | {duration} |",
+        f"| log lines | {result.log_lines} |",
+        f"| artifacts | {len(result.artifacts)} files, {sum(a.size for a in result.artifacts)} bytes"
+        + (f" — {_cell(result.artifacts_note)}" if result.artifacts_note else "") + " |",
+        "",
+        "## Log tail",
+        "```",
+        *[line.replace("```", "'''") for line in tail],
+        "```",
+    ]
+    key = artifact_key(task.id)
+    create_markdown_artifact("\n".join(lines), key=key, description=f"keruta task {task.id}")
+    if result.artifacts:
+        create_table_artifact([a.model_dump() for a in result.artifacts], key=f"{key}-files"[:100],
+                              description=f"files collected from keruta task {task.id}")
+    emit_event(
+        event=f"keruta.task.{result.status.value.lower()}",
+        resource={"prefect.resource.id": f"keruta.task.{task.id}", "prefect.resource.name": task.title or task.id,
+                  "keruta.task.id": task.id},
+        payload={"status": result.status.value, "reason": result.reason, "exit_code": result.exit_code,
+                 "message": result.message, "attempt": result.attempt},
+    )
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:CELL_CHARS]
+
+
+def publish_unrecorded(result: TaskResult) -> str:
+    """The database did not take ``result``: keep it in Prefect, as a markdown artifact with its JSON;
+    the artifact's key."""
+    key = f"{artifact_key(result.task_id)}-unrecorded"
+    create_markdown_artifact(f"# Not recorded: keruta task `{result.task_id}`\n\nkeruta task {result.task_id} ended "
+                             f"{result.status} but the database did not take the result.\n\n```json\n"
+                             f"{result.model_dump_json(indent=2)}\n```\n", key=key,
+                             description=f"the outcome of keruta task {result.task_id}, not in the database")
+    return key
