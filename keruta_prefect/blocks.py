@@ -15,6 +15,7 @@ from typing import TypeVar
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, ValidationError
 
+from keruta_prefect.contract import Env
 from keruta_prefect.settings import KerutaSettings, SettingsError
 from keruta_prefect.validation import check_block_name, one_line, shorten
 
@@ -120,7 +121,7 @@ def seed(settings: KerutaSettings, *, name: str = DEFAULT_BLOCK, force: bool = F
     check_name(name)
     register_block_types()
     settings_created = _create(KerutaKubernetesSettings(**settings.model_dump()), name, overwrite=force)
-    value = token or os.environ.get("KERUTA_API_TOKEN")
+    value = token or os.environ.get(Env.API_TOKEN)
     generated = not value
     api = KerutaApiCredentials(url=settings.api_url, token=SecretStr(value or secrets.token_urlsafe(32)))
     api_created = _create(api, name, overwrite=force)

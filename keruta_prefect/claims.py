@@ -17,6 +17,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
+from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run as runtime_flow_run
 
 from keruta_prefect.errors import PermanentError
@@ -54,7 +55,8 @@ def holder_state(flow_run_id: str) -> str | None:
     return run.state.type.value if run.state is not None else None
 
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+FINAL_STATES = {state.value for state in (StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED,
+                                          StateType.CRASHED)}
 
 
 def holds(state: str | None, lease_expires: datetime | None, now: datetime) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from keruta_prefect.backends.base import BackendError
+from keruta_prefect.contract import Env
 from keruta_prefect.errors import PermanentError
 from keruta_prefect.models import Task, TaskSpecError
 from keruta_prefect.settings import (
@@ -135,7 +136,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"--host={args.host!r} --port={port}: cannot listen there: {exc.strerror or exc}") from None
     store = get_store()
-    token = os.environ.get("KERUTA_API_TOKEN")
+    token = os.environ.get(Env.API_TOKEN)
     if not token:
         from keruta_prefect.blocks import read_api_credentials
 
@@ -488,7 +489,7 @@ def _uses_prefect(args: argparse.Namespace) -> bool:
     if args.command == "doctor":
         return bool(args.settings_block and not args.properties)
     if args.command == "api":
-        return not os.environ.get("KERUTA_API_TOKEN")
+        return not os.environ.get(Env.API_TOKEN)
     return args.command in ("run", "blocks", "dispatch", "pipeline")
 
 

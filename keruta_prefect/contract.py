@@ -19,6 +19,22 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
 
+class TaskStatus(StrEnum):
+    """A task's status, as the agent reports it (``PATCH /api/v1/tasks/{id}/status``) and as it is stored."""
+
+    PENDING = "PENDING"
+    IN_PROGRESS = "IN_PROGRESS"
+    WAITING_FOR_INPUT = "WAITING_FOR_INPUT"
+    RETRYING = "RETRYING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
 class ExitCode(IntEnum):
     """keruta-agent's exit codes (documented in the README)."""
 
@@ -62,6 +78,12 @@ class Reason(StrEnum):
     IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
     INVALID_IMAGE_NAME = "InvalidImageName"
     JOB_FAILED = "JobFailed"
+
+
+# The reasons that are Kubernetes' own words (a container's, a Pod condition's or a Job condition's
+# reason), recorded as Kubernetes spells them; code that reads the Kubernetes API compares them as such.
+KUBERNETES_REASONS = frozenset({Reason.OOM_KILLED, Reason.DEADLINE_EXCEEDED, Reason.UNSCHEDULABLE,
+                                Reason.IMAGE_PULL_BACK_OFF, Reason.INVALID_IMAGE_NAME})
 
 
 def script_exit_reason(code: int) -> str:
@@ -122,25 +144,25 @@ SPOOL_FILE = f"{AGENT_DIR}/unsent-logs.jsonl"
 class ExitMeaning:
     """What an exit code says about the task, before the agent's own report is taken into account."""
 
-    status: str  # a TaskStatus value: COMPLETED, FAILED or CANCELLED
+    status: TaskStatus  # COMPLETED, FAILED or CANCELLED
     reason: Reason | None
     retryable: bool  # a system failure: a new attempt may succeed
     message: str
 
 
 _MEANINGS = {
-    ExitCode.OK: ExitMeaning("COMPLETED", None, False, "the task completed"),
-    ExitCode.TASK_FAILED: ExitMeaning("FAILED", Reason.SCRIPT_FAILED, False, "the task's script failed"),
+    ExitCode.OK: ExitMeaning(TaskStatus.COMPLETED, None, False, "the task completed"),
+    ExitCode.TASK_FAILED: ExitMeaning(TaskStatus.FAILED, Reason.SCRIPT_FAILED, False, "the task's script failed"),
     ExitCode.CONFIG: ExitMeaning(
-        "FAILED", Reason.AGENT_CONFIG_ERROR, False,
+        TaskStatus.FAILED, Reason.AGENT_CONFIG_ERROR, False,
         "keruta-agent could not start the task (configuration error: token, task id or API URL); see its log"),
     ExitCode.API_UNREACHABLE: ExitMeaning(
-        "FAILED", Reason.API_UNREACHABLE, True,
+        TaskStatus.FAILED, Reason.API_UNREACHABLE, True,
         "keruta-agent could not reach the keruta API (check keruta.kubernetes.api-url, the Service and the "
         "NetworkPolicy)"),
-    ExitCode.INTERNAL: ExitMeaning("FAILED", Reason.AGENT_ERROR, False,
+    ExitCode.INTERNAL: ExitMeaning(TaskStatus.FAILED, Reason.AGENT_ERROR, False,
                                    "keruta-agent hit an internal error; see its log"),
-    ExitCode.TERMINATED: ExitMeaning("CANCELLED", Reason.TERMINATED, False, "the agent was terminated"),
+    ExitCode.TERMINATED: ExitMeaning(TaskStatus.CANCELLED, Reason.TERMINATED, False, "the agent was terminated"),
 }
 
 
@@ -163,12 +185,13 @@ def outcome_from_exit(code: int) -> ExitMeaning:
     except ValueError:
         pass
     if code > SIGNAL_BASE:
-        return ExitMeaning("FAILED", Reason.AGENT_KILLED, True,
+        return ExitMeaning(TaskStatus.FAILED, Reason.AGENT_KILLED, True,
                            f"keruta-agent was killed by {signal_name(code - SIGNAL_BASE)}")
-    return ExitMeaning("FAILED", Reason.AGENT_ERROR, False, f"keruta-agent exited with code {code}")
+    return ExitMeaning(TaskStatus.FAILED, Reason.AGENT_ERROR, False, f"keruta-agent exited with code {code}")
 
 
-def exit_code_after_report(status: str) -> int | None:
+def exit_code_after_report(status: TaskStatus) -> ExitCode | None:
     """The code an agent exits with after reporting final ``status`` (when its exit status cannot be
     seen: it holds its files for collection, or it was not this process' child)."""
-    return {"COMPLETED": ExitCode.OK, "FAILED": ExitCode.TASK_FAILED, "CANCELLED": ExitCode.TERMINATED}.get(status)
+    return {TaskStatus.COMPLETED: ExitCode.OK, TaskStatus.FAILED: ExitCode.TASK_FAILED,
+            TaskStatus.CANCELLED: ExitCode.TERMINATED}.get(status)

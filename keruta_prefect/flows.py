@@ -32,16 +32,17 @@ from keruta_prefect.backends.base import (
     RunHandle,
     TransientBackendError,
 )
+from keruta_prefect.backoff import attempt_delay
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
+from keruta_prefect.cancel import handle_of, mark_cancelled, set_status_quietly, stop_flow_run_agents
 from keruta_prefect.claims import ClaimLease, claim_owner, claim_task
+from keruta_prefect.contract import Reason
 from keruta_prefect.errors import PermanentError
 from keruta_prefect.limits import TASKS_LIMIT, SlotUnavailable, task_slot
-from keruta_prefect.manifest import namespace_of
 from keruta_prefect.models import (
     InvalidTransition,
     Task,
     TaskResult,
-    TaskSpecError,
     TaskStatus,
     parse_task_spec,
 )
@@ -100,11 +101,6 @@ def prepare_task(store: Store, task_id: str | None, task_spec: dict[str, Any] | 
     if current.status == TaskStatus.COMPLETED:
         return current
     return claim_task(store, current.id, owner, handed_over_by)
-
-
-def handle_of(run: TaskRunRow) -> RunHandle:
-    return RunHandle(backend=run.backend, task_id=run.task_id, attempt=run.attempt, flow_run_id=run.flow_run_id,
-                     name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid)
 
 
 @task(name="launch-agent", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(1),
@@ -168,70 +164,10 @@ def record_run(store: Store, run_id: int, task: Task, outcome: Outcome, collecte
     return recorded_result(store, task.id)
 
 
-def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,
-                         backend: str | None = None, parameters: dict[str, Any] | None = None) -> list[str]:
-    """Stop every agent a flow run started that has not finished, and mark its task CANCELLED.
-
-    Used by the flow's on_cancellation hook, which Prefect runs in the *runner* process:
-    the agents are found through the run records (flow-run id), never through in-memory handles, and
-    on Kubernetes also by the flow-run label, in every namespace the run may have used (the default one,
-    the recorded ones, and the task's own, from the flow run's parameters). Returns the ids of the
-    tasks stopped.
-    """
-    store = get_store()
-    settings = load_settings(settings_block)
-    runs = store.unfinished_runs(flow_run_id)
-    handles = {(run.backend, run.job_name): (handle_of(run), run.id) for run in runs}
-    # Each backend also finds the attempts by itself (on Kubernetes by label): a Job created just before
-    # a crash may never have been recorded.
-    namespaces = {run.namespace for run in runs if run.namespace} | _task_namespaces(store, settings, parameters or {})
-    for name in sorted({run.backend for run in runs} | ({backend} if backend else set())):
-        for handle in get_backend(name, settings, store).attempts_of_flow_run(flow_run_id, namespaces):
-            handles.setdefault((handle.backend, handle.name), (handle, None))
-    stopped = []
-    for handle, run_id in handles.values():
-        left = get_backend(handle.backend, settings, store).cancel(handle)
-        if handle.task_id:
-            stopped.append(handle.task_id)
-        _cancelled(store, handle.task_id, run_id, "the flow run was cancelled" + (f"; {left}" if left else ""))
-    return stopped
-
-
-def _task_namespaces(store: Store, settings: KerutaSettings, parameters: dict[str, Any]) -> set[str]:
-    """The namespace of the task a keruta-task flow run was given (by spec or by stored id), if any."""
-    spec, task_id = parameters.get("task_spec"), parameters.get("task_id")
-    try:
-        if spec is not None:
-            found = parse_task_spec(spec, source="task_spec")
-            if task_id is None or found.id == task_id:
-                return {namespace_of(found, settings)}
-        if isinstance(task_id, str):
-            return {namespace_of(store.get_task(task_id), settings)}
-    except (TaskSpecError, LookupError):
-        pass
-    return set()
-
-
 def _on_cancel(_flow: Any, flow_run: Any, _state: Any) -> None:
     parameters = getattr(flow_run, "parameters", None) or {}
     stop_flow_run_agents(str(flow_run.id), parameters.get("settings_block") or DEFAULT_BLOCK,
                          parameters.get("backend"), parameters)
-
-
-def _cancelled(store: Store, task_id: str, run_id: int | None, message: str) -> None:
-    """A stopped attempt: the task CANCELLED (unless it already ended) and its run closed."""
-    if task_id:
-        _mark(store, task_id, TaskStatus.CANCELLED, message)
-    if run_id is not None:
-        store.update_run(run_id, status=TaskStatus.CANCELLED.value, reason="CANCELLED", message=message,
-                         finished_at=datetime.now(UTC))
-
-
-def _mark(store: Store, task_id: str, status: TaskStatus, message: str) -> None:
-    try:
-        store.set_status(task_id, status, message=message)
-    except InvalidTransition:
-        pass
 
 
 # --- the flow ---------------------------------------------------------------------------------------
@@ -330,10 +266,11 @@ def run_attempts(runner: Backend, store: Store, settings: KerutaSettings, task_:
             store.update_run(run_id, status=TaskStatus.FAILED.value, exit_code=outcome.exit_code,
                              reason=outcome.reason, message=outcome.message, finished_at=datetime.now(UTC),
                              artifacts_note=collected.note())
-            delay = 0 if unfinished or outcome.reason == LOST else min(2 ** used, 30)
+            delay = 0 if unfinished or outcome.reason == Reason.LOST else attempt_delay(used)
             logger.warning("attempt %d failed for a system reason (%s: %s); attempt %d in %ds",
                            handle.attempt, outcome.reason, outcome.message, attempt + 1, delay)
-            _mark(store, task_.id, TaskStatus.RETRYING, f"attempt {handle.attempt} failed: {outcome.message}")
+            set_status_quietly(store, task_.id, TaskStatus.RETRYING,
+                               f"attempt {handle.attempt} failed: {outcome.message}")
             time.sleep(delay)
             continue
         try:
@@ -346,20 +283,17 @@ def run_attempts(runner: Backend, store: Store, settings: KerutaSettings, task_:
         return result
 
 
-LOST = "LOST"
-
-
 def take_over(runner: Backend, handle: RunHandle) -> Outcome | None:
     """An unfinished attempt a flow run left behind: None when this flow can follow it (reattach);
     otherwise the attempt's outcome, LOST (a system failure, worth a new attempt): its agent is gone, or
     it cannot report to this process and was stopped, so the script never runs twice at once."""
     if not runner.exists(handle):
-        return Outcome(status=TaskStatus.FAILED, reason=LOST, retryable=True,
+        return Outcome(status=TaskStatus.FAILED, reason=Reason.LOST, retryable=True,
                        message="the attempt's agent was gone when the flow came back to it")
     if runner.can_reattach(handle):
         return None
     left = runner.cancel(handle)
-    return Outcome(status=TaskStatus.FAILED, reason=LOST, retryable=True,
+    return Outcome(status=TaskStatus.FAILED, reason=Reason.LOST, retryable=True,
                    message="its agent was left running by a flow process that ended and could not report to "
                            "this one, so it was stopped" + (f" ({left})" if left else ""))
 
@@ -372,15 +306,16 @@ def wait_or_stop(runner: Backend, store: Store, handle: RunHandle, run_id: int, 
     try:
         return wait_for_agent(runner, store, handle, settings.prefect_log_max_lines)
     except Exception as exc:
-        reason = "BACKEND_ERROR" if isinstance(exc, BackendError | TransientBackendError) else "WAIT_FAILED"
+        followed = isinstance(exc, BackendError | TransientBackendError)
+        reason = Reason.BACKEND_ERROR if followed else Reason.WAIT_FAILED
         get_run_logger().error("waiting for attempt %d of task %s failed; stopping its agent",
-                               handle.attempt, handle.task_id, exc_info=reason == "WAIT_FAILED")
+                               handle.attempt, handle.task_id, exc_info=not followed)
         _stop_quietly(runner, handle)
         return Outcome(status=TaskStatus.FAILED, reason=reason,
                        message=f"the {runner.name} backend could not follow the attempt: {exception_line(exc)}")
     except BaseException:  # cancelled, crashed or interrupted while waiting: never leave the agent behind
         _stop_quietly(runner, handle)
-        _cancelled(store, handle.task_id, run_id, "the flow run was cancelled or stopped")
+        mark_cancelled(store, handle.task_id, run_id, "the flow run was cancelled or stopped")
         raise
 
 

@@ -9,7 +9,6 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import (
@@ -23,6 +22,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from keruta_prefect.contract import TaskStatus as TaskStatus  # re-exported: models are where most look
 from keruta_prefect.errors import PermanentError
 from keruta_prefect.validation import (  # noqa: F401 - TASK_ID, MAX_TASK_ID: re-exported
     MAX_TASK_ID,
@@ -34,21 +34,6 @@ from keruta_prefect.validation import (  # noqa: F401 - TASK_ID, MAX_TASK_ID: re
     check_task_id,
     one_line,
 )
-
-
-class TaskStatus(StrEnum):
-    PENDING = "PENDING"
-    IN_PROGRESS = "IN_PROGRESS"
-    WAITING_FOR_INPUT = "WAITING_FOR_INPUT"
-    RETRYING = "RETRYING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-
 
 S = TaskStatus
 # The original allowed any status after any other. These are the moves a task can really make;

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from keruta_prefect.contract import SIGNAL_BASE, ExitCode, Reason, exit_code_after_report, outcome_from_exit
-from keruta_prefect.models import TaskStatus
+from keruta_prefect.contract import SIGNAL_BASE, ExitCode, Reason, TaskStatus, exit_code_after_report, outcome_from_exit
 
 
 class Outcome(BaseModel):
@@ -57,7 +56,7 @@ def outcome_of(facts: AgentExit, report: AgentReport | None) -> Outcome:
         outcome = _reported(report)
     else:
         meaning = outcome_from_exit(facts.code)
-        status = TaskStatus(meaning.status)
+        status = meaning.status
         reason: str | None = meaning.reason
         message = meaning.message
         if facts.code in (ExitCode.OK, ExitCode.TASK_FAILED) and report is not None:
@@ -78,7 +77,7 @@ def _reported(report: AgentReport | None) -> Outcome:
     if report is None or not report.status.terminal:
         return Outcome(status=TaskStatus.FAILED, reason=Reason.LOST, retryable=True,
                        message="keruta-agent ended without reporting a final status")
-    meaning = outcome_from_exit(exit_code_after_report(report.status.value) or ExitCode.TASK_FAILED)
+    meaning = outcome_from_exit(exit_code_after_report(report.status) or ExitCode.TASK_FAILED)
     reason = None if report.status == TaskStatus.COMPLETED else report.error_code or meaning.reason
-    return Outcome(status=report.status, exit_code=exit_code_after_report(report.status.value), reason=reason,
+    return Outcome(status=report.status, exit_code=exit_code_after_report(report.status), reason=reason,
                    message=report.message or meaning.message)

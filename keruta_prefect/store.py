@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -245,7 +245,6 @@ class Store:
     def __init__(self, url: str | None = None) -> None:
         self.engine = get_engine(url)
         self._reader = self.engine.execution_options(keruta_read=True)
-        self._log_listeners: list[Callable[[str, list[LogRow]], None]] = []
 
     @contextmanager
     def session(self, read: bool = False) -> Iterator[Session]:
@@ -404,15 +403,20 @@ class Store:
             return [(row.to_task(), row.claimed_by) for row in s.exec(query)]
 
     # --- logs --------------------------------------------------------------------------------------
-    def add_log_listener(self, listener: Callable[[str, list[LogLine]], None]) -> Callable[[], None]:
-        """Call ``listener(task_id, lines)`` for every batch of newly stored lines; returns a remover."""
-        self._log_listeners.append(listener)
-        return lambda: self._log_listeners.remove(listener)
+    @property
+    def database(self) -> str:
+        """The database's URL as a key (password hidden), e.g. for keruta_prefect.logfeed."""
+        return str(self.engine.url)
 
     def add_logs(self, task_id: str, source: str, lines: Sequence[LogLine]) -> int:
         """Store lines; a line already stored (same task, source, seq) is skipped. Returns how many new."""
+        return len(self.store_logs(task_id, source, lines))
+
+    def store_logs(self, task_id: str, source: str, lines: Sequence[LogLine]) -> list[LogLine]:
+        """Store lines; a line already stored (same task, source, seq) is skipped. Returns the new ones, as
+        given (reading them back cost a third of a chatty agent's time)."""
         if not lines:
-            return 0
+            return []
         values = [
             {
                 "task_id": task_id,
@@ -433,15 +437,12 @@ class Store:
             elif dialect == "postgresql":
                 stmt = postgresql.insert(LogRow).on_conflict_do_nothing().returning(LogRow.seq)  # type: ignore[arg-type]
             else:  # pragma: no cover - other databases: check first (slower, still exactly-once)
-                return self._add_logs_slow(s, task_id, source, values)
+                slow = self._add_logs_slow(s, task_id, source, values)
+                s.commit()
+                return [line for line in lines if line.seq in slow]
             new = set(self._insert_many(s, stmt, values))
             s.commit()
-        if new and self._log_listeners:
-            # The lines just stored, as given (reading them back cost a third of a chatty agent's time).
-            fresh = [line for line in lines if line.seq in new]
-            for listener in list(self._log_listeners):
-                listener(task_id, fresh)
-        return len(new)
+        return [line for line in lines if line.seq in new]
 
     @staticmethod
     def _insert_many(s: Session, stmt: Any, values: list[dict[str, Any]]) -> list[int]:
@@ -449,8 +450,10 @@ class Store:
         # (9x faster than building a VALUES list per batch) and RETURNING gives the new rows' seqs.
         return [row[0] for row in s.execute(stmt, values)]
 
-    def _add_logs_slow(self, s: Session, task_id: str, source: str, values: list[dict[str, Any]]) -> int:
-        ids = []
+    @staticmethod
+    def _add_logs_slow(s: Session, task_id: str, source: str, values: list[dict[str, Any]]) -> set[int]:
+        """The seqs of the lines that were new (checked one by one)."""
+        new: set[int] = set()
         for value in values:
             exists = s.exec(
                 select(LogRow.id).where(
@@ -458,12 +461,10 @@ class Store:
                 )
             ).first()
             if exists is None:
-                row = LogRow(**value)
-                s.add(row)
+                s.add(LogRow(**value))
                 s.flush()
-                ids.append(row.id)
-        s.commit()
-        return len(ids)
+                new.add(value["seq"])
+        return new
 
     def logs(self, task_id: str, *, after_id: int = 0, limit: int | None = None) -> list[LogRow]:
         with self.session(read=True) as s:
@@ -541,11 +542,8 @@ _stores: dict[str, Store] = {}
 
 
 def get_store(url: str | None = None) -> Store:
-    """The process's Store for a database URL (default: KERUTA_DATABASE_URL or the SQLite file).
-
-    One per URL, so that log listeners registered by a waiting flow see the lines the embedded API
-    stores, whichever code path made the Store.
-    """
+    """The process's Store for a database URL (default: KERUTA_DATABASE_URL or the SQLite file); one per
+    URL, as its engine (connection pool) is."""
     url = url or database_url()
     with _engines_lock:
         store = _stores.get(url)
@@ -554,4 +552,3 @@ def get_store(url: str | None = None) -> Store:
         with _engines_lock:
             store = _stores.setdefault(url, store)
     return store
-

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Scope
 
 from keruta_prefect.api import uploads
 from keruta_prefect.api.guard import Guard
+from keruta_prefect.logfeed import FEED
 from keruta_prefect.models import (
     ArtifactInfo,
     InvalidTransition,
@@ -201,8 +202,9 @@ def create_app(
             ts = datetime.fromtimestamp(line.ts, UTC) if line.ts is not None else None
             lines.append(LogLine(seq=line.seq if line.seq is not None else index, level=level,
                                  message=line.message, ts=ts))
-        stored = store.add_logs(task_id, source, lines)
-        return {"success": True, "received": len(lines), "stored": stored}
+        stored = store.store_logs(task_id, source, lines)
+        FEED.publish(store.database, task_id, stored)  # a flow waiting on the task here gets them at once
+        return {"success": True, "received": len(lines), "stored": len(stored)}
 
     @app.post("/api/v1/tasks/{task_id}/artifacts", dependencies=auth, openapi_extra=uploads.OPENAPI)
     async def post_artifact(task_id: str, request: Request) -> dict[str, Any]:

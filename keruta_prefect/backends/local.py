@@ -21,12 +21,14 @@ from keruta_prefect import contract
 from keruta_prefect.api import ApiServer, create_app
 from keruta_prefect.artifacts import CollectResult, attempt_dir, collect_with_tar
 from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle, agent_report
+from keruta_prefect.logfeed import FEED, FedLine
 from keruta_prefect.manifest import task_env
 from keruta_prefect.models import Task
 from keruta_prefect.outcomes import AgentExit, outcome_of
 from keruta_prefect.settings import KerutaSettings
-from keruta_prefect.store import LogLine, Store
+from keruta_prefect.store import Store
 
+EXIT_POLL_SECONDS = 0.02  # how often wait() looks whether the agent process has ended (lines come at once)
 _embedded: dict[str, tuple[ApiServer, str]] = {}
 _embedded_lock = threading.Lock()
 # The agents this process started, by "task/attempt": the process and the embedded API it reports to.
@@ -93,28 +95,18 @@ class LocalBackend:
 
     def wait(self, handle: RunHandle, on_log: LogSink | None = None) -> Outcome:
         proc, _api_url = _procs.get(f"{handle.task_id}/{handle.attempt}", (None, None))
-        lines: queue.Queue[LogLine] = queue.Queue()
-
-        def listener(task_id: str, rows: list[LogLine]) -> None:
-            if task_id == handle.task_id:
-                for row in rows:
-                    lines.put(row)
-
-        remove = self.store.add_log_listener(listener)
-        try:
+        with FEED.follow(self.store.database, handle.task_id) as lines:
             while True:
                 self._drain(lines, on_log)
                 code = proc.poll() if proc is not None else _pid_exit(handle.pid)
                 if code is not None:
                     break
-                time.sleep(0.02)
+                time.sleep(EXIT_POLL_SECONDS)
             self._drain(lines, on_log)
-        finally:
-            remove()
         return self._outcome(handle, code)
 
     @staticmethod
-    def _drain(lines: queue.Queue[LogLine], on_log: LogSink | None) -> None:
+    def _drain(lines: queue.SimpleQueue[FedLine], on_log: LogSink | None) -> None:
         while True:
             try:
                 row = lines.get_nowait()
