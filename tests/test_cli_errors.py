@@ -166,9 +166,9 @@ def test_numbers_out_of_range_and_nul_in_a_task_file_are_one_line(
 
 
 def test_an_unexpected_error_is_one_line_exit_4_and_debug_shows_the_traceback(homes: dict[str, str]) -> None:
-    code = ("import sys, keruta_prefect.cli as cli\n"
+    code = ("import sys, keruta_prefect.cli as cli, keruta_prefect.cli.operate as operate\n"
             "def boom(args): raise ZeroDivisionError('division by zero')\n"
-            "cli.cmd_settings_keys = boom\nraise SystemExit(cli.main(sys.argv[1:]))\n")
+            "operate.cmd_settings_keys = boom\nraise SystemExit(cli.main(sys.argv[1:]))\n")
     base = [sys.executable, "-c", code]
 
     def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,3 @@
+from keruta_prefect.cli import main
+
+raise SystemExit(main())
