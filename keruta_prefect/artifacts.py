@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Protocol, Self
 
 from keruta_prefect.models import ArtifactInfo
 
@@ -131,12 +131,18 @@ _HEADER_KINDS = {tarfile.GNUTYPE_LONGNAME: "GNU long-name", tarfile.GNUTYPE_LONG
                  tarfile.SOLARIS_XHDTYPE: "Solaris extended"}
 
 
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+    def tell(self) -> int: ...
+    def seek(self, pos: int, /) -> object: ...
+
+
 class _HeaderBudget:
     """The archive's stream while tarfile reads the headers of one entry: reading more than ``budget``
     bytes rejects the archive before it is read. tarfile reads a chain of long-name, pax and sparse-map
     headers (one inside the other) whole into memory, however long the archive says they are."""
 
-    def __init__(self, fileobj: IO[bytes], budget: int, offset: int) -> None:
+    def __init__(self, fileobj: _Readable, budget: int, offset: int) -> None:
         self.fileobj, self.left, self.offset = fileobj, budget, offset
 
     def read(self, size: int) -> bytes:
@@ -164,14 +170,15 @@ class _Member(tarfile.TarInfo):
     one entry, sparse maps included, are read within ``MAX_MEMBER_HEADER_BYTES``."""
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
         fileobj = tarfile_.fileobj
         if isinstance(fileobj, _HeaderBudget):  # a header after a long-name or pax header: within its budget
             return super().fromtarfile(tarfile_)
-        tarfile_.fileobj = _HeaderBudget(fileobj, MAX_MEMBER_HEADER_BYTES, tarfile_.offset)
+        # tarfile reads one entry's headers with read, tell and seek only: nothing writes or closes its stream here.
+        tarfile_.fileobj = _HeaderBudget(fileobj, MAX_MEMBER_HEADER_BYTES, tarfile_.offset)  # type: ignore[assignment]
         try:
             return super().fromtarfile(tarfile_)
-        except tarfile.EOFHeaderError:
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # tarfile's own, not in typeshed's stub
             raise  # the end-of-archive marker: the archive is whole
         except tarfile.HeaderError as exc:
             if tarfile_.offset == 0:
@@ -193,7 +200,9 @@ class _Member(tarfile.TarInfo):
                 if held + self.size > MAX_HEADER_BYTES:
                     raise ArchiveRejected(f"pax global headers of more than {MAX_HEADER_BYTES} bytes in all "
                                           f"(at byte {self.offset})")
-        return super()._proc_member(tarfile_)
+        # tarfile's private hook (not in typeshed's stub): it reads the headers that follow this one.
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
 
 
 def _too_long(target: str, name: str, path_max: int, name_max: int) -> bool:
@@ -269,7 +278,8 @@ def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_
         with archive:
             count = names = 0
             while (member := archive.next()) is not None:
-                archive.members.clear()  # tarfile keeps every entry read; nothing here looks back
+                # tarfile keeps every entry read in its (undocumented) `members`; nothing here looks back
+                archive.members.clear()  # type: ignore[attr-defined]
                 count += 1
                 if count > max_members:
                     raise ArchiveRejected(f"more than {max_members} entries")

@@ -294,7 +294,7 @@ def settings_from_mapping(values: Mapping[str, str], *, warn: list[str] | None =
     if unknown and warn is not None:
         warn.append(f"unknown keruta settings ignored: {', '.join(sorted(unknown))}")
     try:
-        return KerutaSettings(**fields)
+        return KerutaSettings.model_validate(fields)
     except ValidationError as exc:
         raise SettingsError(one_line(exc, names=FIELD_TO_KEY)) from None
 
