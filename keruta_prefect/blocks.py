@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, HttpUrl, SecretStr, ValidationError
 
 from keruta_prefect.contract import Env
 from keruta_prefect.settings import KerutaSettings, SettingsError
@@ -35,7 +35,7 @@ class KerutaKubernetesSettings(Block, KerutaSettings):
         "How keruta-prefect runs keruta tasks: cluster connection, namespace, agent image, volumes, "
         "resources and artifact limits. Seeded once from application.properties; edits here win."
     )
-    _documentation_url = "https://github.com/keruta/keruta-prefect#configuration"
+    _documentation_url = HttpUrl("https://github.com/keruta/keruta-prefect#configuration")
 
     def settings(self) -> KerutaSettings:
         return KerutaSettings.model_validate(self.model_dump(include=set(KerutaSettings.model_fields)))

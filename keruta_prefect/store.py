@@ -18,7 +18,7 @@ from sqlalchemy import JSON, Column, Engine, Text, UniqueConstraint, event, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 from keruta_prefect.errors import PermanentError
 from keruta_prefect.models import ArtifactInfo, Task, TaskStatus, check_transition
@@ -287,7 +287,7 @@ class Store:
             query = select(TaskRow)
             if status is not None:
                 query = query.where(TaskRow.status == status.value)
-            query = query.order_by(TaskRow.priority.desc(), TaskRow.created_at).offset(offset).limit(limit)  # type: ignore[attr-defined]
+            query = query.order_by(col(TaskRow.priority).desc(), col(TaskRow.created_at)).offset(offset).limit(limit)
             return [row.to_task() for row in s.exec(query)]
 
     def set_status(
@@ -399,7 +399,7 @@ class Store:
         """PENDING tasks by priority (highest first), then age, with who holds each claim."""
         with self.session(read=True) as s:
             query = (select(TaskRow).where(TaskRow.status == TaskStatus.PENDING.value)
-                     .order_by(TaskRow.priority.desc(), TaskRow.created_at, TaskRow.id).limit(limit))  # type: ignore[attr-defined]
+                     .order_by(col(TaskRow.priority).desc(), col(TaskRow.created_at), col(TaskRow.id)).limit(limit))
             return [(row.to_task(), row.claimed_by) for row in s.exec(query)]
 
     # --- logs --------------------------------------------------------------------------------------
@@ -433,9 +433,9 @@ class Store:
             if s.get(TaskRow, task_id) is None:
                 raise TaskNotFound(task_id)
             if dialect == "sqlite":
-                stmt = sqlite.insert(LogRow).on_conflict_do_nothing().returning(LogRow.seq)  # type: ignore[arg-type]
+                stmt = sqlite.insert(LogRow).on_conflict_do_nothing().returning(col(LogRow.seq))
             elif dialect == "postgresql":
-                stmt = postgresql.insert(LogRow).on_conflict_do_nothing().returning(LogRow.seq)  # type: ignore[arg-type]
+                stmt = postgresql.insert(LogRow).on_conflict_do_nothing().returning(col(LogRow.seq))
             else:  # pragma: no cover - other databases: check first (slower, still exactly-once)
                 slow = self._add_logs_slow(s, task_id, source, values)
                 s.commit()
@@ -468,8 +468,8 @@ class Store:
 
     def logs(self, task_id: str, *, after_id: int = 0, limit: int | None = None) -> list[LogRow]:
         with self.session(read=True) as s:
-            query = select(LogRow).where(LogRow.task_id == task_id, LogRow.id > after_id)  # type: ignore[arg-type,operator]
-            query = query.order_by(LogRow.id)  # type: ignore[arg-type]
+            query = select(LogRow).where(LogRow.task_id == task_id, col(LogRow.id) > after_id)
+            query = query.order_by(col(LogRow.id))
             if limit is not None:
                 query = query.limit(limit)
             return list(s.exec(query))
@@ -477,7 +477,7 @@ class Store:
     def last_logs(self, task_id: str, count: int) -> list[LogRow]:
         """The task's last ``count`` lines, oldest first (without reading the others)."""
         with self.session(read=True) as s:
-            query = select(LogRow).where(LogRow.task_id == task_id).order_by(LogRow.id.desc()).limit(count)  # type: ignore[arg-type,union-attr]
+            query = select(LogRow).where(LogRow.task_id == task_id).order_by(col(LogRow.id).desc()).limit(count)
             return list(reversed(list(s.exec(query))))
 
     def count_logs(self, task_id: str) -> int:
@@ -507,11 +507,11 @@ class Store:
     def unfinished_runs(self, flow_run_id: str) -> list[TaskRunRow]:
         with self.session(read=True) as s:
             query = select(TaskRunRow).where(TaskRunRow.flow_run_id == flow_run_id, TaskRunRow.finished_at == None)  # noqa: E711
-            return list(s.exec(query.order_by(TaskRunRow.id)))  # type: ignore[arg-type]
+            return list(s.exec(query.order_by(col(TaskRunRow.id))))
 
     def runs(self, task_id: str) -> list[TaskRunRow]:
         with self.session(read=True) as s:
-            return list(s.exec(select(TaskRunRow).where(TaskRunRow.task_id == task_id).order_by(TaskRunRow.id)))  # type: ignore[arg-type]
+            return list(s.exec(select(TaskRunRow).where(TaskRunRow.task_id == task_id).order_by(col(TaskRunRow.id))))
 
     # --- artifacts ---------------------------------------------------------------------------------
     def add_artifacts(self, task_id: str, run_id: int | None, items: Sequence[ArtifactInfo]) -> None:
@@ -535,7 +535,8 @@ class Store:
 
     def artifacts(self, task_id: str) -> list[ArtifactRow]:
         with self.session(read=True) as s:
-            return list(s.exec(select(ArtifactRow).where(ArtifactRow.task_id == task_id).order_by(ArtifactRow.id)))  # type: ignore[arg-type]
+            query = select(ArtifactRow).where(ArtifactRow.task_id == task_id).order_by(col(ArtifactRow.id))
+            return list(s.exec(query))
 
 
 _stores: dict[str, Store] = {}

@@ -32,6 +32,7 @@ from keruta_prefect.logfeed import FEED
 from keruta_prefect.models import (
     ArtifactInfo,
     InvalidTransition,
+    Task,
     TaskSpecError,
     TaskStatus,
     parse_task_spec,
@@ -73,7 +74,7 @@ LEVELS = {"DEBUG", "INFO", "WARN", "WARNING", "ERROR", "CRITICAL"}
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._ +@=,-]+$")
 
 
-def _task_json(task: Any) -> dict[str, Any]:
+def _task_json(task: Task) -> dict[str, Any]:
     return task.model_dump(mode="json", by_alias=True)
 
 

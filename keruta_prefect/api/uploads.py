@@ -188,6 +188,7 @@ async def receive_upload(request: Request, *, root: Path, task_id: str, max_file
             await _blocking(state.sink.write, chunks)
 
     async def handle(event: Event) -> None:
+        head: PartHead | None
         if event[0] == "part":
             head = state.current = event[1]
             if head.name == FILE_FIELD:

@@ -1,9 +1,4 @@
-"""Artifact caps, checksums and storage: one code path whatever the backend delivered the files from.
-
-Every backend hands over a tar stream (exec in a Pod, `tar` of a local work directory); it is extracted
-as it streams, in 1 MiB chunks, hashed on the way, capped per file and in total; whatever is left out
-is reported by name and reason, never silently dropped.
-"""
+"""The safe streaming tar extractor: bounded headers, caps per file and in total, checksums, all or nothing."""
 
 from __future__ import annotations
 
@@ -12,84 +7,23 @@ import hashlib
 import os
 import re
 import shutil
-import stat
-import subprocess
 import tarfile
-import tempfile
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Protocol, Self
 
-from keruta_prefect.errors import PermanentError
+from keruta_prefect.artifacts.publish import publish
+from keruta_prefect.artifacts.result import (
+    MAX_NOTE_CHARS,
+    ArchiveRejected,
+    CollectResult,
+    PublishStranded,
+    shortened,
+    shown_name,
+)
 from keruta_prefect.models import ArtifactInfo
 
-CHUNK = 1 << 20
-
-
-@dataclass
-class CollectResult:
-    files: list[ArtifactInfo] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    lost: str | None = None  # "artifacts lost: <reason>" when nothing could be collected
-    uploaded: bool = False  # the agent uploaded them through the API: they are recorded already
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def note(self) -> str | None:
-        """What was lost or left out, in one bounded line (it is stored, printed and sent): the first
-        ``MAX_NOTES`` notes, each at most ``MAX_NOTE_CHARS`` characters, then how many more; at most
-        ``MAX_NOTE_BYTES`` bytes of UTF-8 in all."""
-        parts = []
-        if self.lost:
-            parts.append(_shortened(self.lost, MAX_LOST_CHARS))
-        if self.skipped:
-            shown = "; ".join(_shortened(note, MAX_NOTE_CHARS) for note in self.skipped[:MAX_NOTES])
-            more = len(self.skipped) - MAX_NOTES
-            parts.append("not kept: " + shown + (f"; … and {more} more" if more > 0 else ""))
-        text = " | ".join(parts)
-        if len(text) * 4 > MAX_NOTE_BYTES and len(encoded := text.encode("utf-8", "backslashreplace")) > MAX_NOTE_BYTES:
-            text = encoded[:MAX_NOTE_BYTES - 3].decode("utf-8", "ignore") + "…"  # "…" is 3 bytes
-        return text or None
-
-
-MAX_NOTES = 20  # notes named one by one in CollectResult.note(); the rest are counted
-MAX_NOTE_CHARS = 200  # one note, shortened in the middle (its reason is at the end)
-MAX_LOST_CHARS = 1000  # why the artifacts were lost
-MAX_NOTE_BYTES = 8 << 10  # the whole note
-
-
-def _shortened(text: str, limit: int) -> str:
-    """``text`` if at most ``limit`` characters, else its start and end around an ellipsis."""
-    if len(text) <= limit:
-        return text
-    head = (limit - 1) // 2
-    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
-
-
-def _shown(raw: str) -> str:
-    """An entry's name in a rejection reason: quoted, on one line, and shortened."""
-    return _shortened(repr(raw), MAX_NOTE_CHARS)
-
-
-def attempt_dir(root: Path, task_id: str, attempt: int) -> Path:
-    """`<root>/<task id, path-safe>/attempt-<n>`: where an attempt's files live (work or storage)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", task_id)
-    return root / safe / f"attempt-{attempt}"
-
-
-class ArchiveRejected(PermanentError, ValueError):
-    """A hostile or broken archive: nothing of it is kept."""
-
-
-class PublishStranded(PermanentError, OSError):
-    """Publishing failed and undoing it failed too: the staging directory named in the message is left
-    in place, because it holds files of the destination that were moved aside."""
-
-
+CHUNK = 1 << 20  # bytes read from the stream, and written, at a time
 MAX_MEMBERS = 200_000  # a file-count bomb stops here
 MAX_HEADER_BYTES = 64 << 10  # one GNU long-name/long-link or pax header; global pax headers all together
 MAX_MEMBER_HEADER_BYTES = 256 << 10  # all the headers of one entry (long names, pax records, a sparse map)
@@ -106,12 +40,12 @@ def entry_name(raw: str) -> str:
     ``a\\..\\b`` for a path), or holding a NUL. Other backslashes are kept: on POSIX they are part of a name.
     """
     if raw.startswith(("/", "\\")):  # stricter than tarfile's `data` filter, which strips the slash
-        raise ArchiveRejected(f"unsafe entry {_shown(raw)}: an absolute path")
+        raise ArchiveRejected(f"unsafe entry {shown_name(raw)}: an absolute path")
     if "\0" in raw:
-        raise ArchiveRejected(f"unsafe entry {_shown(raw)}: a NUL in the name")
+        raise ArchiveRejected(f"unsafe entry {shown_name(raw)}: a NUL in the name")
     parts = PurePosixPath(raw).parts
     if ".." in parts or ("\\" in raw and ".." in re.split(r"[/\\]", raw)):
-        raise ArchiveRejected(f"unsafe entry {_shown(raw)}: a '..' component")
+        raise ArchiveRejected(f"unsafe entry {shown_name(raw)}: a '..' component")
     return "/".join(parts)
 
 
@@ -132,12 +66,18 @@ _HEADER_KINDS = {tarfile.GNUTYPE_LONGNAME: "GNU long-name", tarfile.GNUTYPE_LONG
                  tarfile.SOLARIS_XHDTYPE: "Solaris extended"}
 
 
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+    def tell(self) -> int: ...
+    def seek(self, pos: int, /) -> object: ...
+
+
 class _HeaderBudget:
     """The archive's stream while tarfile reads the headers of one entry: reading more than ``budget``
     bytes rejects the archive before it is read. tarfile reads a chain of long-name, pax and sparse-map
     headers (one inside the other) whole into memory, however long the archive says they are."""
 
-    def __init__(self, fileobj: IO[bytes], budget: int, offset: int) -> None:
+    def __init__(self, fileobj: _Readable, budget: int, offset: int) -> None:
         self.fileobj, self.left, self.offset = fileobj, budget, offset
 
     def read(self, size: int) -> bytes:
@@ -165,14 +105,15 @@ class _Member(tarfile.TarInfo):
     one entry, sparse maps included, are read within ``MAX_MEMBER_HEADER_BYTES``."""
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
         fileobj = tarfile_.fileobj
         if isinstance(fileobj, _HeaderBudget):  # a header after a long-name or pax header: within its budget
             return super().fromtarfile(tarfile_)
-        tarfile_.fileobj = _HeaderBudget(fileobj, MAX_MEMBER_HEADER_BYTES, tarfile_.offset)
+        # tarfile reads one entry's headers with read, tell and seek only: nothing writes or closes its stream here.
+        tarfile_.fileobj = _HeaderBudget(fileobj, MAX_MEMBER_HEADER_BYTES, tarfile_.offset)  # type: ignore[assignment]
         try:
             return super().fromtarfile(tarfile_)
-        except tarfile.EOFHeaderError:
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # tarfile's own, not in typeshed's stub
             raise  # the end-of-archive marker: the archive is whole
         except tarfile.HeaderError as exc:
             if tarfile_.offset == 0:
@@ -194,7 +135,9 @@ class _Member(tarfile.TarInfo):
                 if held + self.size > MAX_HEADER_BYTES:
                     raise ArchiveRejected(f"pax global headers of more than {MAX_HEADER_BYTES} bytes in all "
                                           f"(at byte {self.offset})")
-        return super()._proc_member(tarfile_)
+        # tarfile's private hook (not in typeshed's stub): it reads the headers that follow this one.
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
 
 
 def _too_long(target: str, name: str, path_max: int, name_max: int) -> bool:
@@ -209,8 +152,8 @@ def _as_directories(path: str, dirs: set[str], entries: dict[str, ArtifactInfo |
     """Record ``path`` and its parents as directories; one that is already a file rejects the archive."""
     while path not in dirs:
         if path in entries:
-            raise ArchiveRejected(f"conflicting entries: {_shown(path)} is both a file and a directory "
-                                  f"(at {_shown(raw)})")
+            raise ArchiveRejected(f"conflicting entries: {shown_name(path)} is both a file and a directory "
+                                  f"(at {shown_name(raw)})")
         dirs.add(path)
         path = path.rpartition("/")[0]
 
@@ -238,7 +181,7 @@ def extract_tar_stream(stream: IO[bytes], dest: Path, *, max_file_size: int, max
     staged.mkdir(parents=True)
     try:
         entries = _extract(stream, str(staged), str(dest), max_file_size, max_total_size, max_members)
-        _publish(staged, dest, staging / "replaced")
+        publish(staged, dest, staging / "replaced")
     except PublishStranded:
         raise
     except BaseException:
@@ -270,7 +213,8 @@ def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_
         with archive:
             count = names = 0
             while (member := archive.next()) is not None:
-                archive.members.clear()  # tarfile keeps every entry read; nothing here looks back
+                # tarfile keeps every entry read in its (undocumented) `members`; nothing here looks back
+                archive.members.clear()  # type: ignore[attr-defined]
                 count += 1
                 if count > max_members:
                     raise ArchiveRejected(f"more than {max_members} entries")
@@ -282,17 +226,17 @@ def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_
                 try:
                     safe = tarfile.data_filter(member, staged)
                 except tarfile.FilterError as exc:
-                    why = _shortened(str(exc), MAX_NOTE_CHARS)
-                    raise ArchiveRejected(f"unsafe entry {_shown(member.name)}: {why}") from None
+                    why = shortened(str(exc), MAX_NOTE_CHARS)
+                    raise ArchiveRejected(f"unsafe entry {shown_name(member.name)}: {why}") from None
                 if safe.isdir():
                     if name in entries:
-                        raise ArchiveRejected(f"conflicting entries: {_shown(name)} is both a file and a directory")
+                        raise ArchiveRejected(f"conflicting entries: {shown_name(name)} is both a file and a directory")
                     _as_directories(name, dirs, entries, member.name)
                     continue
                 if not name:
-                    raise ArchiveRejected(f"unsafe entry {_shown(member.name)}: a file without a name")
+                    raise ArchiveRejected(f"unsafe entry {shown_name(member.name)}: a file without a name")
                 if name in dirs:
-                    raise ArchiveRejected(f"conflicting entries: {_shown(name)} is both a file and a directory")
+                    raise ArchiveRejected(f"conflicting entries: {shown_name(name)} is both a file and a directory")
                 parent = name.rpartition("/")[0]
                 _as_directories(parent, dirs, entries, member.name)
                 earlier = entries.pop(name, None)  # the last entry of a name wins, as with `tar x`
@@ -341,115 +285,3 @@ def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_
     except (tarfile.TarError, EOFError) as exc:
         raise ArchiveRejected(f"the archive is broken or cut short ({exc})") from None
     return entries
-
-
-def _publish(staged: Path, dest: Path, aside: Path) -> None:
-    """Move the staged tree into ``dest``, all or nothing.
-
-    A path ``dest`` does not hold moves whole (a directory in one rename); a directory it holds is
-    merged into; a file it holds (an earlier collection of the same attempt) is replaced, the old one
-    moved ``aside`` until everything is in place. A file where a directory goes, or the other way round,
-    rejects the archive. On any failure every move is undone, newest first."""
-    aside.mkdir()
-    moves: list[tuple[str, str]] = []  # (where it is now, where it came from)
-    try:
-        _merge(str(staged), str(dest), "", str(aside), moves)
-    except BaseException as exc:
-        try:
-            for now, came_from in reversed(moves):
-                os.rename(now, came_from)
-        except OSError as undo:
-            raise PublishStranded(f"publishing into {dest} failed ({exc}) and undoing it failed ({undo}): "
-                                  f"files moved aside are in {aside.parent}") from exc
-        raise
-
-
-def _merge(source: str, target: str, prefix: str, aside: str, moves: list[tuple[str, str]]) -> None:
-    with os.scandir(source) as listing:
-        items = list(listing)
-    for item in items:
-        final = os.path.join(target, item.name)
-        name = prefix + item.name
-        try:
-            there = os.lstat(final)
-        except FileNotFoundError:
-            os.rename(item.path, final)
-            moves.append((final, item.path))
-            continue
-        if item.is_dir(follow_symlinks=False):
-            if not stat.S_ISDIR(there.st_mode):
-                raise ArchiveRejected(f"cannot keep {_shown(name)}: a file of that name is in {target} already "
-                                      "(from an earlier collection); nothing of this archive was kept")
-            _merge(item.path, final, name + "/", aside, moves)
-        elif stat.S_ISDIR(there.st_mode):
-            raise ArchiveRejected(f"cannot keep {_shown(name)}: a directory of that name is in {target} already (from "
-                                  "an earlier collection); nothing of this archive was kept")
-        else:
-            kept = os.path.join(aside, str(len(moves)))
-            os.rename(final, kept)
-            moves.append((kept, final))
-            os.rename(item.path, final)
-            moves.append((final, item.path))
-
-
-MAX_TAR_NOTES = 1000  # complaints of tar named one by one; the rest are counted
-_TAR_PROGRAM = re.compile(r"^[^:\s]*tar: ")  # how tar starts its messages: `tar: `, `/usr/bin/tar: `, `bsdtar: `
-
-
-def collect_with_tar(source: Path, dest: Path, *, max_file_size: int, max_total_size: int) -> CollectResult:
-    """``tar cf - -C <source> .`` on this machine, extracted into ``dest`` as it streams.
-
-    tar's stderr goes to an unlinked temporary file, never a pipe nobody reads (tar would stop for good
-    at 64 KiB of warnings, and the collection with it). Files tar could not read, or left out (a socket),
-    are named in ``skipped`` with tar's words; a non-zero exit status is recorded there too, or, when the
-    archive was rejected, next to the reason in ``lost``."""
-    with tempfile.TemporaryFile() as errors:
-        tar = subprocess.Popen(["tar", "cf", "-", "-C", str(source), "."], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=errors)
-        assert tar.stdout is not None
-        result = CollectResult()
-        rejected: ArchiveRejected | None = None
-        try:
-            try:
-                result = extract_tar_stream(tar.stdout, dest, max_file_size=max_file_size,
-                                            max_total_size=max_total_size)
-            except ArchiveRejected as exc:
-                rejected = exc
-            else:
-                while tar.stdout.read(CHUNK):  # the padding after the end-of-archive marker: tar ends by itself
-                    pass
-        finally:
-            tar.stdout.close()
-            code = tar.wait()
-        errors.seek(0)
-        notes, last = tar_complaints(errors)
-    if rejected is not None:
-        failed = f"; tar exited with status {code}: {last}" if code > 0 and last else ""
-        result = CollectResult(lost=f"artifacts lost: {rejected}{failed}")
-    result.skipped.extend(notes)
-    if code != 0 and rejected is None:
-        result.skipped.append(f"tar: exit status {code}" + (f" ({last})" if last else ""))
-    return result
-
-
-def tar_complaints(stderr: Iterable[bytes], limit: int = MAX_TAR_NOTES) -> tuple[list[str], str | None]:
-    """tar's stderr, read: a note ``<file>: <complaint>`` for each line about a file (GNU tar's
-    ``tar: ./x: Cannot open: Permission denied`` is ``x: Cannot open: Permission denied``), at most
-    ``limit`` of them and then a count; and tar's last line (without ``tar: ``), which says why it failed."""
-    notes: list[str] = []
-    more = 0
-    last: str | None = None
-    for raw in stderr:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line.strip():
-            continue
-        text = _TAR_PROGRAM.sub("", line, count=1)
-        last = text
-        if text.startswith("./"):
-            if len(notes) < limit:
-                notes.append(text[2:])
-            else:
-                more += 1
-    if more:
-        notes.append(f"tar: {more} more complaints about files, not listed")
-    return notes, last
