@@ -1,0 +1,70 @@
+"""Task runs (one per attempt) and the artifacts each collected."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlmodel import col, select
+
+from keruta_prefect.models import ArtifactInfo
+from keruta_prefect.store.base import StoreBase
+from keruta_prefect.store.tables import ArtifactRow, TaskRunRow
+
+
+class RunQueries(StoreBase):
+    """Task runs (one per attempt) and the artifacts each collected."""
+
+    # --- runs --------------------------------------------------------------------------------------
+    def start_run(self, run: TaskRunRow) -> TaskRunRow:
+        with self.session() as s:
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+            return run
+
+    def update_run(self, run_id: int, **changes: Any) -> TaskRunRow:
+        with self.session() as s:
+            run = s.get(TaskRunRow, run_id)
+            if run is None:
+                raise LookupError(f"task run {run_id} not found")
+            for key, value in changes.items():
+                setattr(run, key, value)
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+            return run
+
+    def unfinished_runs(self, flow_run_id: str) -> list[TaskRunRow]:
+        with self.session(read=True) as s:
+            query = select(TaskRunRow).where(TaskRunRow.flow_run_id == flow_run_id, TaskRunRow.finished_at == None)  # noqa: E711
+            return list(s.exec(query.order_by(col(TaskRunRow.id))))
+
+    def runs(self, task_id: str) -> list[TaskRunRow]:
+        with self.session(read=True) as s:
+            return list(s.exec(select(TaskRunRow).where(TaskRunRow.task_id == task_id).order_by(col(TaskRunRow.id))))
+
+    # --- artifacts ---------------------------------------------------------------------------------
+    def add_artifacts(self, task_id: str, run_id: int | None, items: Sequence[ArtifactInfo]) -> None:
+        if not items:
+            return
+        with self.session() as s:
+            for item in items:
+                s.add(ArtifactRow(task_id=task_id, run_id=run_id, **item.model_dump()))
+            s.commit()
+
+    def claim_uploads(self, task_id: str, run_id: int) -> list[ArtifactInfo]:
+        """The files the agent uploaded through the API (recorded without a run) now belong to ``run_id``."""
+        with self.session() as s:
+            rows = list(s.exec(select(ArtifactRow).where(ArtifactRow.task_id == task_id,
+                                                         ArtifactRow.run_id == None)))  # noqa: E711
+            for row in rows:
+                row.run_id = run_id
+                s.add(row)
+            s.commit()
+            return [ArtifactInfo(path=r.path, size=r.size, sha256=r.sha256, location=r.location) for r in rows]
+
+    def artifacts(self, task_id: str) -> list[ArtifactRow]:
+        with self.session(read=True) as s:
+            query = select(ArtifactRow).where(ArtifactRow.task_id == task_id).order_by(col(ArtifactRow.id))
+            return list(s.exec(query))
