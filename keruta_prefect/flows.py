@@ -14,8 +14,9 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, State, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
@@ -164,8 +165,8 @@ def record_run(store: Store, run_id: int, task: Task, outcome: Outcome, collecte
     return recorded_result(store, task.id)
 
 
-def _on_cancel(_flow: Any, flow_run: Any, _state: Any) -> None:
-    parameters = getattr(flow_run, "parameters", None) or {}
+def _on_cancel(_flow: Flow[..., Any], flow_run: FlowRun, _state: State[Any]) -> None:
+    parameters = flow_run.parameters or {}
     stop_flow_run_agents(str(flow_run.id), parameters.get("settings_block") or DEFAULT_BLOCK,
                          parameters.get("backend"), parameters)
 
@@ -196,7 +197,7 @@ def keruta_task(
         runner = get_backend(backend, settings, store)
     except BackendError as exc:  # e.g. "Kubernetes integration is disabled (keruta.kubernetes.enabled=false)"
         logger.error("%s", exc)
-        return Failed(message=str(exc))  # type: ignore[return-value]
+        return Failed(message=str(exc))  # type: ignore[return-value]  # a State returned by a flow is its final state
     owner = claim_owner()
     task_ = prepare_task(store, task_id, task_spec, owner, claim)
     if task_.status == TaskStatus.COMPLETED:
@@ -210,23 +211,24 @@ def keruta_task(
             ended = run_attempts(runner, store, settings, task_)
     except SlotUnavailable as exc:  # the task stays PENDING; its claim goes with this (failed) flow run
         logger.error("%s", exc)
-        return Failed(message=str(exc))  # type: ignore[return-value]
+        return Failed(message=str(exc))  # type: ignore[return-value]  # a State returned by a flow is its final state
     if isinstance(ended, TaskResult):
         result = ended
     else:
-        return ended  # the database did not take the outcome: Failed, the outcome kept in Prefect
+        # the database did not take the outcome: Failed, the outcome kept in Prefect
+        return ended  # type: ignore[return-value]  # a State returned by a flow is its final state
     publish_summary(store, task_, result)
     if result.status != TaskStatus.COMPLETED:
         # A task that failed is an expected outcome, not a crash: a Failed state (no traceback) whose
         # result() raises KerutaTaskFailed carrying the whole TaskResult.
         failure = KerutaTaskFailed(result)
         logger.error("%s", failure)
-        return Failed(message=str(failure), data=failure)  # type: ignore[return-value]
+        return Failed(message=str(failure), data=failure)  # type: ignore[return-value]  # a State returned by a flow is its final state
     logger.info("keruta task %s COMPLETED", task_.id)
     return result
 
 
-def run_attempts(runner: Backend, store: Store, settings: KerutaSettings, task_: Task) -> Any:
+def run_attempts(runner: Backend, store: Store, settings: KerutaSettings, task_: Task) -> TaskResult | State[Any]:
     """Attempts of the task until one ends it: reattach to an unfinished one first, then launch new ones.
 
     Every attempt counts toward keruta.task.max-attempts, a reattached or stopped one included. An
@@ -330,7 +332,7 @@ def _stop_quietly(runner: Backend, handle: RunHandle) -> None:
 
 
 def unrecorded(task: Task, handle: RunHandle, outcome: Outcome, collected: CollectResult,
-               error: Exception) -> Failed:  # type: ignore[valid-type]
+               error: Exception) -> State[Any]:
     """The database could not take the outcome: keep it in Prefect (a JSON artifact on this flow run and
     the Failed state's data) and fail the run with one line saying so."""
     result = TaskResult(task_id=task.id, status=outcome.status, attempt=handle.attempt, backend=handle.backend,

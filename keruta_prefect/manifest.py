@@ -282,7 +282,7 @@ def build_job(task: Task, settings: KerutaSettings, ctx: RunContext) -> dict[str
 
 
 def _clone_container(task: Task, settings: KerutaSettings) -> dict[str, Any]:
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": Env.REPOSITORY_URL, "value": task.repository_url or ""},
         {"name": Env.REPOSITORY_REF, "value": task.repository_ref or ""},
         {"name": "HOME", "value": "/tmp"},

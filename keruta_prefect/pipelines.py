@@ -16,11 +16,12 @@ import uuid
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import State, flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import deployment as runtime_deployment
-from prefect.states import Failed, State
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.types import Name
 from pydantic import BaseModel, Field
@@ -113,7 +114,7 @@ def run_child(task_id: str, backend: str, settings_block: str, limit: str | None
     """One keruta task as a child flow run of ``keruta-task`` (which holds a slot of the global limit
     ``limit`` while its agent runs)."""
     state = keruta_task.with_options(flow_run_name=f"keruta-{task_id}")(
-        task_id=task_id, backend=backend, settings_block=settings_block, claim=claim,  # type: ignore[arg-type]
+        task_id=task_id, backend=backend, settings_block=settings_block, claim=claim,
         concurrency_limit=limit, return_state=True)
     return child_run(task_id, state)
 
@@ -124,6 +125,7 @@ def run_many(task_ids: list[str], concurrency: int, backend: str, settings_block
     if not task_ids:
         return []
     runs: list[ChildRun] = []
+    runner: ThreadPoolTaskRunner[Any]
     with ThreadPoolTaskRunner(max_workers=max(1, min(concurrency, len(task_ids)))) as runner:
         futures = [runner.submit(run_child, {"task_id": task_id, "backend": backend, "settings_block": settings_block,
                                              "limit": limit, "claim": claim}) for task_id in task_ids]
@@ -225,7 +227,7 @@ def keruta_pipeline(
     logger.info("keruta pipeline: %s", result.summary())
     if not result.completed:
         failure = PipelineFailed(result)
-        return Failed(message=str(failure), data=failure)  # type: ignore[return-value]
+        return Failed(message=str(failure), data=failure)  # type: ignore[return-value]  # the flow's final state
     return result
 
 
@@ -270,7 +272,7 @@ def hand_over(store: Store, owner: str, task_ids: list[str], deployment: str, ba
         created = run_deployment(deployment, timeout=0, as_subflow=True, flow_run_name=f"keruta-{task_id}",
                                  parameters={"task_id": task_id, "backend": backend, "settings_block": settings_block,
                                              "claim": owner, "concurrency_limit": limit})
-        # it may have taken it already: fine
+        assert isinstance(created, FlowRun)  # called from sync code: the run itself, not a coroutine
         pass_claim(store, task_id, owner, str(created.id))
         runs.append(ChildRun(task_id=task_id, status="SUBMITTED", flow_run_id=str(created.id)))
     return runs

@@ -34,9 +34,10 @@ class ProgressReporter:
         if progress is None or progress == self.last:
             return
         if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(
-                progress, key=artifact_key(self.task_id) + "-progress",
-                description=f"progress reported by keruta task {self.task_id}")
+            created = create_progress_artifact(progress, key=artifact_key(self.task_id) + "-progress",
+                                               description=f"progress reported by keruta task {self.task_id}")
+            assert isinstance(created, uuid.UUID)  # called from a thread: the id itself, not a coroutine
+            self.artifact_id = created
         else:
             update_progress_artifact(self.artifact_id, progress)
         self.last = progress
