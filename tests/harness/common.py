@@ -74,6 +74,13 @@ def error(code: int, reason: str, message: str) -> aiohttp.web.Response:
     return aiohttp.web.json_response(status_body(code, reason, message), status=code)
 
 
+def raw_request(request: kmock.Request) -> aiohttp.web.BaseRequest:
+    """aiohttp's own request under kmock's (streams, WebSockets and the transport need it)."""
+    raw = request._raw_request
+    assert raw is not None, "kmock always serves over aiohttp"
+    return raw
+
+
 def container_state(pod: dict[str, Any], container: str) -> dict[str, Any]:
     """The state of a (main or init) container of ``pod``, as its status reports it; {} before any."""
     for key in ("containerStatuses", "initContainerStatuses"):

@@ -11,7 +11,7 @@ import aiohttp.web
 import kmock
 
 from . import containers
-from .common import PODS, container_state, error
+from .common import PODS, container_state, error, raw_request
 from .faults import Faults
 from .kubelet import Kubelet
 from .store import Store
@@ -34,13 +34,14 @@ class Exec:
         container = request.params.get("container") or pod["spec"]["containers"][0]["name"]
         if "running" not in container_state(pod, container):
             return error(400, "BadRequest", f"container {container} is not valid for pod {name}: not running")
-        command = request._raw_request.query.getall("command", [])
+        raw = raw_request(request)
+        command = raw.query.getall("command", [])
         spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
         volumes = containers.volume_paths(self.kubelet.root, namespace, name, pod["spec"])
         mounts = containers.mounts_of(spec, volumes)
         argv = [containers.localize(part, mounts) for part in command]
         ws = aiohttp.web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"))
-        await ws.prepare(request._raw_request)
+        await ws.prepare(raw)
         self.commands.append(command)
         fault, limit = self.faults.next_exec()
         if fault == "stall":  # upgraded, then nothing at all until the client goes (or STALL_SECONDS)
@@ -79,9 +80,8 @@ class Exec:
         except ConnectionAbortedError:  # the connection breaks mid-stream: no status, no close frame
             proc.kill()
             await proc.wait()
-            transport = request._raw_request.transport
-            if transport is not None:
-                transport.abort()
+            if raw.transport is not None:
+                raw.transport.abort()
             return ws
         code = await proc.wait()
         status = {"metadata": {}, "status": "Success"} if code == 0 else {

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import aiohttp.web
 import kmock
 
-from .common import PODS, container_state, error, log_timestamp
+from .common import PODS, container_state, error, log_timestamp, raw_request
 from .faults import Faults
 from .store import Store
 
@@ -53,7 +53,7 @@ class Logs:
             since = since[:19]
         log = self.of(namespace, name, container)
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/plain"})
-        raw = request._raw_request
+        raw = raw_request(request)
         await response.prepare(raw)
         drop_after = self.faults.next_log_drop()
         sent = 0
@@ -76,6 +76,8 @@ class Logs:
                         sent += 1
                     if not follow or log.finished:
                         return response
-                    await self.store.wait_change(0.5, lambda seen=index: seen < len(log.lines) or log.finished)
+                    def more(seen: int = index) -> bool:
+                        return seen < len(log.lines) or log.finished
+                    await self.store.wait_change(0.5, more)
             except (ConnectionResetError, RuntimeError):
                 return response

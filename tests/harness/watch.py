@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp.web
 import kmock
 
-from .common import KINDS, status_body
+from .common import KINDS, raw_request, status_body
 from .faults import Faults
 from .selectors import field_matcher, label_matcher
 from .store import Store
@@ -53,7 +53,7 @@ class ListWatch:
     async def watch(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         assert request.resource is not None
         store = self.store
-        raw = request._raw_request
+        raw = raw_request(request)
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(raw)
         match = matcher(request)
