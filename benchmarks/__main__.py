@@ -52,9 +52,8 @@ def prefect_server(database: str, home: Path) -> Iterator[str]:
             yield "the Prefect test harness (SQLite)"
         return
     import prefect.context
-
-    from tests.harness.postgres import Postgres
-    from tests.harness.processes import prefect_server as server_process
+    from keruta_harness.postgres import Postgres
+    from keruta_harness.processes import prefect_server as server_process
 
     pg = Postgres().start()
     try:
@@ -204,7 +203,7 @@ def main() -> None:
                         help="the Prefect server's database (default: postgresql when installed, else sqlite)")
     args = parser.parse_args()
     home = _isolate()
-    from tests.harness.postgres import pg_bin
+    from keruta_harness.postgres import pg_bin
 
     database = args.prefect_db or ("postgresql" if pg_bin() and not args.smoke else "sqlite")
     out = args.out or (home / "RESULTS.md" if args.smoke else Path(__file__).parent / "RESULTS.md")

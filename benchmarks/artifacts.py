@@ -34,13 +34,14 @@ def tar_cat(source: Path) -> float:
 def measure(big_mib: int, small_files: int) -> list[dict[str, float | str]]:
     """Collect one file of ``big_mib`` MiB and ``small_files`` files of 1 KiB over exec; time `tar | cat`
     of the same directories."""
+    from keruta_harness.cluster import Cluster
+
     from keruta_prefect.backends.base import RunContext
     from keruta_prefect.backends.kubernetes import KubernetesBackend, watch
     from keruta_prefect.backends.kubernetes.exec import collect_directory
     from keruta_prefect.models import Task
     from keruta_prefect.settings import KerutaSettings
     from keruta_prefect.store import Store
-    from tests.harness.cluster import Cluster
 
     root = Path(tempfile.mkdtemp(prefix="keruta-bench-artifacts-"))
     store = Store(f"sqlite:///{root / 'k.db'}")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.harness.cluster import Cluster
+from keruta_harness.cluster import Cluster
 
 
 def percentile(values: list[float], q: float) -> float:

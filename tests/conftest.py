@@ -30,8 +30,8 @@ import pytest  # noqa: E402
 from keruta_prefect.api import ApiServer, create_app  # noqa: E402
 
 if TYPE_CHECKING:
-    from tests.harness.cluster import Cluster
-    from tests.harness.postgres import Postgres
+    from keruta_harness.cluster import Cluster
+    from keruta_harness.postgres import Postgres
 from keruta_prefect.store import Store, get_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def store(keruta_home: Path) -> Store:
 def postgres() -> Iterator[Postgres]:
     """One throwaway PostgreSQL server for the session (Debian's package; .ci/run installs it and sets
     KERUTA_REQUIRE_POSTGRES=1, so there the PostgreSQL tier can never be skipped)."""
-    from tests.harness.postgres import Postgres, pg_bin
+    from keruta_harness.postgres import Postgres, pg_bin
 
     if pg_bin() is None:
         if os.environ.get("KERUTA_REQUIRE_POSTGRES") == "1":
@@ -84,7 +84,7 @@ def postgres() -> Iterator[Postgres]:
 def prefect_postgres_server(postgres: Postgres) -> Iterator[str]:
     """A second Prefect server for the session, on PostgreSQL: many concurrent flows belong there (Prefect
     on SQLite answers concurrent writes with 503s). Tests select it with `on_prefect_postgres`."""
-    from tests.harness.postgres import prefect_on_postgres
+    from keruta_harness.postgres import prefect_on_postgres
 
     with prefect_on_postgres(postgres, _SESSION_DIR / "prefect-postgres.log") as base:
         yield f"{base}/api"
@@ -164,8 +164,9 @@ def run_agent(api: Api, task_id: str, work_dir: Path, *args: str, timeout: float
 
 @contextmanager
 def _running_cluster(root: Path, kubelet: str) -> Iterator[Cluster]:
+    from keruta_harness.cluster import Cluster
+
     from keruta_prefect.backends.kubernetes import watch
-    from tests.harness.cluster import Cluster
 
     running = Cluster(root, kubelet=kubelet).start()
     try:

@@ -97,7 +97,7 @@ def test_ten_megabytes_of_output_arrive_complete_and_once(api: Api, store: Store
 
 
 def test_api_down_then_back_loses_no_line(store: Store, keruta_home: Path, tmp_path: Path) -> None:
-    from tests.harness.processes import free_port
+    from keruta_harness.processes import free_port
 
     api = Api(store, keruta_home / "artifacts", port=free_port()).start()
     make(store, "flaky", "for i in $(seq 1 150); do echo line $i; sleep 0.02; done")
@@ -118,7 +118,7 @@ def test_api_down_then_back_loses_no_line(store: Store, keruta_home: Path, tmp_p
 
 
 def test_api_gone_for_good_spools_unsent_lines_and_exits_3(store: Store, keruta_home: Path, tmp_path: Path) -> None:
-    from tests.harness.processes import free_port
+    from keruta_harness.processes import free_port
 
     api = Api(store, keruta_home / "artifacts", port=free_port()).start()
     make(store, "gone", "echo first\nsleep 1.5\nfor i in $(seq 1 20); do echo later $i; done")

@@ -463,7 +463,7 @@ def test_helpers_with_bad_input_say_one_line_and_exit_2(api: Api, store: Store, 
 
 def test_refusals_by_the_api_are_exit_2_and_an_unreachable_api_is_exit_3(api: Api, store: Store,
                                                                           tmp_path: Path) -> None:
-    from tests.harness.processes import free_port
+    from keruta_harness.processes import free_port
 
     make(store, "t", "echo never")
     good = {"KERUTA_API_TOKEN": api.token, "KERUTA_TASK_ID": "t", "KERUTA_API_URL": api.url}

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
-
-from tests.harness.processes import free_port
+from keruta_harness.processes import free_port
 
 
 def test_api_command_serves_the_contract_on_loopback_with_the_env_token(keruta_home: Path) -> None:

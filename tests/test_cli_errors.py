@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from keruta_harness.processes import free_port
 
 from keruta_prefect.manifest import TRUNCATION_MARKER, task_env, truncate_utf8
 from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings, SettingsError
-from tests.harness.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = Path(sys.executable).parent / "keruta-prefect"

@@ -15,11 +15,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from keruta_harness.processes import stop_process
 
 from keruta_prefect.models import TaskStatus, parse_task_spec
 from keruta_prefect.store import Store
 from tests.conftest import ROOT
-from tests.harness.processes import stop_process
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from keruta_harness.cluster import Cluster
 
 from keruta_prefect.artifacts import ArchiveRejected
 from keruta_prefect.backends.base import RunContext
@@ -16,7 +17,6 @@ from keruta_prefect.backends.kubernetes.exec import ArtifactsLost, collect_direc
 from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
-from tests.harness.cluster import Cluster
 
 
 def running_pod(cluster: Cluster, store: Store) -> tuple[KubernetesBackend, str, Path]:

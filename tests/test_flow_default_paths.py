@@ -185,11 +185,12 @@ def test_any_collection_failure_is_recorded_as_artifacts_lost_with_the_run(
 
 def test_cancel_finds_a_job_in_the_tasks_own_namespace_before_its_run_was_recorded(
         cluster: object, api: object, store: Store) -> None:
+    from keruta_harness.cluster import Cluster
+
     from keruta_prefect.backends.base import RunContext
     from keruta_prefect.backends.kubernetes import KubernetesBackend
     from keruta_prefect.flows import stop_flow_run_agents
     from tests.conftest import Api
-    from tests.harness.cluster import Cluster
 
     assert isinstance(cluster, Cluster) and isinstance(api, Api)
     cluster.create_namespace("team-a")

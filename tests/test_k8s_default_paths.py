@@ -17,6 +17,7 @@ from typing import Any
 
 import kubernetes.client
 import pytest
+from keruta_harness.cluster import Cluster
 
 from keruta_prefect.backends.base import BackendError, Outcome, RunContext, RunHandle, TransientBackendError
 from keruta_prefect.backends.kubernetes import KubernetesBackend, watch
@@ -25,7 +26,6 @@ from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
 from tests.conftest import Api
-from tests.harness.cluster import Cluster
 
 
 def fast(**extra: Any) -> WatchTuning:

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+from keruta_harness.cluster import Cluster
 
 from keruta_prefect.backends.base import Outcome, RunContext, RunHandle
 from keruta_prefect.backends.kubernetes import KubernetesBackend
@@ -18,7 +19,6 @@ from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, TaskRunRow
 from tests.conftest import Api
-from tests.harness.cluster import Cluster
 
 
 def settings_for(cluster: Cluster, api: Api | None = None, **extra: object) -> KerutaSettings:

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from keruta_harness.cluster import Cluster
 
 from keruta_prefect.blocks import seed
 from keruta_prefect.flows import KerutaTaskFailed, keruta_task
@@ -14,7 +15,6 @@ from keruta_prefect.manifest import job_name
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
 from tests.conftest import Api
-from tests.harness.cluster import Cluster
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -237,7 +237,7 @@ def test_a_failing_clone_fails_the_task_as_an_init_failure(k8s: tuple[Cluster, s
 
 def test_a_job_name_taken_by_something_else_is_a_clear_error(k8s: tuple[Cluster, str], store: Store) -> None:
     cluster, block = k8s
-    from tests.harness.cluster import JOBS
+    from keruta_harness.cluster import JOBS
 
     stranger = {"apiVersion": "batch/v1", "kind": "Job",
                 "metadata": {"name": job_name("k-name", 1), "namespace": "default", "labels": {"app": "other"}},

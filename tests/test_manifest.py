@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from keruta_harness.validate import validate_all, versions
 
 from keruta_prefect.models import RunContext
 from keruta_prefect.manifest import (
@@ -20,7 +21,6 @@ from keruta_prefect.manifest import (
 )
 from keruta_prefect.models import Task, parse_task_spec
 from keruta_prefect.settings import KerutaSettings
-from tests.k8s_validate import validate_all, versions
 
 GOLDEN = Path(__file__).parent / "golden"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from keruta_harness.cluster import Cluster
+from keruta_harness.validate import validate_all
 
 from keruta_prefect.backends.kubernetes.doctor import PERMISSIONS, SECRET_PERMISSION
 from keruta_prefect.cli import main
 from tests.conftest import Api
-from tests.harness.cluster import Cluster
-from tests.k8s_validate import validate_all
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = ROOT / "deployments"

@@ -10,10 +10,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from keruta_harness.postgres import Postgres
 
 from keruta_prefect.models import TaskStatus
 from keruta_prefect.store import Store, get_store
-from tests.harness.postgres import Postgres
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ import threading
 import uuid
 
 import pytest
+from keruta_harness.cluster import Cluster
 
 from keruta_prefect.blocks import seed
 from keruta_prefect.manifest import job_name
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
 from tests.conftest import Api
-from tests.harness.cluster import Cluster
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from keruta_harness.cluster import Cluster
 
 from keruta_prefect.blocks import seed
 from keruta_prefect.flows import keruta_task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
 from tests.conftest import Api
-from tests.harness.cluster import Cluster
 
 
 @pytest.mark.usefixtures("prefect_server")

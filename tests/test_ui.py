@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from keruta_harness.processes import free_port, prefect_server
 
 from tests.conftest import OUTPUT
-from tests.harness.processes import free_port, prefect_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and os.environ.get("KERUTA_REQUIRE_BROWSER") != "1":

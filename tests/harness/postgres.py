@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.harness.processes import free_port, prefect_server
+from .processes import free_port, prefect_server
 
 
 def pg_bin() -> Path | None:

@@ -1,0 +1,203 @@
+"""The API server in front of kmock's emulator: /version, RBAC (403s from the test's policy) and
+SelfSubjectAccessReviews, injected error statuses, Namespaces, create with the API server's defaults,
+validation (kubernetes-validate for every supported version, quantities as the API decodes them) and
+server-side dry run, deletion with propagation policies; list and watch (watch.py); pods/log (logs.py) and
+pods/exec (exec.py). Every request is recorded as a ``Call``."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+import shutil
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+import kubernetes_validate
+
+from .common import JOBS, KINDS, NAMESPACES, Call, error
+from .controller import JobController
+from .faults import Faults
+from .kubelet import Kubelet
+from .store import Store
+from .validate import quantity_problems, versions
+from .watch import ListWatch
+
+VALIDATED = {"jobs", "persistentvolumeclaims"}
+VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+VERSION = {"major": "1", "minor": "33", "gitVersion": "v1.33.0-harness", "gitCommit": "0" * 40,
+           "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24.0",
+           "compiler": "gc", "platform": "linux/amd64"}
+Fallback = Callable[[Any], Awaitable[aiohttp.web.StreamResponse]]
+Handler = Callable[[kmock.Request], Awaitable[aiohttp.web.StreamResponse]]
+
+
+@attrs.define(kw_only=True)
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator, with every request going through ``api`` first (kmock's own handling is its
+    fallback for plain get, patch and update)."""
+
+    api: Any = None
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        return await self.api.handle(request, super()._handle)
+
+
+class ApiServer:
+    def __init__(self, store: Store, faults: Faults, controller: JobController, kubelet: Kubelet,
+                 subresources: dict[str, Handler], *, root: Path, validate: bool = True) -> None:
+        self.store = store
+        self.faults = faults
+        self.controller = controller
+        self.kubelet = kubelet
+        self.subresources = subresources  # "log", "exec": served by the kubelet's side
+        self.lists = ListWatch(store, faults)
+        self.root = root
+        self.validate = validate
+        self.calls: list[Call] = []
+        self.namespaces: set[str] = {"default"}
+        self.validation_errors: list[str] = []
+
+    def _call(self, request: kmock.Request, method: str, is_watch: bool) -> Call:
+        """The request as RBAC sees it."""
+        assert request.resource is not None
+        verb = VERBS.get(method, method.lower())
+        if method == "GET" and request.name is None:
+            verb = "watch" if is_watch else "list"
+        if request.subresource == "exec":
+            verb = "create"  # WebSocket exec is authorized as `create` on pods/exec
+        name = request.name
+        if verb == "create" and request.subresource is None and isinstance(request.data, dict):
+            name = request.data.get("metadata", {}).get("name")
+        return Call(verb, request.resource.group or "", request.resource.plural or "", request.subresource,
+                    request.namespace, name)
+
+    async def handle(self, request: kmock.Request, fallback: Fallback) -> aiohttp.web.StreamResponse:
+        resource = request.resource
+        is_watch = request.params.get("watch", "").lower() in ("true", "1")
+        method = str(getattr(request.method, "value", request.method)).upper()
+        if request.url.path in ("/version", "/version/"):  # the official client asks for /version/
+            return aiohttp.web.json_response(VERSION)
+        if resource is None:
+            return await fallback(request)
+        if method == "GET" and re.fullmatch(r"/api/v1/namespaces/[^/]+", request.url.path):
+            # kmock reads /api/v1/namespaces/NAME as a list in namespace NAME: it is a get of a Namespace.
+            self.calls.append(Call("get", "", "namespaces", None, None, request.namespace))
+            found = self.store.get(NAMESPACES, None, request.namespace or "")
+            if found is None:
+                return error(404, "NotFound", f'namespaces "{request.namespace}" not found')
+            return aiohttp.web.json_response(found)
+        call = self._call(request, method, is_watch)
+        self.calls.append(call)
+        refused = self.faults.refusal(call)
+        if refused is not None:
+            return refused
+        if call.resource == "selfsubjectaccessreviews":
+            return self._access_review(request)
+        if request.namespace and request.namespace not in self.namespaces and call.resource != "namespaces":
+            return error(404, "NotFound", f'namespaces "{request.namespace}" not found')
+        if request.subresource in self.subresources:
+            return await self.subresources[request.subresource](request)
+        if is_watch:
+            return await self.lists.watch(request)
+        if call.verb == "list":
+            return self.lists.list(request)
+        if call.verb == "create" and request.subresource is None:
+            return await self._create(request)
+        if call.verb == "delete" and call.name is not None:
+            return await self._delete(request)
+        if call.verb in ("patch", "update"):
+            response = await fallback(request)
+            if response.status < 300:
+                await self.store.commit(resource, request.namespace, call.name or "", "MODIFIED")
+                return aiohttp.web.json_response(self.store.get(resource, request.namespace, call.name or ""))
+            return response
+        return await fallback(request)
+
+    def _access_review(self, request: kmock.Request) -> aiohttp.web.Response:
+        review = copy.deepcopy(request.data or {})
+        attrs_ = (review.get("spec") or {}).get("resourceAttributes") or {}
+        allowed = self.faults.allows(attrs_.get("resource", ""), attrs_.get("subresource") or None,
+                                     attrs_.get("verb", ""))
+        review["status"] = {"allowed": allowed, **({} if allowed else {"reason": "no RBAC rule allows it"})}
+        return aiohttp.web.json_response(review, status=201)
+
+    async def _invalid(self, obj: dict[str, Any], resource: kmock.resource) -> aiohttp.web.Response | None:
+        """400 for quantities the API cannot decode, 422 for what a supported version's schema refuses."""
+        plural = resource.plural or ""
+        kind = f"{KINDS.get(plural, 'Object')}.{resource.group or 'core'}"
+        name = obj["metadata"].get("name")
+        problems = quantity_problems(obj, plural)
+        if problems:
+            message = f'{kind} "{name}" cannot be handled as a {KINDS.get(plural)}: {"; ".join(problems)}'
+            self.validation_errors.append(message)
+            return error(400, "BadRequest", message)
+        if not self.validate or plural not in VALIDATED:
+            return None
+        for version in versions():
+            try:  # off the loop: validation takes ~30 ms a version, and watches must keep flowing
+                await asyncio.to_thread(kubernetes_validate.validate, obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                message = f'{kind} "{name}" is invalid for Kubernetes {version}: {exc.message}'
+                self.validation_errors.append(message)
+                return error(422, "Invalid", message)
+        return None
+
+    async def _create(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        assert request.resource is not None
+        obj = request.data
+        if not isinstance(obj, dict):
+            return error(400, "BadRequest", "the body of the request was in an unknown format")
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", request.namespace)
+        plural = request.resource.plural or ""
+        invalid = await self._invalid(obj, request.resource)
+        if invalid is not None:
+            return invalid
+        if self.store.get(request.resource, request.namespace, meta.get("name", "")) is not None:
+            return error(409, "AlreadyExists",
+                         f'{plural}{"." + request.resource.group if request.resource.group else ""} '
+                         f'"{meta.get("name")}" already exists')
+        if request.params.get("dryRun") == "All":
+            return aiohttp.web.json_response(obj, status=201)
+        if plural == "jobs":
+            obj.setdefault("status", {})
+            # The API server's Job defaults: a selector on the Job's uid, and its labels on the Pod template.
+            uid = meta.setdefault("uid", str(uuid.uuid4()))
+            spec = obj.setdefault("spec", {})
+            if not spec.get("manualSelector"):
+                spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+                template_meta = spec.setdefault("template", {}).setdefault("metadata", {})
+                template_meta["labels"] = {**(template_meta.get("labels") or {}),
+                                           "batch.kubernetes.io/controller-uid": uid, "controller-uid": uid,
+                                           "batch.kubernetes.io/job-name": meta.get("name", ""),
+                                           "job-name": meta.get("name", "")}
+        created = await self.store.put(request.resource, obj)
+        return aiohttp.web.json_response(created, status=201)
+
+    async def _delete(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        assert request.resource is not None
+        namespace, name = request.namespace or "", request.name or ""
+        current = self.store.get(request.resource, request.namespace, name)
+        if current is None:
+            group = f".{request.resource.group}" if request.resource.group else ""
+            return error(404, "NotFound", f'{request.resource.plural}{group} "{name}" not found')
+        body = request.data if isinstance(request.data, dict) else {}
+        policy = body.get("propagationPolicy") or request.params.get("propagationPolicy") or "Background"
+        if request.resource.plural == "jobs":
+            await self.controller.delete_job(namespace, name, policy)
+            if policy == "Foreground":  # marked, and still there until its Pods are gone
+                return aiohttp.web.json_response(self.store.get(JOBS, request.namespace, name), status=200)
+            return aiohttp.web.json_response(current, status=200)
+        if request.resource.plural == "pods":
+            self.store.spawn(self.kubelet.delete_pod(namespace, name))
+            return aiohttp.web.json_response(current, status=200)
+        if request.resource.plural == "persistentvolumeclaims":  # the volume's files go with it
+            shutil.rmtree(self.root / "pvcs" / namespace / name, ignore_errors=True)
+        await self.store.remove(request.resource, request.namespace, name)
+        return aiohttp.web.json_response(current, status=200)

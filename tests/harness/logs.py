@@ -1,0 +1,83 @@
+"""Containers' logs: the kubelet appends each line with its time stamp; ``pods/log`` serves them as text
+(follow, timestamps, sinceTime with the API's one-second precision), as the API server proxies them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiohttp.web
+import kmock
+
+from .common import PODS, container_state, error, log_timestamp, raw_request
+from .faults import Faults
+from .store import Store
+
+
+@dataclass
+class ContainerLog:
+    lines: list[tuple[str, str]] = field(default_factory=list)  # (timestamp, text)
+    finished: bool = False
+
+
+class Logs:
+    def __init__(self, store: Store, faults: Faults) -> None:
+        self.store = store
+        self.faults = faults
+        self.logs: dict[tuple[str, str, str], ContainerLog] = {}  # (namespace, pod, container)
+
+    def of(self, namespace: str, pod: str, container: str) -> ContainerLog:
+        return self.logs.setdefault((namespace, pod, container), ContainerLog())
+
+    async def append(self, namespace: str, pod: str, container: str, text: str) -> None:
+        self.of(namespace, pod, container).lines.append((log_timestamp(), text))
+        await self.store.notify()
+
+    def finish(self, namespace: str, pod: str, container: str) -> None:
+        """The container's output has ended (a follower gets the rest, then the end of the stream)."""
+        self.of(namespace, pod, container).finished = True
+
+    async def serve(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        namespace, name = request.namespace or "", request.name or ""
+        pod = self.store.get(PODS, namespace, name)
+        if pod is None:
+            return error(404, "NotFound", f'pods "{name}" not found')
+        container = request.params.get("container") or pod["spec"]["containers"][0]["name"]
+        state = container_state(pod, container)
+        if "waiting" in state or not state:
+            reason = (state.get("waiting") or {}).get("reason", "ContainerCreating")
+            return error(400, "BadRequest", f'container "{container}" in pod "{name}" is waiting to start: {reason}')
+        follow = request.params.get("follow", "").lower() in ("true", "1")
+        stamps = request.params.get("timestamps", "").lower() in ("true", "1")
+        since = request.params.get("sinceTime")
+        if since:  # metav1.Time has one-second precision: the server answers from the start of that second
+            since = since[:19]
+        log = self.of(namespace, name, container)
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/plain"})
+        raw = raw_request(request)
+        await response.prepare(raw)
+        drop_after = self.faults.next_log_drop()
+        sent = 0
+        index = 0
+        with self.faults.open_stream("log") as stream:
+            try:
+                while True:
+                    while index < len(log.lines):
+                        stamp, text = log.lines[index]
+                        index += 1
+                        if since and stamp[:19] < since:
+                            continue
+                        line = (f"{stamp} {text}\n" if stamps else f"{text}\n").encode()
+                        if stream.drop or (drop_after is not None and sent >= drop_after):
+                            await response.write(line[: max(1, len(line) // 2)])  # cut mid-line
+                            if raw.transport is not None:
+                                raw.transport.abort()
+                            return response
+                        await response.write(line)
+                        sent += 1
+                    if not follow or log.finished:
+                        return response
+                    def more(seen: int = index) -> bool:
+                        return seen < len(log.lines) or log.finished
+                    await self.store.wait_change(0.5, more)
+            except (ConnectionResetError, RuntimeError):
+                return response
