@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 
-from keruta_prefect.backends.base import BackendError
+from keruta_prefect.backends.base import BackendError, TransientBackendError
 from keruta_prefect.cli.options import EXIT_TASK_FAILED, EXIT_UNEXPECTED, EXIT_USAGE, UsageError
 from keruta_prefect.cli.parser import build_parser
 from keruta_prefect.contract import Env
@@ -54,7 +54,7 @@ def error_line(exc: BaseException, *, startup_timeout: int | None = None) -> tup
         isinstance(exc, LookupError) and not isinstance(exc, KeyError | IndexError)  # e.g. task not found
     ):
         return EXIT_USAGE, single_line(str(exc)) or type(exc).__name__
-    if isinstance(exc, BackendError):
+    if isinstance(exc, BackendError | TransientBackendError):  # the cluster refused, or did not answer
         return EXIT_TASK_FAILED, single_line(str(exc)) or type(exc).__name__
     sql_errors = sys.modules.get("sqlalchemy.exc")
     if sql_errors is not None and isinstance(exc, sql_errors.OperationalError | sql_errors.InterfaceError):

@@ -97,27 +97,21 @@ def cmd_render(args: argparse.Namespace) -> int:
     documents = [doc for doc in (build_pvc(task, settings, ctx), build_job(task, settings, ctx)) if doc]
     print(yaml.safe_dump_all(documents, sort_keys=False, allow_unicode=True), end="")
     if args.server_dry_run:
-        import kubernetes.client
-        from kubernetes.client.exceptions import ApiException
-
-        from keruta_prefect.backends.kubernetes import api_error
+        from keruta_prefect.backends.kubernetes.api import Conflict, KubeError, Unreachable, dry_run_create
         from keruta_prefect.backends.kubernetes.client import api_client
 
         api = api_client(settings)
         for doc in documents:
             namespace, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
             try:
-                if doc["kind"] == "Job":
-                    kubernetes.client.BatchV1Api(api).create_namespaced_job(namespace, doc, dry_run="All",
-                                                                             _preload_content=False)
-                else:
-                    kubernetes.client.CoreV1Api(api).create_namespaced_persistent_volume_claim(
-                        namespace, doc, dry_run="All", _preload_content=False)
-            except ApiException as exc:
-                if exc.status == 409:
-                    print(f"✓ {doc['kind']} {name} exists already in {namespace}", file=sys.stderr)
-                    continue
-                raise UsageError(str(api_error(exc, f"the cluster refuses {doc['kind']} {name}"))) from None
+                dry_run_create(api, doc, f"the cluster refuses {doc['kind']} {name}")
+            except Conflict:
+                print(f"✓ {doc['kind']} {name} exists already in {namespace}", file=sys.stderr)
+                continue
+            except Unreachable:  # no answer is no usage error: it stays what it is (one line, exit 1)
+                raise
+            except KubeError as exc:  # the edge: one line (the cause is the HTTP answer, said in it)
+                raise UsageError(str(exc)) from None
             print(f"✓ the cluster accepts {doc['kind']} {namespace}/{name} (server-side dry run)", file=sys.stderr)
     return EXIT_OK
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import threading
 
 import kubernetes.client
 import kubernetes.config
-from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from keruta_prefect.backends.base import BackendError
 from keruta_prefect.settings import KerutaSettings
 
+# Connections one ApiClient keeps open to the API server: many tasks in one process share the client
+# (their watches, log streams and requests run at once).
+POOL_SIZE = 64
 _clients: dict[tuple[bool, str | None, str | None], kubernetes.client.ApiClient] = {}
 _lock = threading.Lock()
 # For pods/exec only: kubernetes.stream.stream() swaps call_api on the ApiClient it is given for the length
@@ -45,9 +46,8 @@ def api_client(settings: KerutaSettings) -> kubernetes.client.ApiClient:
             where = "the in-cluster service account" if settings.in_cluster else (
                 f"kubeconfig {settings.config_path or '$KUBECONFIG or ~/.kube/config'}"
                 + (f" (context {settings.context})" if settings.context else ""))
-            raise BackendError(f"cannot load the cluster connection from {where}: {exc}") from None
-        # Many tasks in one process share this client: room for their concurrent calls.
-        configuration.connection_pool_maxsize = 64
+            raise BackendError(f"cannot load the cluster connection from {where}: {exc}") from exc
+        configuration.connection_pool_maxsize = POOL_SIZE
         client = kubernetes.client.ApiClient(configuration)
         _clients[key] = client
         return client
@@ -61,11 +61,3 @@ def exec_client(api: kubernetes.client.ApiClient) -> tuple[kubernetes.client.Api
             found = (api, kubernetes.client.ApiClient(api.configuration), threading.Lock())
             _exec_clients[id(api)] = found
         return found[1], found[2]
-
-
-def api_detail(exc: ApiException) -> str:
-    """The message of the Status object the API server answered with (or the HTTP reason)."""
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except (ValueError, AttributeError):
-        return str(exc.reason)

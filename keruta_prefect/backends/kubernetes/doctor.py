@@ -7,16 +7,14 @@ calls the backend really makes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import kubernetes.client
-import urllib3.exceptions
-from kubernetes.client.exceptions import ApiException
 
 from keruta_prefect.backends.base import BackendError
-from keruta_prefect.backends.kubernetes.client import api_client, api_detail
+from keruta_prefect.backends.kubernetes.api import Forbidden, KubeError, NotFound, dry_run_create, request
+from keruta_prefect.backends.kubernetes.client import api_client
 from keruta_prefect.manifest import build_job
 from keruta_prefect.models import RunContext, Task
 from keruta_prefect.settings import KerutaSettings
@@ -66,31 +64,30 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
         add(Check(False, str(exc), "set keruta.kubernetes.config-path / context, or in-cluster=true in a Pod"))
         return checks
     try:
-        version = kubernetes.client.VersionApi(api).get_code()
-        add(Check(True, f"cluster reachable at {api.configuration.host} (Kubernetes {version.git_version})"))
-    except (ApiException, OSError, ValueError, urllib3.exceptions.HTTPError) as exc:
-        cause = getattr(exc, "reason", None) or exc
+        version = request(kubernetes.client.VersionApi(api).get_code, what="read the cluster's version")
+        add(Check(True, f"cluster reachable at {api.configuration.host} (Kubernetes {version.get('gitVersion')})"))
+    except (KubeError, ValueError) as exc:
+        raw = exc.__cause__ or exc  # the HTTP answer's reason, or the transport error's innermost reason
+        cause = getattr(raw, "reason", None) or raw
         text = str(cause).split(": ", 1)[-1] if ": " in str(cause) else str(cause)
         add(Check(False, f"cannot reach the cluster at {api.configuration.host}: {text[:200]}",
                   "check the kubeconfig (keruta.kubernetes.config-path, context) and the network"))
         return checks
 
-    batch = kubernetes.client.BatchV1Api(api)
     sample = build_job(Task(id="keruta-doctor", title="doctor"), settings, RunContext())
+    sample["metadata"]["namespace"] = namespace
     try:
-        batch.create_namespaced_job(namespace, sample, dry_run="All", _preload_content=False)
+        dry_run_create(api, sample, f"create Job {sample['metadata']['name']} in namespace {namespace} (dry run)")
         add(Check(True, f"namespace {namespace} exists and accepts agent Jobs (server-side dry run)"))
-    except ApiException as exc:
-        detail = api_detail(exc)
-        if exc.status == 404:
-            add(Check(False, f"namespace {namespace} does not exist ({detail})",
-                      f"kubectl create namespace {namespace}, or set keruta.kubernetes.default-namespace"))
-        elif exc.status == 403:
-            add(Check(False, f"cannot create Jobs in namespace {namespace}: {detail}",
-                      "kubectl apply -f deployments/rbac.yaml (and bind it to the account keruta-prefect uses)"))
-        else:
-            add(Check(False, f"the cluster refuses the agent Job: HTTP {exc.status}: {detail}",
-                      "keruta-prefect render --server-dry-run shows the manifest the cluster refuses"))
+    except NotFound as exc:
+        add(Check(False, f"namespace {namespace} does not exist ({exc.detail})",
+                  f"kubectl create namespace {namespace}, or set keruta.kubernetes.default-namespace"))
+    except Forbidden as exc:
+        add(Check(False, f"cannot create Jobs in namespace {namespace}: {exc.detail}",
+                  "kubectl apply -f deployments/rbac.yaml (and bind it to the account keruta-prefect uses)"))
+    except KubeError as exc:
+        add(Check(False, f"the cluster refuses the agent Job: {exc.answer}",
+                  "keruta-prefect render --server-dry-run shows the manifest the cluster refuses"))
 
     authz = kubernetes.client.AuthorizationV1Api(api)
     for group, resource, subresource, verb in [*PERMISSIONS, SECRET_PERMISSION]:
@@ -101,10 +98,10 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
                                                   **({"name": name} if name else {})}}}
         what = f"{verb} {resource}{'/' + subresource if subresource else ''}{'.' + group if group else ''}"
         try:
-            answer = json.loads(authz.create_self_subject_access_review(review, _preload_content=False).data)
+            answer = request(authz.create_self_subject_access_review, review, what=f"ask whether it may {what}")
             allowed = bool((answer.get("status") or {}).get("allowed"))
-        except ApiException as exc:
-            add(Check(False, f"cannot ask whether it may {what}: HTTP {exc.status}: {api_detail(exc)}"))
+        except KubeError as exc:
+            add(Check(False, f"cannot ask whether it may {what}: {exc.answer}"))
             continue
         add(Check(allowed, f"may {what} in {namespace}",
                   f"grant `{verb}` on `{resource}{'/' + subresource if subresource else ''}`: "
@@ -113,20 +110,20 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
     core = kubernetes.client.CoreV1Api(api)
     secret_name, key = settings.token_secret_name, settings.token_secret_key
     try:
-        secret = core.read_namespaced_secret(secret_name, namespace)
-        keys = set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
+        secret = request(core.read_namespaced_secret, secret_name, namespace,
+                         what=f"read Secret {secret_name} in namespace {namespace}")
+        keys = set((secret.get("data") or {}).keys()) | set((secret.get("stringData") or {}).keys())
         if key in keys:
             add(Check(True, f"Secret {secret_name} has the key {key} (the agents' API token)"))
         else:
             add(Check(False, f"Secret {secret_name} has no key {key} (it has: {', '.join(sorted(keys)) or 'none'})",
                       f"kubectl create secret generic {secret_name} --from-literal={key}=<token> (or set "
                       "keruta.kubernetes.token-secret-key)"))
-    except ApiException as exc:
-        if exc.status == 404:
-            add(Check(False, f"Secret {secret_name} not found in namespace {namespace}",
-                      f"kubectl -n {namespace} create secret generic {secret_name} --from-literal={key}=<token>"))
-        else:
-            add(Check(False, f"cannot read Secret {secret_name}: HTTP {exc.status}: {api_detail(exc)}"))
+    except NotFound:
+        add(Check(False, f"Secret {secret_name} not found in namespace {namespace}",
+                  f"kubectl -n {namespace} create secret generic {secret_name} --from-literal={key}=<token>"))
+    except KubeError as exc:
+        add(Check(False, f"cannot read Secret {secret_name}: {exc.answer}"))
 
     image = settings.default_image
     if not IMAGE_REF.match(image):

@@ -11,20 +11,22 @@ from __future__ import annotations
 import collections
 import io
 import json
-import re
 from pathlib import Path
 
 import kubernetes.client
-from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import stream
 from kubernetes.stream.ws_client import WSClient, _IgnoredIO
 from websocket import ABNF, WebSocketConnectionClosedException, WebSocketException, WebSocketTimeoutException
 
 from keruta_prefect.artifacts import ArchiveRejected, CollectResult, extract_tar_stream
+from keruta_prefect.backends.kubernetes.api import BadRequest, Forbidden, KubeError, NotFound, translated
 from keruta_prefect.backends.kubernetes.client import exec_client
 from keruta_prefect.errors import PermanentError
 
-STDOUT, STDERR, ERROR = 1, 2, 3
+STDOUT, STDERR, ERROR = 1, 2, 3  # the exec WebSocket's channels (the first byte of each frame)
+STDERR_TAIL = 4096  # bytes of the command's stderr kept, from its end (tar's last words explain a failure)
+MESSAGE_LIMIT = 200  # characters of a refusal's text in "artifacts lost: …"
+READ_BUFFER = 1 << 20  # bytes the extractor reads from the stream at a time
 
 
 class ArtifactsLost(PermanentError, RuntimeError):
@@ -83,7 +85,7 @@ class _ExecReader(io.RawIOBase):
         if channel == STDOUT and payload:
             self.chunks.append(payload)
         elif channel == STDERR:
-            self.stderr = (self.stderr + payload)[-4096:]
+            self.stderr = (self.stderr + payload)[-STDERR_TAIL:]
         elif channel == ERROR:
             self.status += payload
 
@@ -106,18 +108,15 @@ class _ExecReader(io.RawIOBase):
             self._pull()
 
 
-def _refusal(exc: ApiException, pod: str) -> ArtifactsLost:
-    text = f"{exc.reason or ''} {exc.body or ''}"
-    found = re.search(r"\b(4\d\d|5\d\d)\b", text)
-    status = int(found[1]) if found else exc.status
-    if status == 403:
+def _refusal(exc: KubeError, pod: str) -> ArtifactsLost:
+    if isinstance(exc, Forbidden):
         return ArtifactsLost(f"exec into Pod {pod} is forbidden: grant `create` on `pods/exec` "
                              "(deployments/rbac.yaml), or set keruta.artifacts.mode=upload")
-    if status == 404:
+    if isinstance(exc, NotFound):
         return ContainerGone(f"the Pod {pod} is gone (deleted before its files were collected)")
-    if status == 400:
+    if isinstance(exc, BadRequest):
         return ContainerGone(f"the agent container of Pod {pod} is not running any more")
-    return ArtifactsLost(f"exec into Pod {pod} failed: {text.strip()[:200]}")
+    return ArtifactsLost(f"exec into Pod {pod} failed: {exc.detail.strip()[:MESSAGE_LIMIT]}")
 
 
 def exec_command(api: kubernetes.client.ApiClient, namespace: str, pod: str, command: list[str],
@@ -129,11 +128,14 @@ def exec_command(api: kubernetes.client.ApiClient, namespace: str, pod: str, com
     if not lock.acquire(timeout=timeout):
         raise ArtifactsLost(f"exec into Pod {pod} could not start: another exec has been connecting for {timeout:g}s")
     try:
-        client = stream(kubernetes.client.CoreV1Api(exec_api).connect_get_namespaced_pod_exec, pod, namespace,
-                        command=command, container=container, stdin=False, stdout=True, stderr=True, tty=False,
-                        _preload_content=False, binary=True, _request_timeout=timeout)
-    except ApiException as exc:  # stream() turns every failure to connect into one (status 0)
-        raise _refusal(exc, pod) from None
+        # stream() turns every failure to connect into an ApiException (status 0, the handshake's status in
+        # its context): translated() maps it by that status like any other request.
+        with translated(f"exec into Pod {namespace}/{pod}"):
+            client = stream(kubernetes.client.CoreV1Api(exec_api).connect_get_namespaced_pod_exec, pod, namespace,
+                            command=command, container=container, stdin=False, stdout=True, stderr=True, tty=False,
+                            _preload_content=False, binary=True, _request_timeout=timeout)
+    except KubeError as exc:
+        raise _refusal(exc, pod) from exc
     finally:
         lock.release()
     # stream() does not pass capture_all on: without this the client keeps a copy of everything it reads
@@ -154,7 +156,7 @@ def collect_directory(api: kubernetes.client.ApiClient, namespace: str, pod: str
     try:
         reader = _ExecReader(client, timeout)
         try:
-            result = extract_tar_stream(io.BufferedReader(reader, 1 << 20), dest, max_file_size=max_file_size,
+            result = extract_tar_stream(io.BufferedReader(reader, READ_BUFFER), dest, max_file_size=max_file_size,
                                         max_total_size=max_total_size)
         except ArchiveRejected as exc:
             rejected = exc

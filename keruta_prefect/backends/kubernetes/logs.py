@@ -20,14 +20,24 @@ import codecs
 import contextvars
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
-from keruta_prefect.backends.kubernetes.client import api_detail
+from keruta_prefect.backends.kubernetes.api import (
+    CONNECT_TIMEOUT,
+    BadRequest,
+    Forbidden,
+    KubeError,
+    NotFound,
+    Unauthorized,
+    Unreachable,
+    kube_error,
+    translated,
+)
+from keruta_prefect.backoff import SYSTEM_CLOCK, Backoff, Clock
 
 log = logging.getLogger("keruta.kubernetes")
 
@@ -35,6 +45,10 @@ AGENT_PREFIX = "keruta-agent "
 _AGENT_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARN", "WARN": "WARN", "ERROR": "ERROR",
                  "CRITICAL": "CRITICAL"}
 MAX_UNEXPECTED = 5  # unexpected errors in a row before a follower gives up (with `error` set)
+BACKOFF_INITIAL = 0.2  # first pause before asking for the log again (not started yet, or a failure)…
+BACKOFF_CAP = 5.0  # …doubling up to this
+RESUME_PAUSE = 0.05  # the stream ended cleanly but the container runs on: ask again almost at once
+CHUNK_SIZE = 65536  # bytes read from the log stream at a time
 
 _active: set[LogFollower] = set()
 _active_lock = threading.Lock()
@@ -48,6 +62,48 @@ def line_level(text: str) -> str:
     return "INFO"
 
 
+class ResumeCursor:
+    """Where a followed log stands, so that a resume repeats and loses nothing. Pure.
+
+    The API answers ``sinceTime`` with one-second precision (from the start of that second): after a
+    resume the lines from there up to the last one passed on come again. They are known by their
+    full-precision timestamps: older ones are dropped, and of those carrying exactly the last timestamp,
+    as many as were passed on already."""
+
+    def __init__(self) -> None:
+        self.last_stamp: str | None = None
+        self.same_stamp = 0  # lines already passed on that carry exactly last_stamp
+        self.lines = 0  # lines passed on so far (the next one is number lines + 1)
+        self._skip = 0  # in this response: lines at exactly last_stamp still to come again
+
+    def since_time(self) -> str | None:
+        """The ``sinceTime`` to resume from (None: from the start)."""
+        return self.last_stamp[:19] + "Z" if self.last_stamp else None
+
+    def resume(self) -> None:
+        """A new response begins (from ``since_time()``)."""
+        self._skip = self.same_stamp if self.last_stamp else 0
+
+    def accept(self, stamp: str) -> int | None:
+        """The line's number in the container's log (1, 2, …) if it is new; None if it was passed on already."""
+        if self.last_stamp is not None:
+            if stamp < self.last_stamp:
+                return None
+            if stamp == self.last_stamp:
+                if self._skip > 0:
+                    self._skip -= 1
+                    return None
+                self.same_stamp += 1
+            else:
+                self.same_stamp = 1
+                self._skip = 0
+        else:
+            self.same_stamp = 1
+        self.last_stamp = stamp
+        self.lines += 1
+        return self.lines
+
+
 class LogFollower:
     """Call ``start()`` once the callbacks can run (the thread does not start in ``__init__``).
 
@@ -55,7 +111,8 @@ class LogFollower:
 
     def __init__(self, api: kubernetes.client.ApiClient, namespace: str, pod: str,
                  on_line: Callable[[int, str, str], None], finished: Callable[[], bool], container: str = "main",
-                 read_timeout: float = 300, on_end: Callable[[LogFollower], None] | None = None) -> None:
+                 read_timeout: float = 300, on_end: Callable[[LogFollower], None] | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.api = api
         self.namespace = namespace
         self.pod = pod
@@ -64,12 +121,10 @@ class LogFollower:
         self.finished = finished
         self.on_end = on_end
         self.read_timeout = read_timeout
-        self.last_stamp: str | None = None
-        self.same_stamp = 0  # lines already passed on that carry exactly last_stamp
-        self.lines = 0
+        self.clock = clock  # deadline and pauses are read on it
+        self.cursor = ResumeCursor()
         self.error: str | None = None  # why it stopped before the container's end, if it did
         self.deadline: float | None = None
-        self._skip = 0  # after a resume: lines at exactly last_stamp that come again
         self.ended = threading.Event()  # set when it has stopped following (before on_end is called)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -104,7 +159,7 @@ class LogFollower:
         self._wake.set()
 
     def expire_at(self, deadline: float) -> None:
-        """End at ``deadline`` (time.monotonic()) at the latest."""
+        """End at ``deadline`` (``clock.now()``) at the latest."""
         self.deadline = deadline
         self._wake.set()
 
@@ -119,51 +174,46 @@ class LogFollower:
     def _over(self) -> bool:
         if self._stop.is_set():
             return True
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if self.deadline is not None and self.clock.now() >= self.deadline:
             self.stop()
             return True
         return False
 
-    def _pause(self, seconds: float) -> None:
-        if self.deadline is not None:
-            seconds = min(seconds, max(0.0, self.deadline - time.monotonic()))
-        self._wake.wait(seconds)
+    def _pause(self, backoff: Backoff | None = None, seconds: float = 0.0) -> None:
+        """The next pause of ``backoff`` (or ``seconds``), cut short by wake(), stop() and the deadline."""
+        left = None if self.deadline is None else self.deadline - self.clock.now()
+        if backoff is not None:
+            backoff.pause(self.clock, self._wake, at_most=left)
+        else:
+            self.clock.wait(seconds if left is None else min(seconds, max(0.0, left)), self._wake)
         self._wake.clear()
 
     def _request(self) -> urllib3.response.BaseHTTPResponse:
         query: list[tuple[str, str]] = [("container", self.container), ("follow", "true"), ("timestamps", "true")]
-        if self.last_stamp:
-            query.append(("sinceTime", self.last_stamp[:19] + "Z"))
+        since = self.cursor.since_time()
+        if since:
+            query.append(("sinceTime", since))
         # read_namespaced_pod_log has no since_time parameter: the same GET through the client's own
         # serializer and auth, with the query the API documents (PodLogOptions.sinceTime).
         params = self.api.param_serialize(
             "GET", "/api/v1/namespaces/{namespace}/pods/{name}/log",
             path_params={"namespace": self.namespace, "name": self.pod},
             query_params=query, auth_settings=["BearerToken"])
-        response = self.api.call_api(*params, _request_timeout=(10, self.read_timeout))
-        if not 200 <= response.status <= 299:
-            response.read()
-            raise ApiException(http_resp=response)
+        what = f"read the log of Pod {self.namespace}/{self.pod}"
+        with translated(what):
+            response = self.api.call_api(*params, _request_timeout=(CONNECT_TIMEOUT, self.read_timeout))
+            if not 200 <= response.status <= 299:
+                response.read()
+                refusal = ApiException(http_resp=response)
+                raise kube_error(refusal, what) from refusal
         return response.response
 
     def _accept(self, stamp: str, text: str) -> None:
-        if self.last_stamp is not None:
-            if stamp < self.last_stamp:
-                return
-            if stamp == self.last_stamp:
-                if self._skip > 0:
-                    self._skip -= 1
-                    return
-                self.same_stamp += 1
-            else:
-                self.same_stamp = 1
-                self._skip = 0
-        else:
-            self.same_stamp = 1
-        self.last_stamp = stamp
-        self.lines += 1
+        seq = self.cursor.accept(stamp)
+        if seq is None:
+            return
         try:
-            self.on_line(self.lines, stamp, text)
+            self.on_line(seq, stamp, text)
         except Exception:  # e.g. the database refused the line: that line is lost, the following goes on
             self._callback_failures += 1
             if self._callback_failures == 1 or self._callback_failures % 100 == 0:
@@ -188,44 +238,37 @@ class LogFollower:
                                 exc_info=True)
 
     def _run(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(BACKOFF_INITIAL, BACKOFF_CAP)
         failing: str | None = None  # the current streak of server errors, said once
         unexpected = 0
         while not self._over():
             try:
                 self._response = self._request()
-            except ApiException as exc:
-                if exc.status == 404:
-                    return  # the Pod is gone
-                if exc.status == 400 and self.finished():
-                    return  # it will not start (or has ended with nothing more to read)
-                if exc.status in (401, 403):
-                    self.error = (f"reading the log of Pod {self.pod} is refused: HTTP {exc.status}: {api_detail(exc)}"
-                                  " — grant `get` on `pods/log` (deployments/rbac.yaml)")
-                    log.error("%s", self.error)
+            except NotFound:
+                return  # the Pod is gone
+            except BadRequest:  # not started yet (the normal case), or ended with nothing more to read
+                if self.finished():
                     return
-                if exc.status != 400:  # 400: not started yet, the normal case; others: say so once a streak
-                    reason = f"HTTP {exc.status}: {api_detail(exc)}"
-                    if failing is None:
+                self._pause(backoff)
+                continue
+            except (Unauthorized, Forbidden) as exc:
+                self.error = (f"reading the log of Pod {self.pod} is refused: HTTP {exc.status}: {exc.detail}"
+                              " — grant `get` on `pods/log` (deployments/rbac.yaml)")
+                log.error("%s", self.error)
+                return
+            except KubeError as exc:  # server errors, a dropped connection: say so once a streak, try again
+                reason = exc.kind if isinstance(exc, Unreachable) else exc.answer
+                if failing is None:
+                    if isinstance(exc, Unreachable):
+                        log.info("reading the log of Pod %s/%s: %s; retrying", self.namespace, self.pod, reason)
+                    else:
                         log.warning("reading the log of Pod %s/%s failed (%s); retrying", self.namespace, self.pod,
                                     reason)
-                    failing = reason
-                    if self.finished():
-                        self.error = f"the log of Pod {self.pod} could not be read to its end ({reason})"
-                        return
-                self._pause(backoff)
-                backoff = min(backoff * 2, 5)
-                continue
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                if failing is None:
-                    log.info("reading the log of Pod %s/%s: %s; retrying", self.namespace, self.pod,
-                             type(exc).__name__)
-                failing = type(exc).__name__
+                failing = reason
                 if self.finished():
-                    self.error = f"the log of Pod {self.pod} could not be read to its end ({failing})"
+                    self.error = f"the log of Pod {self.pod} could not be read to its end ({reason})"
                     return
                 self._pause(backoff)
-                backoff = min(backoff * 2, 5)
                 continue
             except Exception:
                 unexpected += 1
@@ -234,7 +277,6 @@ class LogFollower:
                 if unexpected >= MAX_UNEXPECTED:
                     raise
                 self._pause(backoff)
-                backoff = min(backoff * 2, 5)
                 continue
             if failing is not None:
                 log.info("reading the log of Pod %s/%s again", self.namespace, self.pod)
@@ -243,19 +285,18 @@ class LogFollower:
             if self._read(self._response):
                 if self.finished():
                     return
-                self._pause(0.05)
-            else:
-                self._pause(backoff)
+                self._pause(seconds=RESUME_PAUSE)
+            else:  # dropped mid-stream: the pause reached so far, unchanged (the request itself succeeded)
+                self._pause(seconds=backoff.current)
 
     def _read(self, response: urllib3.response.BaseHTTPResponse) -> bool:
         """Pass on the lines of one response; True when it ended cleanly (not dropped)."""
-        # Lines carrying the last timestamp seen come again after a resume: skip that many.
-        self._skip = self.same_stamp if self.last_stamp else 0
+        self.cursor.resume()  # lines carrying the last timestamp seen come again: skip that many
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""
         clean = False
         try:
-            for chunk in response.stream(65536, decode_content=True):
+            for chunk in response.stream(CHUNK_SIZE, decode_content=True):
                 pending += decoder.decode(chunk)
                 *complete, pending = pending.split("\n")
                 for line in complete:

@@ -13,26 +13,35 @@ attaches to a watch that is on its way out.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kubernetes.client
 import kubernetes.watch
-import urllib3.exceptions
-from kubernetes.client.exceptions import ApiException
 
 from keruta_prefect.backends.base import TransientBackendError
+from keruta_prefect.backends.kubernetes.api import (
+    CONNECT_TIMEOUT,
+    Forbidden,
+    Gone,
+    KubeError,
+    NotFound,
+    Unauthorized,
+    Unreachable,
+    request,
+    translated,
+)
+from keruta_prefect.backoff import SYSTEM_CLOCK, Backoff, Clock
 from keruta_prefect.manifest import SELECTOR
 
 log = logging.getLogger("keruta.kubernetes")
 
-TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, OSError, ValueError)
+SUBSCRIBE_TRIES = 3  # watches that end as soon as they start before subscribe() gives up (a broken watch)
 WATCH_ENDED = "WATCH_ENDED"  # pseudo-event: the watch behind a subscription has ended
 WAKE = "WAKE"  # pseudo-event: something other than the watch has news for the waiter (e.g. a log line)
 
@@ -43,7 +52,8 @@ class WatchTuning:
 
     server_timeout: int = 240  # the API server ends the watch after this; we resume from the last version
     read_timeout: float = 300  # no byte for this long (bookmarks included): the stream is dead, reconnect
-    backoff: float = 0.5  # first pause after an error (doubles up to 10 s)
+    backoff: float = 0.5  # first pause after an error (doubles up to backoff_cap)
+    backoff_cap: float = 10.0  # the longest pause between tries of a failing watch
     idle_seconds: float = 30  # a watch nobody listens to stops after this
     sync_timeout: float = 30  # subscribe() waits this long for the first list before it says so and goes on
     unsynced_limit: float = 120  # wait() gives up (TransientBackendError) when the watch cannot list for this long
@@ -52,6 +62,7 @@ class WatchTuning:
     log_drain: float = 5  # after the outcome: at most this long for the rest of an ended container's log
     cancel_wait: float = 120  # cancel() waits this long for the Job's Pods to go, then says which are left
     exec_read_timeout: float = 60  # an exec that sends nothing for this long is stalled: the files are lost
+    clock: Clock = field(default=SYSTEM_CLOCK, repr=False)  # what the backoff pauses and idle times are read on
 
 
 DEFAULT_TUNING = WatchTuning()
@@ -106,9 +117,10 @@ class NamespaceWatch:
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._closing = False  # the loop has decided to end: no new subscribers
-        self._idle_since: float | None = time.monotonic()
+        self._idle_since: float | None = tuning.clock.now()
         self.last_error: str | None = None  # the latest problem, for messages while unsynced
         self.failure: str | None = None  # why the thread ended, if not stopped or idle
+        self.version: str | None = None  # the last resourceVersion seen (the watch resumes from it)
         self.thread = threading.Thread(target=self._main, name=f"keruta-watch-{namespace}", daemon=True)
         self.thread.start()
 
@@ -147,7 +159,7 @@ class NamespaceWatch:
             if not subs:
                 self._subscribers.pop(subscription.job, None)
             if not self._subscribers:
-                self._idle_since = time.monotonic()
+                self._idle_since = self.tuning.clock.now()
 
     def wait_while(self, still: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -202,9 +214,8 @@ class NamespaceWatch:
 
     # --- the watch loop ----------------------------------------------------------------------------
     def _relist(self) -> str:
-        response = self.core.list_namespaced_pod(self.namespace, label_selector=SELECTOR, _preload_content=False,
-                                                 _request_timeout=(10, 60))
-        body = json.loads(response.data)
+        body = request(self.core.list_namespaced_pod, self.namespace, label_selector=SELECTOR,
+                       what=f"list Pods in namespace {self.namespace}")
         current = {p["metadata"]["name"]: p for p in body.get("items") or []}
         with self._lock:
             gone = [p for name, p in self._pods.items() if name not in current]
@@ -219,7 +230,8 @@ class NamespaceWatch:
     def _should_end(self) -> bool:
         """Stopped, or idle for long enough; decided under the lock so that no subscriber slips in."""
         with self._lock:
-            idle = self._idle_since is not None and time.monotonic() - self._idle_since > self.tuning.idle_seconds
+            idle = (self._idle_since is not None
+                    and self.tuning.clock.now() - self._idle_since > self.tuning.idle_seconds)
             if self._stop.is_set() or idle:
                 self._closing = True
                 return True
@@ -235,55 +247,63 @@ class NamespaceWatch:
             self._end()
 
     def _run(self) -> None:
-        version: str | None = None
-        backoff = self.tuning.backoff
+        self.version = None  # where to resume from; None: list first
+        backoff = Backoff(self.tuning.backoff, self.tuning.backoff_cap)
         while not self._should_end():
             try:
-                if version is None:
-                    version = self._relist()
-                # deserialize stays on: the client's ERROR (410) handling needs it (with deserialize=False
-                # it fails with KeyError 'raw_object' instead of raising ApiException(410)).
-                stream = kubernetes.watch.Watch().stream(
-                    self.core.list_namespaced_pod, self.namespace, label_selector=SELECTOR,
-                    resource_version=version, allow_watch_bookmarks=True,
-                    timeout_seconds=self.tuning.server_timeout,
-                    _request_timeout=(10, self.tuning.read_timeout))
-                for event in stream:
-                    if not isinstance(event, dict) or not isinstance(event.get("raw_object"), dict):
-                        continue  # a blank line (the client yields None) or something that is no event
-                    obj = event["raw_object"]
-                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-                    if event.get("type") != "BOOKMARK":
-                        self._dispatch(str(event.get("type")), obj)
-                    self.last_error = None
-                    backoff = self.tuning.backoff
-                    if self._should_end():
+                with translated(f"watch Pods in namespace {self.namespace}"):
+                    if self.version is None:
+                        self.version = self._relist()
+                    if self._follow(self.version, backoff):
                         return
-                # The server ended the watch (its timeout): resume from where we are.
-            except ApiException as exc:
-                if exc.status == 410:
-                    log.info("watch of Pods in %s expired (410); listing again", self.namespace)
-                    version = None
-                    continue
+                continue  # the server ended the watch (its timeout): resume from where we are
+            except Gone:
+                log.info("watch of Pods in %s expired (410); listing again", self.namespace)
+                self.version = None
+                continue
+            except Unreachable as exc:
+                self._dropped(exc.kind)
+            except KubeError as exc:
                 self.last_error = f"HTTP {exc.status} {exc.reason}".strip()
                 log.warning("watch of Pods in %s failed: HTTP %s %s; retrying in %.1fs",
-                            self.namespace, exc.status, exc.reason, backoff)
-                if exc.status in (401, 403, 404):
-                    version = None
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
-            except TRANSPORT_ERRORS as exc:
-                self.last_error = f"connection: {type(exc).__name__}"
-                log.info("watch of Pods in %s dropped (%s); resuming", self.namespace, type(exc).__name__)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                            self.namespace, exc.status, exc.reason, backoff.current)
+                if isinstance(exc, Unauthorized | Forbidden | NotFound):
+                    self.version = None
+            except ValueError as exc:  # a line the client could not read: the stream is broken, resume
+                self._dropped(type(exc).__name__)
             except Exception as exc:  # a bug or something the client did not expect: say so, go on
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("watch of Pods in %s hit an unexpected error; listing again in %.1fs",
-                            self.namespace, backoff, exc_info=True)
-                version = None
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                            self.namespace, backoff.current, exc_info=True)
+                self.version = None
+            backoff.pause(self.tuning.clock, self._stop)  # after a failure only
+
+    def _follow(self, version: str, backoff: Backoff) -> bool:
+        """Dispatch the events of one watch request from ``version`` (``self.version`` follows them); True
+        when the watch is to end, False when the server ended the request."""
+        # deserialize stays on: the client's ERROR (410) handling needs it (with deserialize=False
+        # it fails with KeyError 'raw_object' instead of raising ApiException(410)).
+        stream = kubernetes.watch.Watch().stream(
+            self.core.list_namespaced_pod, self.namespace, label_selector=SELECTOR,
+            resource_version=version, allow_watch_bookmarks=True,
+            timeout_seconds=self.tuning.server_timeout,
+            _request_timeout=(CONNECT_TIMEOUT, self.tuning.read_timeout))
+        for event in stream:
+            if not isinstance(event, dict) or not isinstance(event.get("raw_object"), dict):
+                continue  # a blank line (the client yields None) or something that is no event
+            obj = event["raw_object"]
+            self.version = str((obj.get("metadata") or {}).get("resourceVersion") or self.version)
+            if event.get("type") != "BOOKMARK":
+                self._dispatch(str(event.get("type")), obj)
+            self.last_error = None
+            backoff.reset()
+            if self._should_end():
+                return True
+        return False
+
+    def _dropped(self, kind: str) -> None:
+        self.last_error = f"connection: {kind}"
+        log.info("watch of Pods in %s dropped (%s); resuming", self.namespace, kind)
 
 
 _watches: dict[tuple[int, str], NamespaceWatch] = {}
@@ -304,7 +324,7 @@ def subscribe(api: kubernetes.client.ApiClient, namespace: str, tuning: WatchTun
               listen: bool = True, timeout: float | None = None) -> Subscription:
     """A subscription to the Pods of ``job`` on a live watch, after its first list (or after
     ``tuning.sync_timeout``, with a warning; ``Subscription.synced`` tells)."""
-    for _ in range(3):
+    for _ in range(SUBSCRIBE_TRIES):
         watch = shared_watch(api, namespace, tuning)
         subscription = watch.attach(job, listen)
         if subscription is not None:  # else the watch was ending just now: shared_watch starts a fresh one
