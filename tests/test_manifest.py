@@ -11,7 +11,6 @@ import pytest
 import yaml
 from keruta_harness.validate import validate_all, versions
 
-from keruta_prefect.models import RunContext
 from keruta_prefect.manifest import (
     build_job,
     build_pvc,
@@ -19,7 +18,7 @@ from keruta_prefect.manifest import (
     label_value,
     pvc_name,
 )
-from keruta_prefect.models import Task, parse_task_spec
+from keruta_prefect.models import RunContext, Task, parse_task_spec
 from keruta_prefect.settings import KerutaSettings
 
 GOLDEN = Path(__file__).parent / "golden"
