@@ -104,44 +104,22 @@ class ResumeCursor:
         return self.lines
 
 
-class LogFollower:
-    """Call ``start()`` once the callbacks can run (the thread does not start in ``__init__``).
+class _Following:
+    """A follower's life: its thread, stop(), wake(), a deadline on an injectable clock, and pauses that
+    any of them cut short."""
 
-    ``on_line(seq, stamp, text)``: ``seq`` is the line's place (1, 2, …) in the container's log."""
-
-    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, pod: str,
-                 on_line: Callable[[int, str, str], None], finished: Callable[[], bool], container: str = "main",
-                 read_timeout: float = 300, on_end: Callable[[LogFollower], None] | None = None,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
-        self.api = api
-        self.namespace = namespace
-        self.pod = pod
-        self.container = container
-        self.on_line = on_line
-        self.finished = finished
-        self.on_end = on_end
-        self.read_timeout = read_timeout
+    def __init__(self, name: str, clock: Clock) -> None:
         self.clock = clock  # deadline and pauses are read on it
-        self.cursor = ResumeCursor()
-        self.error: str | None = None  # why it stopped before the container's end, if it did
         self.deadline: float | None = None
         self.ended = threading.Event()  # set when it has stopped following (before on_end is called)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._response: urllib3.response.BaseHTTPResponse | None = None
-        self._callback_failures = 0
         self._context = contextvars.Context()
-        self.thread = threading.Thread(target=lambda: self._context.run(self._main), name=f"keruta-log-{pod}",
-                                       daemon=True)
+        self.thread = threading.Thread(target=lambda: self._context.run(self._main), name=name, daemon=True)
 
-    def start(self) -> LogFollower:
-        """Start following, in a copy of the caller's context: the callbacks log to the caller's flow run
-        with its Prefect settings (the API it talks to), even after the caller has moved on."""
-        self._context = contextvars.copy_context()
-        with _active_lock:
-            _active.add(self)
-        self.thread.start()
-        return self
+    def _main(self) -> None:
+        raise NotImplementedError
 
     def stop(self) -> None:
         """End soon: also interrupts a read that is waiting for the next line."""
@@ -188,25 +166,37 @@ class LogFollower:
             self.clock.wait(seconds if left is None else min(seconds, max(0.0, left)), self._wake)
         self._wake.clear()
 
-    def _request(self) -> urllib3.response.BaseHTTPResponse:
-        query: list[tuple[str, str]] = [("container", self.container), ("follow", "true"), ("timestamps", "true")]
-        since = self.cursor.since_time()
-        if since:
-            query.append(("sinceTime", since))
-        # read_namespaced_pod_log has no since_time parameter: the same GET through the client's own
-        # serializer and auth, with the query the API documents (PodLogOptions.sinceTime).
-        params = self.api.param_serialize(
-            "GET", "/api/v1/namespaces/{namespace}/pods/{name}/log",
-            path_params={"namespace": self.namespace, "name": self.pod},
-            query_params=query, auth_settings=["BearerToken"])
-        what = f"read the log of Pod {self.namespace}/{self.pod}"
-        with translated(what):
-            response = self.api.call_api(*params, _request_timeout=(CONNECT_TIMEOUT, self.read_timeout))
-            if not 200 <= response.status <= 299:
-                response.read()
-                refusal = ApiException(http_resp=response)
-                raise kube_error(refusal, what) from refusal
-        return response.response
+
+class LogFollower(_Following):
+    """Call ``start()`` once the callbacks can run (the thread does not start in ``__init__``).
+
+    ``on_line(seq, stamp, text)``: ``seq`` is the line's place (1, 2, …) in the container's log."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, pod: str,
+                 on_line: Callable[[int, str, str], None], finished: Callable[[], bool], container: str = "main",
+                 read_timeout: float = 300, on_end: Callable[[LogFollower], None] | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(f"keruta-log-{pod}", clock)
+        self.api = api
+        self.namespace = namespace
+        self.pod = pod
+        self.container = container
+        self.on_line = on_line
+        self.finished = finished
+        self.on_end = on_end
+        self.read_timeout = read_timeout
+        self.cursor = ResumeCursor()
+        self.error: str | None = None  # why it stopped before the container's end, if it did
+        self._callback_failures = 0
+
+    def start(self) -> LogFollower:
+        """Start following, in a copy of the caller's context: the callbacks log to the caller's flow run
+        with its Prefect settings (the API it talks to), even after the caller has moved on."""
+        self._context = contextvars.copy_context()
+        with _active_lock:
+            _active.add(self)
+        self.thread.start()
+        return self
 
     def _accept(self, stamp: str, text: str) -> None:
         seq = self.cursor.accept(stamp)
@@ -243,7 +233,8 @@ class LogFollower:
         unexpected = 0
         while not self._over():
             try:
-                self._response = self._request()
+                self._response = open_log(self.api, self.namespace, self.pod, self.container,
+                                          self.cursor.since_time(), self.read_timeout)
             except NotFound:
                 return  # the Pod is gone
             except BadRequest:  # not started yet (the normal case), or ended with nothing more to read
@@ -292,33 +283,61 @@ class LogFollower:
     def _read(self, response: urllib3.response.BaseHTTPResponse) -> bool:
         """Pass on the lines of one response; True when it ended cleanly (not dropped)."""
         self.cursor.resume()  # lines carrying the last timestamp seen come again: skip that many
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        clean = False
         try:
-            for chunk in response.stream(CHUNK_SIZE, decode_content=True):
-                pending += decoder.decode(chunk)
-                *complete, pending = pending.split("\n")
-                for line in complete:
-                    stamp, _, text = line.partition(" ")
-                    self._accept(stamp, text.rstrip("\r"))
-                if self._over():
-                    return False
-            clean = not self._stop.is_set()  # a stop() shuts the stream: not the container's end
-        except (urllib3.exceptions.HTTPError, OSError):
-            pass  # dropped mid-stream: the partial line in `pending` comes again after the resume
-        finally:
+            return read_lines(response, self._accept, self._over) and not self._stop.is_set()
+        finally:  # a stop() shuts the stream: not the container's end
             self._response = None
             if self._stop.is_set():
                 response.close()
             else:
                 response.release_conn()
-        if clean:
-            pending += decoder.decode(b"", final=True)
-            if pending:
-                stamp, _, text = pending.partition(" ")
-                self._accept(stamp, text)
-        return clean
+
+
+def open_log(api: kubernetes.client.ApiClient, namespace: str, pod: str, container: str, since: str | None,
+             read_timeout: float) -> urllib3.response.BaseHTTPResponse:
+    """``GET …/pods/{pod}/log?follow=true&timestamps=true[&sinceTime=…]``: the open stream, or a KubeError."""
+    query: list[tuple[str, str]] = [("container", container), ("follow", "true"), ("timestamps", "true")]
+    if since:
+        query.append(("sinceTime", since))
+    # read_namespaced_pod_log has no since_time parameter: the same GET through the client's own
+    # serializer and auth, with the query the API documents (PodLogOptions.sinceTime).
+    params = api.param_serialize(
+        "GET", "/api/v1/namespaces/{namespace}/pods/{name}/log",
+        path_params={"namespace": namespace, "name": pod}, query_params=query, auth_settings=["BearerToken"])
+    what = f"read the log of Pod {namespace}/{pod}"
+    with translated(what):
+        response = api.call_api(*params, _request_timeout=(CONNECT_TIMEOUT, read_timeout))
+        if not 200 <= response.status <= 299:
+            response.read()
+            refusal = ApiException(http_resp=response)
+            raise kube_error(refusal, what) from refusal
+    return response.response
+
+
+def read_lines(response: urllib3.response.BaseHTTPResponse, accept: Callable[[str, str], None],
+               over: Callable[[], bool]) -> bool:
+    """Hand each "<timestamp> <text>" line of a log stream to ``accept``; True when the stream ended
+    cleanly, False when it was dropped (the partial last line comes again after a resume) or ``over()``."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    try:
+        for chunk in response.stream(CHUNK_SIZE, decode_content=True):
+            pending += decoder.decode(chunk)
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                stamp, _, text = line.partition(" ")
+                accept(stamp, text.rstrip("\r"))
+            if over():
+                return False
+    except (urllib3.exceptions.HTTPError, OSError):
+        return False  # dropped mid-stream
+    if over():  # stopped: the stream was shut, not ended by the container
+        return False
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        stamp, _, text = pending.partition(" ")
+        accept(stamp, text)
+    return True
 
 
 def active_followers() -> list[LogFollower]:

@@ -105,26 +105,86 @@ class Subscription:
         self.watch.unsubscribe(self)
 
 
-class NamespaceWatch:
-    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, tuning: WatchTuning) -> None:
-        self.core = kubernetes.client.CoreV1Api(api)
+class PodBook:
+    """The Pods of one namespace as last seen, and who is subscribed to which Job's: the state a watch
+    keeps, under one (reentrant) lock, with a condition notified on every Pod event."""
+
+    def __init__(self, namespace: str, tuning: WatchTuning) -> None:
         self.namespace = namespace
         self.tuning = tuning
         self._pods: dict[str, dict[str, Any]] = {}
         self._subscribers: dict[str, list[Subscription]] = {}
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # notified on every Pod event
+        self._closing = False  # the watch has decided to end: no new subscribers
+        self._idle_since: float | None = tuning.clock.now()
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    # --- subscribers ---------------------------------------------------------------------------------
+    def unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            subs = self._subscribers.get(subscription.job, [])
+            if subscription in subs:
+                subs.remove(subscription)
+            if not subs:
+                self._subscribers.pop(subscription.job, None)
+            if not self._subscribers:
+                self._idle_since = self.tuning.clock.now()
+
+    def wait_while(self, still: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:  # `still` is checked under the (reentrant) lock: no event slips in between
+            while still() and self.alive:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._changed.wait(left)  # a Pod event, the watch's end, or the deadline
+
+    def pods_of(self, job: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [p for p in self._pods.values() if (p["metadata"].get("labels") or {}).get("job-name") == job]
+
+    def _end(self) -> None:
+        """No new subscribers; every subscriber hears that the watch ended."""
+        with self._lock:
+            self._closing = True
+            subscribers = [s for subs in self._subscribers.values() for s in subs]
+            self._changed.notify_all()
+        for subscription in subscribers:
+            subscription.events.put((WATCH_ENDED, {}))
+
+    def _dispatch(self, kind: str, pod: dict[str, Any]) -> None:
+        job = (pod["metadata"].get("labels") or {}).get("job-name")
+        with self._lock:
+            if kind == "DELETED":
+                self._pods.pop(pod["metadata"]["name"], None)
+            else:
+                self._pods[pod["metadata"]["name"]] = pod
+            subscribers = [s for s in self._subscribers.get(job or "", []) if s.listen]
+            self._changed.notify_all()
+        for subscription in subscribers:
+            subscription.events.put((kind, pod))
+
+
+class NamespaceWatch(PodBook):
+    """One watch of the keruta Pods of a namespace, shared by every waiter of this process: a thread lists
+    them, then follows the watch from the last resourceVersion (listing again after a 410), and hands
+    each event to the subscribers of its Job."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, tuning: WatchTuning) -> None:
+        super().__init__(namespace, tuning)
+        self.core = kubernetes.client.CoreV1Api(api)
         self._synced = threading.Event()
         self._stop = threading.Event()
-        self._closing = False  # the loop has decided to end: no new subscribers
-        self._idle_since: float | None = tuning.clock.now()
         self.last_error: str | None = None  # the latest problem, for messages while unsynced
         self.failure: str | None = None  # why the thread ended, if not stopped or idle
         self.version: str | None = None  # the last resourceVersion seen (the watch resumes from it)
         self.thread = threading.Thread(target=self._main, name=f"keruta-watch-{namespace}", daemon=True)
         self.thread.start()
 
-    # --- subscribers -------------------------------------------------------------------------------
     def attach(self, job: str, listen: bool = True) -> Subscription | None:
         """A new subscription, or None when this watch is ending (ask :func:`subscribe` for a fresh one)."""
         with self._lock:
@@ -151,29 +211,6 @@ class NamespaceWatch:
                     self.namespace, timeout, self.last_error or "no answer yet")
         return False
 
-    def unsubscribe(self, subscription: Subscription) -> None:
-        with self._lock:
-            subs = self._subscribers.get(subscription.job, [])
-            if subscription in subs:
-                subs.remove(subscription)
-            if not subs:
-                self._subscribers.pop(subscription.job, None)
-            if not self._subscribers:
-                self._idle_since = self.tuning.clock.now()
-
-    def wait_while(self, still: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:  # `still` is checked under the (reentrant) lock: no event slips in between
-            while still() and self.alive:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._changed.wait(left)  # a Pod event, the watch's end, or the deadline
-
-    def pods_of(self, job: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [p for p in self._pods.values() if (p["metadata"].get("labels") or {}).get("job-name") == job]
-
     @property
     def alive(self) -> bool:
         return self.thread.is_alive() and not self._closing and not self._stop.is_set()
@@ -190,27 +227,6 @@ class NamespaceWatch:
     def stop(self) -> None:
         self._stop.set()
         self._end()
-
-    def _end(self) -> None:
-        """No new subscribers; every subscriber hears that the watch ended."""
-        with self._lock:
-            self._closing = True
-            subscribers = [s for subs in self._subscribers.values() for s in subs]
-            self._changed.notify_all()
-        for subscription in subscribers:
-            subscription.events.put((WATCH_ENDED, {}))
-
-    def _dispatch(self, kind: str, pod: dict[str, Any]) -> None:
-        job = (pod["metadata"].get("labels") or {}).get("job-name")
-        with self._lock:
-            if kind == "DELETED":
-                self._pods.pop(pod["metadata"]["name"], None)
-            else:
-                self._pods[pod["metadata"]["name"]] = pod
-            subscribers = [s for s in self._subscribers.get(job or "", []) if s.listen]
-            self._changed.notify_all()
-        for subscription in subscribers:
-            subscription.events.put((kind, pod))
 
     # --- the watch loop ----------------------------------------------------------------------------
     def _relist(self) -> str:
