@@ -165,7 +165,7 @@ def record_run(store: Store, run_id: int, task: Task, outcome: Outcome, collecte
     return recorded_result(store, task.id)
 
 
-def _on_cancel(_flow: Flow[..., Any], flow_run: FlowRun, _state: State[Any]) -> None:
+def _on_cancel(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:  # Prefect's hook signature
     parameters = flow_run.parameters or {}
     stop_flow_run_agents(str(flow_run.id), parameters.get("settings_block") or DEFAULT_BLOCK,
                          parameters.get("backend"), parameters)

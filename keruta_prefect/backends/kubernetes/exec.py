@@ -89,7 +89,7 @@ class _ExecReader(io.RawIOBase):
         elif channel == ERROR:
             self.status += payload
 
-    def readinto(self, target: bytearray) -> int:  # type: ignore[override]
+    def readinto(self, target: memoryview | bytearray) -> int:  # type: ignore[override]  # typeshed: Buffer
         while not self.chunks and not self.closed_by_server:
             self._pull()
         if not self.chunks:
@@ -131,16 +131,17 @@ def exec_command(api: kubernetes.client.ApiClient, namespace: str, pod: str, com
         # stream() turns every failure to connect into an ApiException (status 0, the handshake's status in
         # its context): translated() maps it by that status like any other request.
         with translated(f"exec into Pod {namespace}/{pod}"):
-            client = stream(kubernetes.client.CoreV1Api(exec_api).connect_get_namespaced_pod_exec, pod, namespace,
-                            command=command, container=container, stdin=False, stdout=True, stderr=True, tty=False,
-                            _preload_content=False, binary=True, _request_timeout=timeout)
+            connect = kubernetes.client.CoreV1Api(exec_api).connect_get_namespaced_pod_exec
+            client: WSClient = stream(connect, pod, namespace, command=command, container=container, stdin=False,
+                                      stdout=True, stderr=True, tty=False, _preload_content=False, binary=True,
+                                      _request_timeout=timeout)
     except KubeError as exc:
         raise _refusal(exc, pod) from exc
     finally:
         lock.release()
     # stream() does not pass capture_all on: without this the client keeps a copy of everything it reads
     # (the whole archive) in memory. Nothing was read yet, so dropping the capture loses nothing.
-    client._all = _IgnoredIO()
+    client._all = _IgnoredIO()  # type: ignore[assignment]  # the client's own no-capture sink (untyped)
     return client
 
 

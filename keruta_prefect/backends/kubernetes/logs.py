@@ -128,7 +128,7 @@ class _Following:
         response = self._response
         if response is not None:
             try:
-                response.shutdown()  # type: ignore[attr-defined]
+                response.shutdown()
             except Exception:
                 pass  # already released or closed: the thread is not blocked on it
 
@@ -311,7 +311,8 @@ def open_log(api: kubernetes.client.ApiClient, namespace: str, pod: str, contain
             response.read()
             refusal = ApiException(http_resp=response)
             raise kube_error(refusal, what) from refusal
-    return response.response
+    stream: urllib3.response.BaseHTTPResponse = response.response  # the client types it Any
+    return stream
 
 
 def read_lines(response: urllib3.response.BaseHTTPResponse, accept: Callable[[str, str], None],
