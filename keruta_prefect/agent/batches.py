@@ -46,6 +46,21 @@ class Line:
         return cls(item, len(encode_json(item)) + 1, report)  # + the comma between items
 
 
+def split_message(message: str, limit: int = MAX_LINE_BYTES) -> list[str]:
+    """A message in pieces of at most ``limit`` UTF-8 bytes, never cutting a character (as the agent sends
+    a script's long lines)."""
+    pieces: list[str] = []
+    data = message.encode("utf-8", "surrogateescape")
+    while len(data) > limit:
+        cut = limit
+        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # not inside a multi-byte character
+            cut -= 1
+        pieces.append(data[:cut].decode("utf-8", "replace"))
+        data = data[cut:]
+    pieces.append(data.decode("utf-8", "replace"))
+    return pieces
+
+
 def batch_length(lines: Sequence[Line], max_lines: int, max_bytes: int) -> int:
     """How many leading lines make one batch: at most ``max_lines``, a JSON body of at most ``max_bytes``
     (envelope included), and always at least one line (a line alone is never held back)."""

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import httpx
 
-from keruta_prefect.agent.batches import BATCH_BYTES, BATCH_LINES, MAX_LINE_BYTES, Line, batch_length
+from keruta_prefect.agent.batches import BATCH_BYTES, BATCH_LINES, Line, batch_length, split_message
 from keruta_prefect.agent.runner import DEFAULT_GRACE_SECONDS, DEFAULT_RETRY_SECONDS, AgentConfig, run_task
 from keruta_prefect.client import ApiError, ApiRejected, KerutaClient
 from keruta_prefect.contract import (
@@ -211,21 +211,6 @@ def cmd_log(args: argparse.Namespace) -> int:
 def _text(value: str) -> str:
     """An argument as valid text: bytes that are not UTF-8 (kept by Python as surrogates) become U+FFFD."""
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def split_message(message: str, limit: int = MAX_LINE_BYTES) -> list[str]:
-    """A message in pieces of at most ``limit`` UTF-8 bytes, never cutting a character (as the agent sends
-    a script's long lines)."""
-    pieces: list[str] = []
-    data = message.encode("utf-8", "surrogateescape")
-    while len(data) > limit:
-        cut = limit
-        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # not inside a multi-byte character
-            cut -= 1
-        pieces.append(data[:cut].decode("utf-8", "replace"))
-        data = data[cut:]
-    pieces.append(data.decode("utf-8", "replace"))
-    return pieces
 
 
 def cmd_progress(args: argparse.Namespace) -> int:

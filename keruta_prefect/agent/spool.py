@@ -118,27 +118,28 @@ class SpoolFile:
             self._fd = None
             self._base = self._read = self._end = 0
 
-    def leave(self, lines: list[Line]) -> int:
+    def leave(self, lines: list[Line]) -> tuple[int, int]:
         """Make the file what it held before, then ``lines``, then the lines still waiting (older lines are
-        in memory than on disk). Returns how many lines of this agent it holds now. Raises OSError."""
-        waiting = self.waiting
-        if not waiting:
-            self.close(truncate=True)
-            if lines:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as out:
-                    out.writelines(json.dumps(line.item) + "\n" for line in lines)
-        elif lines or self._read > self._base:
-            self._rewrite(lines)
-        else:
-            self.close(truncate=False)  # the file already ends with exactly these lines
+        in memory than on disk). Returns (lines kept in it, lines lost because it could not be written)."""
+        count = len(lines) + self.waiting
+        try:
+            if not self.waiting:
+                self.close(truncate=True)
+                if lines:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with self.path.open("a", encoding="utf-8") as out:
+                        out.writelines(json.dumps(line.item) + "\n" for line in lines)
+            elif lines or self._read > self._base:
+                self._rewrite(lines)
+            else:
+                self.close(truncate=False)  # the file already ends with exactly these lines
+        except OSError as exc:
+            log.error("%d log lines lost: cannot write %s: %s", count, self.path, exc.strerror or exc)
+            self.waiting = 0
+            self.close(truncate=False)
+            return 0, count
         self.waiting = 0
-        return len(lines) + waiting
-
-    def abandon(self) -> None:
-        """After a failed :meth:`leave`: forget the waiting lines, close the file as it is."""
-        self.waiting = 0
-        self.close(truncate=False)
+        return count, 0
 
     def _rewrite(self, lines: list[Line]) -> None:
         """The file's bytes before this agent, then ``lines``, then the lines still waiting (streamed: the
@@ -280,13 +281,9 @@ class Backlog:
         with self._lock:
             lines, self.pending = self.pending, []
             self._mem_bytes -= sum(line.size for line in lines)
-            try:
-                self.spooled += self.file.leave(lines)
-            except OSError as exc:
-                count = len(lines) + self.file.waiting
-                log.error("%d log lines lost: cannot write %s: %s", count, self.file.path, exc.strerror or exc)
-                self.lost += count
-                self.file.abandon()
+            kept, lost = self.file.leave(lines)
+            self.spooled += kept
+            self.lost += lost
 
     def collect_queued(self) -> None:
         """After the shipping thread ended: the lines still queued join pending."""
