@@ -3,7 +3,9 @@
 Two kinds of failure, never confused:
 
 - *unreachable* (:class:`ApiError`): transport errors, 408, 429 and 5xx are retried with exponential
-  backoff until ``retry_seconds`` have passed; then the call fails. Trying again later may help.
+  backoff (:class:`~keruta_prefect.backoff.Backoff`: RETRY_INITIAL_SECONDS doubling to RETRY_CAP_SECONDS,
+  jittered) until ``retry_seconds`` have passed on the client's clock; then the call fails. Trying again
+  later may help.
 - *refused* (:class:`ApiRejected`): any other 4xx, an answer that is not the keruta API's JSON, or a URL
   the client cannot use. Sending the same request again cannot help, so it fails at once. ``permanent``
   refusals (401, 403, 404, 405, 407, 410, 414, 415, and anything that is not an HTTP answer) refuse every
@@ -13,7 +15,7 @@ Two kinds of failure, never confused:
 from __future__ import annotations
 
 import json
-import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,8 +24,14 @@ from urllib.parse import quote
 
 import httpx
 
+from keruta_prefect.backoff import SYSTEM_CLOCK, Backoff, Clock
 from keruta_prefect.errors import TransientError
 
+# Pauses between the tries of one request: 0.1 s doubling to 5 s, each spread over [0.5, 1.5) of itself so
+# agents that lost the API together do not come back together.
+RETRY_INITIAL_SECONDS = 0.1
+RETRY_CAP_SECONDS = 5.0
+RETRY_JITTER = 1.0
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 PERMANENT_STATUS = {401, 403, 404, 405, 407, 410, 414, 415}  # every call alike: wrong token, URL, proxy, route
 
@@ -65,11 +73,14 @@ class KerutaClient:
         retry_seconds: float = 300.0,
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        clock: Clock = SYSTEM_CLOCK,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
+        """``clock`` measures the retry budget and waits the pauses (a test drives it instead of sleeping);
+        ``sleep`` (older form) only replaces the waiting, time stays the system's."""
         self.api_url = api_url.rstrip("/")
         self.retry_seconds = retry_seconds
-        self._sleep = sleep
+        self._clock: Clock = clock if sleep is None else _SleepClock(sleep)
         self._http = httpx.Client(
             base_url=self.api_url,
             headers={"Authorization": f"Bearer {token}", "User-Agent": "keruta-agent"},
@@ -93,8 +104,8 @@ class KerutaClient:
                 build: Callable[[], dict[str, Any]] | None = None, **kwargs: Any) -> httpx.Response:
         """Send with retries; ``build()`` (if given) makes fresh keyword arguments for each attempt."""
         budget = self.retry_seconds if retry_seconds is None else retry_seconds
-        deadline = time.monotonic() + budget
-        delay = 0.1
+        deadline = self._clock.now() + budget
+        backoff = Backoff(RETRY_INITIAL_SECONDS, RETRY_CAP_SECONDS, jitter=RETRY_JITTER)
         last = ""
         while True:
             try:
@@ -111,11 +122,10 @@ class KerutaClient:
                 if response.status_code not in RETRYABLE_STATUS:
                     raise ApiRejected(response.status_code, detail, what)
                 last = f"HTTP {response.status_code}: {detail}"
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._clock.now()
             if remaining <= 0:
                 raise ApiError(f"{what}: keruta API at {self.api_url} unreachable for {budget:.0f}s ({last})")
-            self._sleep(min(delay * (0.5 + random.random()), remaining))
-            delay = min(delay * 2, 5.0)
+            backoff.pause(self._clock, at_most=remaining)
 
     # --- the agent contract --------------------------------------------------------------------------
     def get_task(self, task_id: str) -> dict[str, Any]:
@@ -170,6 +180,20 @@ class KerutaClient:
         body = _object(self.request("GET", "/api/v1/health", what=what, retry_seconds=0), what)
         if body.get("status") != "ok":
             raise ApiRejected(200, f"{str(body)[:100]}: {_NOT_KERUTA}", what)
+
+
+class _SleepClock:
+    """The system's time, waiting with a given ``sleep`` (what ``KerutaClient(sleep=…)`` means)."""
+
+    def __init__(self, sleep: Callable[[float], None]) -> None:
+        self._sleep = sleep
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait(self, seconds: float, stop: threading.Event | None = None) -> bool:
+        self._sleep(seconds)
+        return False
 
 
 def _task_path(task_id: str) -> str:

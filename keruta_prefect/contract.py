@@ -111,6 +111,7 @@ class Env:
     LOG_LEVEL = "KERUTA_LOG_LEVEL"
     ECHO = "KERUTA_ECHO"
     API_RETRY_SECONDS = "KERUTA_API_RETRY_SECONDS"
+    DEBUG = "KERUTA_DEBUG"  # 1/true/yes/on: an internal error's traceback goes to stderr too
     # given to the clone init container
     REPOSITORY_URL = "KERUTA_REPOSITORY_URL"
     REPOSITORY_REF = "KERUTA_REPOSITORY_REF"
@@ -124,6 +125,25 @@ class Env:
     REPOSITORY_ID = "KERUTA_REPOSITORY_ID"
     DOCUMENT_ID = "KERUTA_DOCUMENT_ID"
 
+
+class ArtifactsMode(StrEnum):
+    """Values of Env.ARTIFACTS_MODE: how the task's files leave the agent's container."""
+
+    EXEC = "exec"  # the agent holds its container; the flow copies the files out (pods/exec)
+    UPLOAD = "upload"  # the agent uploads them to the keruta API before its final report
+    OFF = "off"
+
+
+class ReportedStatus(StrEnum):
+    """The task statuses keruta-agent reports (the same values as ``models.TaskStatus``)."""
+
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+DEFAULT_WORK_DIR = "/work"  # the agent's work directory when neither Env.WORK_DIR nor a flag names one
+DEFAULT_ARTIFACTS_DIR = "/.keruta/doc"  # likewise for Env.ARTIFACTS_DIR
 
 ENV_PREFIX = "KERUTA_"  # everything of the contract starts with it (the local backend clears the rest)
 PARAM_PREFIX = "KERUTA_PARAM_"  # a script parameter NAME reaches the script as KERUTA_PARAM_NAME

@@ -14,7 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from keruta_prefect.agent.runner import MEMORY_BYTES, LogShipper, _pump
+from keruta_prefect.agent.runner import MEMORY_BYTES, LogShipper
+from keruta_prefect.agent.runner import pump as _pump
 from keruta_prefect.client import KerutaClient
 from keruta_prefect.store import Store
 from tests.conftest import Api

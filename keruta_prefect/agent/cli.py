@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import traceback
 import uuid
@@ -21,22 +22,24 @@ from typing import NoReturn
 
 import httpx
 
-from keruta_prefect.agent.runner import (
-    BATCH_BYTES,
-    BATCH_LINES,
-    MAX_LINE_BYTES,
-    AgentConfig,
-    Line,
-    batch_length,
-    run_task,
-)
+from keruta_prefect.agent.batches import BATCH_BYTES, BATCH_LINES, Line, batch_length, split_message
+from keruta_prefect.agent.runner import DEFAULT_GRACE_SECONDS, DEFAULT_RETRY_SECONDS, AgentConfig, run_task
 from keruta_prefect.client import ApiError, ApiRejected, KerutaClient
-from keruta_prefect.contract import Env, ExitCode
+from keruta_prefect.contract import (
+    AGENT_LOG_PREFIX,
+    DEFAULT_ARTIFACTS_DIR,
+    DEFAULT_WORK_DIR,
+    SIGNAL_BASE,
+    ArtifactsMode,
+    Env,
+    ExitCode,
+    ReportedStatus,
+)
 from keruta_prefect.errors import PermanentError
 
-DEFAULT_ARTIFACTS_DIR = "/.keruta/doc"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ARTIFACT_MODES = ("exec", "upload", "off")
+ARTIFACT_MODES = tuple(ArtifactsMode)
+HELPER_RETRY_SECONDS = 30.0  # how long the helpers scripts call (log, progress, health) retry the API
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
@@ -112,10 +115,10 @@ def read_token() -> str:
     Its value is never printed."""
     token = (os.environ.get(Env.API_TOKEN) or "").strip()
     if not token:
-        raise UsageError("KERUTA_API_TOKEN is required")
+        raise UsageError(f"{Env.API_TOKEN} is required")
     bad = next((i for i, c in enumerate(token) if not ("!" <= c <= "~")), None)
     if bad is not None:
-        raise UsageError(f"KERUTA_API_TOKEN: character {bad + 1} is whitespace, a control character or not "
+        raise UsageError(f"{Env.API_TOKEN}: character {bad + 1} is whitespace, a control character or not "
                          "ASCII; a token is printable ASCII (value not shown)")
     return token
 
@@ -136,14 +139,14 @@ def check_directory(name: str, path: Path, *, create: bool) -> Path:
 
 def _client(args: argparse.Namespace) -> KerutaClient:
     return KerutaClient(parse_api_url(*_required(args, "api_url", "--api-url", Env.API_URL)), read_token(),
-                        retry_seconds=30.0)
+                        retry_seconds=HELPER_RETRY_SECONDS)
 
 
 def _helper_task_id() -> str:
     # Set by `keruta-agent run`, which checked it; the client quotes it in URLs whatever it holds.
     value = os.environ.get(Env.TASK_ID)
     if not value:
-        raise UsageError("KERUTA_TASK_ID is required")
+        raise UsageError(f"{Env.TASK_ID} is required")
     return value
 
 
@@ -162,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     echo = args.echo or parse_flag(Env.ECHO, os.environ.get(Env.ECHO))
     mode = os.environ.get(Env.ARTIFACTS_MODE) or ""
     if mode and mode not in ARTIFACT_MODES:
-        raise UsageError(f"KERUTA_ARTIFACTS_MODE={mode!r}: allowed: {', '.join(ARTIFACT_MODES)}")
+        raise UsageError(f"{Env.ARTIFACTS_MODE}={mode!r}: allowed: {', '.join(ARTIFACT_MODES)}")
     work_name, work = _given(args, "work_dir", "--work-dir", Env.WORK_DIR)
     artifacts_name, artifacts = _given(args, "artifacts_dir", "--artifacts-dir", Env.ARTIFACTS_DIR)
     retry = parse_seconds(*_given(args, "api_retry_seconds", "--api-retry-seconds", Env.API_RETRY_SECONDS))
@@ -170,19 +173,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         task_id=parse_task_id(*_required(args, "task_id", "--task-id", Env.TASK_ID)),
         api_url=parse_api_url(*_required(args, "api_url", "--api-url", Env.API_URL)),
         token=read_token(),
-        work_dir=Path(work or "/work"),
+        work_dir=Path(work or DEFAULT_WORK_DIR),
         artifacts_dir=Path(artifacts or DEFAULT_ARTIFACTS_DIR),
         timeout=parse_seconds(*_given(args, "timeout", "--timeout", Env.TIMEOUT)),
-        grace_seconds=parse_seconds("--grace", args.grace) or 2.0,
-        retry_seconds=retry or 300.0,
+        grace_seconds=parse_seconds("--grace", args.grace) or DEFAULT_GRACE_SECONDS,
+        retry_seconds=retry or DEFAULT_RETRY_SECONDS,
         hold_seconds=parse_seconds(*_given(args, "hold_seconds", "--hold-seconds", Env.HOLD_SECONDS),
                                    zero=True) or 0.0,
-        upload=mode == "upload",
+        upload=mode == ArtifactsMode.UPLOAD,
         debug=args.debug,
     )
     check_directory(work_name if work else "--work-dir", config.work_dir, create=True)
     check_directory(artifacts_name if artifacts else "--artifacts-dir", config.artifacts_dir, create=True)
-    logging.basicConfig(level=level, format="keruta-agent %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format=f"{AGENT_LOG_PREFIX}%(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the agent's own
     with KerutaClient(config.api_url, config.token, retry_seconds=config.retry_seconds) as client:
         return run_task(config, client, echo=echo)
@@ -210,21 +213,6 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def split_message(message: str, limit: int = MAX_LINE_BYTES) -> list[str]:
-    """A message in pieces of at most ``limit`` UTF-8 bytes, never cutting a character (as the agent sends
-    a script's long lines)."""
-    pieces: list[str] = []
-    data = message.encode("utf-8", "surrogateescape")
-    while len(data) > limit:
-        cut = limit
-        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # not inside a multi-byte character
-            cut -= 1
-        pieces.append(data[:cut].decode("utf-8", "replace"))
-        data = data[cut:]
-    pieces.append(data.decode("utf-8", "replace"))
-    return pieces
-
-
 def cmd_progress(args: argparse.Namespace) -> int:
     try:
         value = int(args.percent)
@@ -235,7 +223,7 @@ def cmd_progress(args: argparse.Namespace) -> int:
     task_id = _helper_task_id()
     with _client(args) as client:
         message = _text(args.message) if args.message is not None else None
-        client.set_status(task_id, "IN_PROGRESS", progress=value, message=message)
+        client.set_status(task_id, ReportedStatus.IN_PROGRESS, progress=value, message=message)
     return ExitCode.OK
 
 
@@ -313,25 +301,26 @@ def build_parser() -> argparse.ArgumentParser:
     # --debug is accepted before or after the subcommand; SUPPRESS keeps a subcommand from resetting it.
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="print the traceback of an internal error (also: KERUTA_DEBUG=1)")
+                       help=f"print the traceback of an internal error (also: {Env.DEBUG}=1)")
     parser = _Parser(prog="keruta-agent", description="Run a keruta task and report to the keruta API.",
                      parents=[debug])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "execute"):
         run = sub.add_parser(name, help="run a task (execute is an alias)", parents=[debug])
-        run.add_argument("--task-id", help="default: $KERUTA_TASK_ID")
-        run.add_argument("--api-url", help="default: $KERUTA_API_URL")
-        run.add_argument("--work-dir", help="default: $KERUTA_WORK_DIR or /work")
-        run.add_argument("--artifacts-dir", help=f"default: $KERUTA_ARTIFACTS_DIR or {DEFAULT_ARTIFACTS_DIR}")
-        run.add_argument("--timeout", help="seconds the script may run (default: $KERUTA_TIMEOUT, the task's, "
+        run.add_argument("--task-id", help=f"default: ${Env.TASK_ID}")
+        run.add_argument("--api-url", help=f"default: ${Env.API_URL}")
+        run.add_argument("--work-dir", help=f"default: ${Env.WORK_DIR} or {DEFAULT_WORK_DIR}")
+        run.add_argument("--artifacts-dir", help=f"default: ${Env.ARTIFACTS_DIR} or {DEFAULT_ARTIFACTS_DIR}")
+        run.add_argument("--timeout", help=f"seconds the script may run (default: ${Env.TIMEOUT}, the task's, "
                                            "or none)")
-        run.add_argument("--grace", help="seconds between SIGTERM and SIGKILL on timeout (default 2)")
+        run.add_argument("--grace", help=f"seconds between SIGTERM and SIGKILL on timeout (default "
+                                         f"{DEFAULT_GRACE_SECONDS:g})")
         run.add_argument("--api-retry-seconds", help="how long to keep retrying the keruta API (default: "
-                                                     "$KERUTA_API_RETRY_SECONDS or 300)")
+                                                     f"${Env.API_RETRY_SECONDS} or {DEFAULT_RETRY_SECONDS:g})")
         run.add_argument("--hold-seconds", help="after the final report, wait this long for the files to be "
-                                                "collected (default: $KERUTA_HOLD_SECONDS or 0)")
-        run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: $KERUTA_LOG_LEVEL or INFO)")
-        run.add_argument("--echo", action="store_true", help="also print the script's output (default: $KERUTA_ECHO)")
+                                                f"collected (default: ${Env.HOLD_SECONDS} or 0)")
+        run.add_argument("--log-level", help=f"DEBUG, INFO, WARNING or ERROR (default: ${Env.LOG_LEVEL} or INFO)")
+        run.add_argument("--echo", action="store_true", help=f"also print the script's output (default: ${Env.ECHO})")
         run.set_defaults(func=cmd_run)
     log = sub.add_parser("log", help="send a log line: log LEVEL MESSAGE…", parents=[debug])
     log.add_argument("level")
@@ -364,7 +353,7 @@ def _say(message: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        debug = parse_flag("KERUTA_DEBUG", os.environ.get("KERUTA_DEBUG"))
+        debug = parse_flag(Env.DEBUG, os.environ.get(Env.DEBUG))
     except UsageError as exc:
         _say(exc)
         return ExitCode.CONFIG
@@ -382,13 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         _say(exc)
         return ExitCode.API_UNREACHABLE
     except KeyboardInterrupt:
-        return 130
+        return SIGNAL_BASE + signal.SIGINT  # 130, as a shell says it
     except Exception as exc:  # the agent's own bug: one line, distinct exit code
         if debug:
             traceback.print_exc()
             hint = ""
         else:
-            hint = " (run with --debug or KERUTA_DEBUG=1 for the traceback)"
+            hint = f" (run with --debug or {Env.DEBUG}=1 for the traceback)"
         _say(f"internal error: {type(exc).__name__}: {exc}{hint}")
         return ExitCode.INTERNAL
 
