@@ -134,14 +134,6 @@ class ArtifactsMode(StrEnum):
     OFF = "off"
 
 
-class ReportedStatus(StrEnum):
-    """The task statuses keruta-agent reports (the same values as ``models.TaskStatus``)."""
-
-    IN_PROGRESS = "IN_PROGRESS"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-
-
 DEFAULT_WORK_DIR = "/work"  # the agent's work directory when neither Env.WORK_DIR nor a flag names one
 DEFAULT_ARTIFACTS_DIR = "/.keruta/doc"  # likewise for Env.ARTIFACTS_DIR
 

@@ -33,7 +33,7 @@ from keruta_prefect.contract import (
     ArtifactsMode,
     Env,
     ExitCode,
-    ReportedStatus,
+    TaskStatus,
 )
 from keruta_prefect.errors import PermanentError
 
@@ -223,7 +223,7 @@ def cmd_progress(args: argparse.Namespace) -> int:
     task_id = _helper_task_id()
     with _client(args) as client:
         message = _text(args.message) if args.message is not None else None
-        client.set_status(task_id, ReportedStatus.IN_PROGRESS, progress=value, message=message)
+        client.set_status(task_id, TaskStatus.IN_PROGRESS, progress=value, message=message)
     return ExitCode.OK
 
 

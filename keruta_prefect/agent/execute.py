@@ -18,7 +18,7 @@ from typing import IO
 
 from keruta_prefect.agent.batches import MAX_LINE_BYTES
 from keruta_prefect.agent.shipper import LogShipper
-from keruta_prefect.contract import Reason, ReportedStatus, script_exit_reason, script_killed_reason
+from keruta_prefect.contract import Reason, TaskStatus, script_exit_reason, script_killed_reason
 
 log = logging.getLogger("keruta.agent")
 
@@ -34,7 +34,7 @@ class ScriptEnd:
     """How the script ended. ``status`` None: the agent got SIGTERM and reports no final status (whoever
     stopped it decides); otherwise the status the agent reports, with ``error_code`` and ``message``."""
 
-    status: ReportedStatus | None
+    status: TaskStatus | None
     error_code: str | None
     message: str
 
@@ -119,7 +119,7 @@ def execute(path: Path, *, cwd: Path, env: dict[str, str], shipper: LogShipper, 
     except OSError as exc:
         message = f"cannot execute {path.name}: {exc.strerror}"
         shipper.emit("ERROR", message)
-        return ScriptEnd(ReportedStatus.FAILED, Reason.SCRIPT_NOT_RUNNABLE.value, message)
+        return ScriptEnd(TaskStatus.FAILED, Reason.SCRIPT_NOT_RUNNABLE.value, message)
     assert proc.stdout is not None and proc.stderr is not None
     readers = [threading.Thread(target=pump, args=(stream, shipper, echo), daemon=True)
                for stream in (proc.stdout, proc.stderr)]
@@ -160,16 +160,16 @@ def _ending(code: int, elapsed: float, shipper: LogShipper, timed_out_after: flo
     if timed_out_after is not None:
         message = f"script timed out after {timed_out_after:g}s and was stopped"
         shipper.emit("ERROR", message)
-        return ScriptEnd(ReportedStatus.FAILED, Reason.TIMEOUT.value, message)
+        return ScriptEnd(TaskStatus.FAILED, Reason.TIMEOUT.value, message)
     if code == 0:
-        return ScriptEnd(ReportedStatus.COMPLETED, None, f"script exited with code 0 after {elapsed:.1f}s")
+        return ScriptEnd(TaskStatus.COMPLETED, None, f"script exited with code 0 after {elapsed:.1f}s")
     if code < 0:
         name = signal.Signals(-code).name
         error_code, message = script_killed_reason(name), f"script was killed by {name}"
     else:
         error_code, message = script_exit_reason(code), f"script exited with code {code}"
     shipper.emit("ERROR", message)  # the script's own lines are all INFO: the failure is said here
-    return ScriptEnd(ReportedStatus.FAILED, error_code, message)
+    return ScriptEnd(TaskStatus.FAILED, error_code, message)
 
 
 def kill_group(pid: int, sig: int) -> None:

@@ -32,7 +32,7 @@ from keruta_prefect.contract import (
     Env,
     ExitCode,
     Reason,
-    ReportedStatus,
+    TaskStatus,
     exit_code_after_report,
 )
 
@@ -84,7 +84,7 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
             log.error("%s %s: %s", name, directory, exc.strerror or exc)
             return ExitCode.CONFIG
     try:
-        client.set_status(task_id, ReportedStatus.IN_PROGRESS, message="keruta-agent started")
+        client.set_status(task_id, TaskStatus.IN_PROGRESS, message="keruta-agent started")
         task = client.get_task(task_id)
         script = client.get_script(task_id)
     except ApiRejected as exc:
@@ -105,7 +105,7 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
     except OSError as exc:
         message = f"cannot write the script to {path}: {exc.strerror or exc}"
         shipper.emit("ERROR", message)
-        end = ScriptEnd(ReportedStatus.FAILED, Reason.SCRIPT_NOT_RUNNABLE.value, message)
+        end = ScriptEnd(TaskStatus.FAILED, Reason.SCRIPT_NOT_RUNNABLE.value, message)
     else:
         end = execute(path, cwd=config.work_dir, env=_script_env(config, script), shipper=shipper,
                       timeout=config.timeout or task.get("timeoutSeconds") or None,

@@ -80,7 +80,7 @@ def error_line(exc: BaseException, *, startup_timeout: int | None = None) -> tup
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("KERUTA_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    debug = args.debug or os.environ.get(Env.DEBUG, "").strip().lower() not in ("", "0", "false", "no")
     startup_timeout: int | None = None
     try:
         with contextlib.ExitStack() as stack:
