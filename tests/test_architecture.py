@@ -160,3 +160,22 @@ def _drain(lines: Any) -> list[Any]:
     while not lines.empty():
         out.append(lines.get_nowait())
     return out
+
+
+# --- modules and classes small enough to read -----------------------------------------------------------
+
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 155
+
+
+def test_no_module_or_class_of_the_package_is_too_long_to_read() -> None:
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        where = path.relative_to(PACKAGE.parent)
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{where}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and (node.end_lineno or 0) - node.lineno + 1 > MAX_CLASS_LINES:
+                too_long.append(f"{where}: class {node.name}: {(node.end_lineno or 0) - node.lineno + 1} lines")
+    assert not too_long, "\n".join(too_long)
