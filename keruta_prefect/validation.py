@@ -21,14 +21,21 @@ DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 # POSIX-portable environment variable names; Kubernetes itself allows a little more, but a name the
 # agent's shell cannot export is useless to a task script.
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# An image reference: [registry[:port]/]path[:tag][@digest]. Deliberately a little looser than the
-# distribution grammar on the path, strict on what breaks kubelet (spaces, uppercase repo, empty parts).
+# An image reference as the kubelet parses it (distribution/reference): [registry[:port]/]path[:tag][@digest],
+# ASCII only. A registry is DNS-like (no leading/trailing hyphen, no empty label) or a bracketed IPv6
+# address; path components are lowercase; a digest is one the kubelet knows, with its exact length.
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_REGISTRY = rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
 IMAGE_REF = re.compile(
-    r"^(?:(?P<registry>[a-zA-Z0-9.-]+(?::[0-9]+)?)/)?"
-    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
-    r"(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?$"
+    rf"^(?:(?P<registry>{_REGISTRY})/)?"
+    rf"(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}))?$",
+    re.ASCII,
 )
+IMAGE_NAME_MAX = 255  # the repository name (registry and path), as distribution/reference limits it
+_IMAGE_ID = re.compile(r"^[a-f0-9]{64}$")  # an image id, not a name: the kubelet refuses it as one
 
 
 def parse_quantity(value: str) -> float:
@@ -76,7 +83,9 @@ def check_dns_label(value: str) -> str:
 
 
 def check_image(value: str) -> str:
-    if not value or len(value) > 512 or not IMAGE_REF.match(value):
+    match = IMAGE_REF.match(value) if value and len(value) <= 512 and not _IMAGE_ID.match(value) else None
+    name = f"{match['registry']}/{match['path']}" if match and match["registry"] else match["path"] if match else ""
+    if match is None or len(name) > IMAGE_NAME_MAX:
         raise ValueError("must be an image reference such as registry.example.com/keruta-agent:1.0")
     return value
 

@@ -18,7 +18,7 @@ from keruta_prefect.backends.kubernetes.client import api_client
 from keruta_prefect.manifest import build_job
 from keruta_prefect.models import RunContext, Task
 from keruta_prefect.settings import KerutaSettings
-from keruta_prefect.validation import IMAGE_REF
+from keruta_prefect.validation import check_image
 
 # (API group, resource, subresource, verb): what keruta-prefect's Kubernetes backend calls.
 PERMISSIONS: list[tuple[str, str, str | None, str]] = [
@@ -126,7 +126,12 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
         add(Check(False, f"cannot read Secret {secret_name}: {exc.answer}"))
 
     image = settings.default_image
-    if not IMAGE_REF.match(image):
+    try:
+        check_image(image)
+        valid = True
+    except ValueError:
+        valid = False
+    if not valid:
         add(Check(False, f"default image {image!r} is not a valid image reference",
                   "set keruta.kubernetes.default-image, e.g. registry.example.com/keruta-agent:1.0"))
     else:
