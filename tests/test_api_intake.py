@@ -349,9 +349,9 @@ class GatedStore(Store):
         self._pass("create_task")
         return super().create_task(*args, **kwargs)
 
-    def add_logs(self, *args: Any, **kwargs: Any) -> Any:
-        self._pass("add_logs")
-        return super().add_logs(*args, **kwargs)
+    def store_logs(self, *args: Any, **kwargs: Any) -> Any:
+        self._pass("store_logs")
+        return super().store_logs(*args, **kwargs)
 
     def add_artifacts(self, *args: Any, **kwargs: Any) -> Any:
         self._pass("add_artifacts")
@@ -367,7 +367,7 @@ class GatedStore(Store):
 
 
 @pytest.mark.parametrize(("gate", "method", "path", "kwargs"), [
-    ("add_logs", "POST", "/api/v1/tasks/busy/logs", {"json": {"level": "INFO", "message": "x"}}),
+    ("store_logs", "POST", "/api/v1/tasks/busy/logs", {"json": {"level": "INFO", "message": "x"}}),
     ("create_task", "POST", "/api/v1/tasks", {"json": {"id": "new"}}),
     ("add_artifacts", "POST", "/api/v1/tasks/busy/artifacts", {"files": {"file": ("f.txt", b"data")}}),
     ("artifacts", "POST", "/api/v1/tasks/busy/artifacts", {"files": {"file": ("f.txt", b"data")}}),
