@@ -52,9 +52,12 @@ def env(keruta_home: Path) -> dict[str, str]:
 @pytest.fixture
 def worker(env: dict[str, str], checkout: Path, tmp_path: Path) -> Iterator[Path]:
     log = tmp_path / "worker.log"
+    # The worker asks for scheduled runs every second instead of Prefect's 10 s: the same worker, less idling.
+    worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "keruta-process",
-                                    "--limit", "4"], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+                                    "--limit", "4"], env=worker_env, cwd=tmp_path, stdout=out,
+                                   stderr=subprocess.STDOUT)
     try:
         yield log
     finally:
