@@ -190,10 +190,10 @@ def test_a_progress_artifact_follows_the_agent_while_it_runs(store: Store, tmp_p
         return check
 
     with at_30, at_70:
-        [(first, _)] = eventually(shows(30.0), what="the progress artifact to show 30 while the task runs")
+        [(first, _)] = eventually(shows(30.0), what="the artifact to show 30 while the task runs", interval=0.2)
         assert store.get_task("e2e-progress").progress == 30  # what the agent reported
         at_30.open()
-        [(second, _)] = eventually(shows(70.0), what="the progress artifact to show 70 while the task runs")
+        [(second, _)] = eventually(shows(70.0), what="the artifact to show 70 while the task runs", interval=0.2)
         assert second == first  # updated in place, not a second artifact
         at_70.open()
         [result] = eventually(lambda: results, what="the task to end")
@@ -216,7 +216,7 @@ def test_a_failed_task_emits_a_keruta_event_with_the_task_and_the_reason(store: 
         return response.json()["events"]  # type: ignore[no-any-return]
 
     # Events reach the server asynchronously.
-    [event] = eventually(events, what="the keruta.task.failed event to reach the Prefect server")
+    [event] = eventually(events, what="the keruta.task.failed event to reach the Prefect server", interval=0.5)
     assert event["resource"]["prefect.resource.name"] == "evented"
     assert event["resource"]["keruta.task.id"] == "e2e-event"
     assert event["payload"]["status"] == "FAILED" and event["payload"]["reason"] == "SCRIPT_EXIT_9"
