@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.waiting import Gate, eventually
+from tests.waiting import Gate, eventually, throughout
 
 
 def test_eventually_returns_the_first_truthy_value_once_assertions_stop_failing() -> None:
@@ -58,5 +58,22 @@ def test_opening_a_gate_nobody_waits_at_says_so(tmp_path: Path) -> None:
     gate = Gate(tmp_path / "gate")
     with pytest.raises(AssertionError, match="waiting for a script to wait at gate; last assertion: no reader"):
         gate.open(timeout=0)
-    with gate:
-        pass  # leaving it with nobody waiting is quiet
+
+
+@pytest.mark.parametrize("arrives", ["before", "after"])
+def test_leaving_a_gate_opens_it_for_good_for_a_script_waiting_there_or_coming_later(tmp_path: Path,
+                                                                                   arrives: str) -> None:
+    script = f"read -r _ < {tmp_path / 'gate'} && echo passed"
+    with Gate(tmp_path / "gate"):
+        if arrives == "before":  # waiting at the gate, or about to: either way it gets through
+            waiting = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
+    if arrives == "after":
+        waiting = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
+    assert waiting.communicate(timeout=60)[0] == "passed\n"
+
+
+def test_throughout_passes_while_the_condition_holds_and_says_when_it_stopped() -> None:
+    throughout(lambda: True, what="calm", seconds=0.05)
+    looks = iter([True, True, False])
+    with pytest.raises(AssertionError, match="two at once stopped holding: False"):
+        throughout(lambda: next(looks), what="two at once", seconds=60, interval=0)

@@ -44,13 +44,29 @@ def eventually(condition: Callable[[], T], *, what: str, timeout: float = TIMEOU
         time.sleep(interval)
 
 
+def throughout(condition: Callable[[], object], *, what: str, seconds: float, interval: float = INTERVAL) -> None:
+    """Assert that ``condition`` holds at every look for ``seconds``: for what must *not* happen (a third task
+    starting under a bound of two) and that no event announces. It never fails a system that behaves; a slow
+    machine only makes a misbehaviour less likely to show within the window."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            value = condition()
+        except AssertionError as exc:
+            raise AssertionError(f"{what} stopped holding: {exc}") from exc
+        assert value, f"{what} stopped holding: {value!r}"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
 class Gate:
     """A point where a test's shell script waits until the test lets it on: a named pipe the script reads
     one line from (put ``gate.wait`` in the script), written by ``open()``. The script neither sleeps nor
     polls, and the test knows the script is held there, not merely late.
 
-    As a context manager, its exit lets a script still waiting there go on, so that a failing test does
-    not leave a process behind blocked for ever."""
+    As a context manager, its exit leaves the gate open for good, so that a failing test does not leave a
+    process behind blocked for ever."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -79,11 +95,13 @@ class Gate:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        """Leave the gate open for good (a failed test must not leave a script waiting there for ever): a
+        script waiting now gets its line, one that comes later finds a plain file with the line in it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)  # (never blocks: this end reads and writes)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            return  # nobody waits there
-        try:
+            passage = self.path.with_name(self.path.name + ".open")
+            passage.write_bytes(b"go\n")
+            os.replace(passage, self.path)
             os.write(fd, b"go\n")
         finally:
             os.close(fd)
