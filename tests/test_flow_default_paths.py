@@ -4,6 +4,7 @@ collection that fails never losing the run, a cancel that finds Jobs in the task
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from keruta_prefect.flows import KerutaTaskFailed, keruta_task
 from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
-from tests.waiting import eventually
+from tests.waiting import Gate, eventually, throughout
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -43,19 +44,34 @@ def test_the_global_limit_bounds_keruta_task_flow_runs_however_they_were_started
     pass through a pipeline): with one slot, three flow runs started at once never overlap."""
     limit = _limit(1)
     lock = tmp_path / "running"
+    gates = {f"gl-one-{i}": Gate(tmp_path / f"gl-one-{i}") for i in range(3)}  # each stays inside until let go
     # mkdir is atomic: a second script inside the critical section at the same time fails with exit 7.
-    script = f'mkdir "{lock}" || {{ echo overlap; exit 7; }}\nsleep 0.3\nrmdir "{lock}"\necho alone'
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
+        script = (f'mkdir "{lock}" || {{ echo overlap; exit 7; }}\necho $KERUTA_TASK_ID > "{lock}/who"\n'
+                  f'{gates[f"gl-one-{i}"].wait}\nrm "{lock}/who"\nrmdir "{lock}"\necho alone')
         results[i] = keruta_task(task_spec={"id": f"gl-one-{i}", "script": script}, concurrency_limit=limit,
                                  return_state=True)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    def inside() -> str:
+        assert not [r.message for i in range(3) for r in store.logs(f"gl-one-{i}") if r.message == "overlap"]
+        return (lock / "who").read_text().strip() if (lock / "who").exists() else ""
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(3)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(240)
+    with contextlib.ExitStack() as stack:
+        for gate in gates.values():
+            stack.enter_context(gate)
+        for left in (3, 2, 1):
+            who = eventually(inside, what="a run inside the critical section")
+            if left == 3:  # one inside, two waiting for the slot: give them the time to start if it did not hold
+                throughout(lambda who=who: inside() == who, what=f"{who} alone inside", seconds=5)
+            gates[who].open()
+            eventually(lambda who=who: inside() != who, what=f"{who} to leave the critical section")
+        for thread in threads:
+            thread.join(240)
     for i in range(3):
         assert store.get_task(f"gl-one-{i}").status == "COMPLETED", [r.message for r in store.logs(f"gl-one-{i}")]
 
