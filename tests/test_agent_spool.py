@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from keruta_prefect.agent.runner import MEMORY_BYTES, LogShipper
@@ -20,6 +19,7 @@ from keruta_prefect.client import KerutaClient
 from keruta_prefect.store import Store
 from tests.conftest import Api
 from tests.test_agent_shipping import Front, make, script_rows
+from tests.waiting import eventually
 
 LINES = 50_000
 PAD = 400
@@ -42,13 +42,6 @@ class Outage:
         with self.lock:
             self.sent.extend(line["seq"] for line in json.loads(body)["lines"])
         return None
-
-
-def wait_for(condition: object, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def expected(i: int) -> str:
@@ -76,7 +69,7 @@ def test_a_chatty_script_during_an_outage_is_held_in_bounded_memory_and_every_li
         assert spool.stat().st_size > MEMORY_BYTES
 
         outage.down.clear()  # the API is back: the shipper takes the spooled lines back, in order
-        wait_for(lambda: len(outage.sent) >= 1000, 30, "no batch sent after the API came back")
+        eventually(lambda: len(outage.sent) >= 1000, what="batches sent after the API came back")
         for i in range(LINES, LINES + 500):  # newer lines, while older ones still wait to be sent
             shipper.emit("INFO", expected(i))
         assert shipper.close(60) == 0
@@ -103,7 +96,7 @@ def test_lines_spooled_during_an_outage_that_outlasts_the_budget_are_left_in_ord
         shipper = LogShipper(client, "never", spool, memory_bytes=bound, retry_seconds=1)
         for i in range(20_000):
             shipper.emit("INFO", expected(i))
-        wait_for(lambda: front.count(503) >= 1, 30, "no batch tried")
+        eventually(lambda: front.count(503) >= 1, what="a batch to be tried")
         assert shipper.close(0.5) == 20_000
     assert shipper.peak_pending_bytes <= bound
     rows = [json.loads(line) for line in spool.read_text().splitlines()]
@@ -126,7 +119,7 @@ def test_a_spool_that_cannot_be_written_keeps_the_lines_in_memory_while_they_fit
             KerutaClient(front.url, api.token, retry_seconds=0) as client:
         shipper = LogShipper(client, "unwritable", blocker / "unsent-logs.jsonl", retry_seconds=0)
         shipper.emit("INFO", "first")
-        wait_for(lambda: front.count(503) >= 1, 30, "no batch tried")
+        eventually(lambda: front.count(503) >= 1, what="a batch to be tried")
         for i in range(10):
             shipper.emit("INFO", f"line {i}")  # past the retry budget: to the spool, which cannot be written
         assert shipper.lost == 0 and shipper.pending_bytes > 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+import pytest
 from keruta_harness.processes import free_port
+
+from tests.waiting import eventually
 
 
 def test_api_command_serves_the_contract_on_loopback_with_the_env_token(keruta_home: Path) -> None:
@@ -18,15 +20,15 @@ def test_api_command_serves_the_contract_on_loopback_with_the_env_token(keruta_h
     proc = subprocess.Popen([sys.executable, "-m", "keruta_prefect.cli", "api", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"`keruta-prefect api` exited {proc.returncode}: {proc.stderr.read()}")  # at once
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/v1/health").status_code == 200:
-                    break
+                return httpx.get(f"http://127.0.0.1:{port}/api/v1/health").status_code == 200
             except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no answer"
-            time.sleep(0.1)
+                return False  # not listening yet
+
+        eventually(healthy, what="`keruta-prefect api` to answer on /api/v1/health")
         headers = {"Authorization": "Bearer tok-123"}
         created = httpx.post(f"http://127.0.0.1:{port}/api/v1/tasks", json={"id": "via-cli"}, headers=headers)
         assert created.status_code == 201

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -20,6 +19,7 @@ from keruta_harness.processes import stop_process
 from keruta_prefect.models import TaskStatus, parse_task_spec
 from keruta_prefect.store import Store
 from tests.conftest import ROOT
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -64,15 +64,6 @@ def worker(env: dict[str, str], checkout: Path, tmp_path: Path) -> Iterator[Path
         stop_process(process)
 
 
-def wait_until(condition: object, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; worker log:\n{log.read_text()[-3000:]}")
-
-
 def test_deploy_all_then_a_worker_runs_task_dispatch_and_pipeline_deployments(
         env: dict[str, str], checkout: Path, store: Store, request: pytest.FixtureRequest) -> None:
     from prefect.client.orchestration import get_client
@@ -102,8 +93,13 @@ def test_deploy_all_then_a_worker_runs_task_dispatch_and_pipeline_deployments(
         store.create_task(parse_task_spec({"id": f"rt-pending-{i}", "priority": priority,
                                            "script": f"echo dispatched {i}"}))
     prefect("deployment", "run", "keruta-dispatch/default", "--watch", env=env, cwd=checkout)
-    wait_until(lambda: all(store.get_task(f"rt-pending-{i}").status == TaskStatus.COMPLETED for i in range(2)),
-               180, "the dispatched tasks to complete", log)
+    def dispatched_completed() -> bool:
+        statuses = [store.get_task(f"rt-pending-{i}").status for i in range(2)]
+        assert statuses == [TaskStatus.COMPLETED] * 2, statuses
+        return True
+
+    eventually(dispatched_completed, what="the dispatched tasks to complete", timeout=180, interval=0.5,
+               context=lambda: f"worker log:\n{log.read_text()[-3000:]}")
     assert all(len(store.runs(f"rt-pending-{i}")) == 1 for i in range(2))
     with get_client(sync_client=True) as client:
         dispatch = client.read_deployment_by_name("keruta-dispatch/default")

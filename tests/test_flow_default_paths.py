@@ -4,13 +4,12 @@ collection that fails never losing the run, a cancel that finds Jobs in the task
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from keruta_prefect.flows import KerutaTaskFailed, keruta_task
 from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
+from tests.waiting import Gate, eventually, throughout
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -44,19 +44,34 @@ def test_the_global_limit_bounds_keruta_task_flow_runs_however_they_were_started
     pass through a pipeline): with one slot, three flow runs started at once never overlap."""
     limit = _limit(1)
     lock = tmp_path / "running"
+    gates = {f"gl-one-{i}": Gate(tmp_path / f"gl-one-{i}") for i in range(3)}  # each stays inside until let go
     # mkdir is atomic: a second script inside the critical section at the same time fails with exit 7.
-    script = f'mkdir "{lock}" || {{ echo overlap; exit 7; }}\nsleep 0.3\nrmdir "{lock}"\necho alone'
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
+        script = (f'mkdir "{lock}" || {{ echo overlap; exit 7; }}\necho $KERUTA_TASK_ID > "{lock}/who"\n'
+                  f'{gates[f"gl-one-{i}"].wait}\nrm "{lock}/who"\nrmdir "{lock}"\necho alone')
         results[i] = keruta_task(task_spec={"id": f"gl-one-{i}", "script": script}, concurrency_limit=limit,
                                  return_state=True)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    def inside() -> str:
+        assert not [r.message for i in range(3) for r in store.logs(f"gl-one-{i}") if r.message == "overlap"]
+        return (lock / "who").read_text().strip() if (lock / "who").exists() else ""
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(3)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(240)
+    with contextlib.ExitStack() as stack:
+        for gate in gates.values():
+            stack.enter_context(gate)
+        for left in (3, 2, 1):
+            who = eventually(inside, what="a run inside the critical section")
+            if left == 3:  # one inside, two waiting for the slot: give them the time to start if it did not hold
+                throughout(lambda who=who: inside() == who, what=f"{who} alone inside", seconds=5)
+            gates[who].open()
+            eventually(lambda who=who: inside() != who, what=f"{who} to leave the critical section")
+        for thread in threads:
+            thread.join(240)
     for i in range(3):
         assert store.get_task(f"gl-one-{i}").status == "COMPLETED", [r.message for r in store.logs(f"gl-one-{i}")]
 
@@ -97,13 +112,8 @@ ORPHAN_MAKER = textwrap.dedent("""
     store.start_run(TaskRunRow(task_id=task.id, flow_run_id="died", pid=handle.pid, job_name=handle.name,
                                attempt=1))
     print(handle.pid, flush=True)
-    # Wait until the script has really started, then die like a crashed flow process (no cleanup).
-    started = sys.argv[3]
-    import time
-    deadline = time.monotonic() + 60
-    while not os.path.exists(started) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os._exit(0)
+    sys.stdin.readline()  # the test says when: once the script has really started
+    os._exit(0)  # die like a crashed flow process (no cleanup)
 """)
 
 
@@ -111,10 +121,17 @@ def _orphan(tmp_path: Path, task_id: str) -> tuple[int, Path]:
     """A flow process that launched a local agent and died: the agent runs on, its embedded API gone."""
     started, finished = tmp_path / "started", tmp_path / "finished"
     script = f'if [ ! -e "{started}" ]; then touch "{started}"; sleep 60; touch "{finished}"; fi\necho second life'
-    done = subprocess.run([sys.executable, "-c", ORPHAN_MAKER, task_id, script, str(started)], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    pid = int(done.stdout.split()[0])
+    with subprocess.Popen([sys.executable, "-c", ORPHAN_MAKER, task_id, script], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as maker:
+        assert maker.stdin is not None and maker.stdout is not None and maker.stderr is not None
+        line = maker.stdout.readline()
+        try:
+            assert line, f"the flow process died before launching: {maker.stderr.read()}"
+            pid = int(line)
+            eventually(started.exists, what="the orphaned agent's script to start")
+        finally:
+            maker.stdin.close()  # let it die
+        assert maker.wait(120) == 0, maker.stderr.read()
     assert session_processes(pid), "the orphaned agent should still run"
     return pid, finished
 
@@ -261,9 +278,12 @@ def test_a_run_that_needs_no_slot_returns_while_the_limit_is_full_and_leaves_not
     keruta_task(task_id="gl-done", concurrency_limit=limit)
     assert store.get_task("gl-done").status == "COMPLETED"
     with concurrency(limit, occupy=1, strict=True):  # someone else holds the only slot
-        started = time.monotonic()
-        again = keruta_task(task_id="gl-done", concurrency_limit=limit, return_state=True)
-        assert again.is_completed() and time.monotonic() - started < 60  # (it used to be: wait for ever)
+        states: list[Any] = []
+        threading.Thread(target=lambda: states.append(keruta_task(
+            task_id="gl-done", concurrency_limit=limit, return_state=True)), daemon=True).start()
+        # It returns while the only slot is held here, so it did not wait for one (it used to: for ever).
+        [again] = eventually(lambda: states, what="the run to return while another holds the only slot")
+        assert again.is_completed()
         assert not [t for t in threading.enumerate() if t.name == f"keruta-slot-{limit}"]
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
@@ -299,20 +319,13 @@ def test_a_limit_with_no_slot_is_waited_on_said_once_then_the_task_runs(store: S
     waiter = threading.Thread(target=lambda: states.setdefault("state", keruta_task(
         task_spec={"id": "paused-1", "script": "echo ran"}, concurrency_limit=limit, return_state=True)))
     waiter.start()
-    wait_until(lambda: any("has no slot" in r.getMessage() for r in caplog.records), what="the run to say it waits")
+    eventually(lambda: any("has no slot" in r.getMessage() for r in caplog.records), what="the run to say it waits")
     assert waiter.is_alive() and store.runs("paused-1") == []  # waiting, no agent
     with get_client(sync_client=True) as client:
         client.update_global_concurrency_limit(limit, GlobalConcurrencyLimitUpdate(limit=1))  # "in the UI"
     waiter.join(120)
     assert states["state"].is_completed(), states["state"].message
     assert "ran" in [row.message for row in store.logs("paused-1")]
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_a_prefect_api_that_does_not_answer_the_slot_request_is_one_line() -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -12,6 +15,7 @@ from keruta_prefect.cli import main
 from keruta_prefect.flows import KerutaTaskFailed, keruta_task
 from keruta_prefect.models import Task
 from keruta_prefect.store import Store
+from tests.waiting import Gate, eventually
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,8 +136,6 @@ def test_a_completed_task_is_not_run_again_and_its_recorded_result_is_returned(s
 
 def test_cancel_hook_stops_the_agents_of_a_flow_run_found_by_its_id(store: Store) -> None:
     """What on_cancellation does in the runner process: no in-memory handle, only the run records."""
-    import time
-
     from keruta_prefect.backends.base import RunContext
     from keruta_prefect.backends.local import LocalBackend, session_processes
     from keruta_prefect.blocks import load_settings
@@ -144,9 +146,7 @@ def test_cancel_hook_stops_the_agents_of_a_flow_run_found_by_its_id(store: Store
     backend = LocalBackend(load_settings(), store)
     handle = backend.launch(task, RunContext(flow_run_id="flow-run-123", attempt=1))
     store.start_run(TaskRunRow(task_id="long", flow_run_id="flow-run-123", pid=handle.pid, job_name=handle.name))
-    deadline = time.monotonic() + 20
-    while store.count_logs("long") == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: store.count_logs("long") > 0, what="the script's first line")
 
     assert stop_flow_run_agents("flow-run-123") == ["long"]
     assert store.get_task("long").status == "CANCELLED"
@@ -163,29 +163,47 @@ def test_a_hostile_link_in_the_work_directory_loses_the_artifacts_but_not_the_ta
     assert result.artifacts_note is not None and result.artifacts_note.startswith("artifacts lost: unsafe entry")
 
 
-def test_a_progress_artifact_follows_the_agent_while_it_runs(store: Store) -> None:
-    import threading
-    import time
+def progress_artifacts(key: str) -> list[tuple[uuid.UUID, float]]:
+    """Every artifact stored under ``key``, as (id, value)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    spec = {"id": "e2e-progress", "script": "keruta-agent progress 30\nsleep 3\nkeruta-agent progress 70\nsleep 3"}
-    runner = threading.Thread(target=keruta_task, kwargs={"task_spec": spec})
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return [(a.id, float(str(a.data))) for a in artifacts]
+
+
+def test_a_progress_artifact_follows_the_agent_while_it_runs(store: Store, tmp_path: Path) -> None:
+    """The script holds each value until the test has seen it in the artifact: no value can be missed
+    between two polls of the flow's progress thread, and it must be seen while the task still runs."""
+    import threading
+
+    at_30, at_70 = Gate(tmp_path / "at-30"), Gate(tmp_path / "at-70")
+    spec = {"id": "e2e-progress",
+            "script": f"keruta-agent progress 30\n{at_30.wait}\nkeruta-agent progress 70\n{at_70.wait}"}
+    results: list[object] = []
+    runner = threading.Thread(target=lambda: results.append(keruta_task(task_spec=spec)), daemon=True)
     runner.start()
-    seen: list[str] = []
-    while runner.is_alive():
-        try:
-            value = markdown_artifact("keruta-e2e-progress-progress")
-        except AssertionError:
-            value = None
-        if value is not None and (not seen or seen[-1] != value):
-            seen.append(value)
-        time.sleep(0.2)
-    runner.join()
-    assert [float(v) for v in seen] == [30.0, 70.0]  # updated in place while the task ran
+
+    def shows(value: float) -> Callable[[], list[tuple[uuid.UUID, float]]]:
+        def check() -> list[tuple[uuid.UUID, float]]:
+            artifacts = progress_artifacts("keruta-e2e-progress-progress")
+            assert [v for _, v in artifacts] == [value], artifacts
+            return artifacts
+        return check
+
+    with at_30, at_70:
+        [(first, _)] = eventually(shows(30.0), what="the artifact to show 30 while the task runs", interval=0.2)
+        assert store.get_task("e2e-progress").progress == 30  # what the agent reported
+        at_30.open()
+        [(second, _)] = eventually(shows(70.0), what="the artifact to show 70 while the task runs", interval=0.2)
+        assert second == first  # updated in place, not a second artifact
+        at_70.open()
+        [result] = eventually(lambda: results, what="the task to end")
+    assert result.status == "COMPLETED"  # type: ignore[attr-defined]
+    assert progress_artifacts("keruta-e2e-progress-progress") == [(first, 70.0)]  # the final value
 
 
 def test_a_failed_task_emits_a_keruta_event_with_the_task_and_the_reason(store: Store) -> None:
-    import time
-
     import httpx
     from prefect.settings import PREFECT_API_URL
 
@@ -193,14 +211,14 @@ def test_a_failed_task_emits_a_keruta_event_with_the_task_and_the_reason(store: 
     query = {"filter": {"event": {"name": ["keruta.task.failed"]},
                         "resource": {"id": ["keruta.task.e2e-event"]},
                         "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 10}
-    deadline = time.monotonic() + 30
-    events: list[dict[str, object]] = []
-    while not events and time.monotonic() < deadline:  # events reach the server asynchronously
+
+    def events() -> list[dict[str, Any]]:
         response = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=query)
         response.raise_for_status()
-        events = response.json()["events"]
-        time.sleep(0.5)
-    [event] = events
+        return response.json()["events"]  # type: ignore[no-any-return]
+
+    # Events reach the server asynchronously.
+    [event] = eventually(events, what="the keruta.task.failed event to reach the Prefect server", interval=0.5)
     assert event["resource"]["prefect.resource.name"] == "evented"
     assert event["resource"]["keruta.task.id"] == "e2e-event"
     assert event["payload"]["status"] == "FAILED" and event["payload"]["reason"] == "SCRIPT_EXIT_9"

@@ -19,6 +19,7 @@ from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, TaskRunRow
 from tests.conftest import Api
+from tests.waiting import Gate, eventually
 
 
 def settings_for(cluster: Cluster, api: Api | None = None, **extra: object) -> KerutaSettings:
@@ -54,18 +55,25 @@ def test_a_rerun_after_a_crash_reattaches_to_the_running_job(cluster: Cluster, a
     block = f"k8s-{uuid.uuid4().hex[:8]}"
     settings = settings_for(cluster, api)
     seed(settings, name=block)
-    marker = cluster.root / "go"
+    gate = Gate(cluster.root / "go")
     task = store.create_task(Task.model_validate(
-        {"id": "k-crash", "script": f'echo first life\nwhile [ ! -e "{marker}" ]; do sleep 0.1; done\necho done'}))
+        {"id": "k-crash", "script": f"echo first life\n{gate.wait}\necho done"}))
     backend = KubernetesBackend(settings, store)
     handle = backend.launch(task, RunContext(flow_run_id="crashed-flow-run", attempt=1))
     store.start_run(TaskRunRow(task_id="k-crash", flow_run_id="crashed-flow-run", backend="kubernetes", attempt=1,
                                job_name=handle.name, namespace=handle.namespace, job_uid=handle.uid))
     cluster.wait_for(lambda: store.get_task("k-crash").status == "IN_PROGRESS", timeout=30)
+    [pod] = [p["metadata"]["name"] for p in cluster.pods(job=handle.name)]
     # …the flow process died here. A new run of the flow for the same task:
-    threading.Timer(1.0, marker.touch).start()
-    result = keruta_task(task_id="k-crash", backend="kubernetes", settings_block=block)
-    assert (result.status, result.attempt) == ("COMPLETED", 1)
+    results: list[object] = []
+    threading.Thread(target=lambda: results.append(keruta_task(task_id="k-crash", backend="kubernetes",
+                                                               settings_block=block)), daemon=True).start()
+    with gate:  # the script goes on only once the new run follows the Pod of the running attempt
+        eventually(lambda: [c for c in cluster.calls_of("get", "pods") if c.subresource == "log" and c.name == pod],
+                   what="the new run to follow the running Pod's log")
+        gate.open()
+        [result] = eventually(lambda: results, what="the new run to end")
+    assert (result.status, result.attempt) == ("COMPLETED", 1)  # type: ignore[attr-defined]
     assert len(cluster.calls_of("create", "jobs")) == 1  # never a duplicate Job
     [run] = store.runs("k-crash")
     assert run.status == "COMPLETED" and run.finished_at is not None

@@ -15,6 +15,7 @@ from keruta_prefect.manifest import job_name
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
 from tests.conftest import Api
+from tests.waiting import Gate, eventually
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -169,17 +170,20 @@ def test_watch_expiry_and_drops_mid_run_are_survived(k8s: tuple[Cluster, str], s
     cluster, block = k8s
     import threading
 
-    def disturb() -> None:
-        cluster.wait_for(lambda: store.count_logs("k-410") > 0, timeout=30)
+    gate = Gate(cluster.root / "disturbed")  # the script ends only after both disturbances
+    states: list[object] = []
+    spec = {"id": "k-410", "script": f"echo one\n{gate.wait}\necho two"}
+    threading.Thread(target=lambda: states.append(run(block, spec)), daemon=True).start()
+    with gate:
+        eventually(lambda: store.count_logs("k-410") > 0, what="the script's first line")
         cluster.expire_watches()  # 410 Gone: relist
-        cluster.wait_for(lambda: len(cluster.calls_of("watch", "pods")) >= 2 and cluster.watches()
-                         and not any(s.expire for s in cluster.watches()), timeout=10)
+        eventually(lambda: len(cluster.calls_of("watch", "pods")) >= 2 and cluster.watches()
+                   and not any(s.expire for s in cluster.watches()), what="a new watch after the 410")
         cluster.drop_watches()  # connection reset: resume
-
-    disturber = threading.Thread(target=disturb)
-    disturber.start()
-    result = result_of(run(block, {"id": "k-410", "script": "echo one\nsleep 3\necho two"}))
-    disturber.join()
+        eventually(lambda: len(cluster.calls_of("watch", "pods")) >= 3, what="the watch to resume after the drop")
+        gate.open()
+        [state] = eventually(lambda: states, what="the run to end")
+    result = result_of(state)
     assert result.status == "COMPLETED"
     watches = cluster.calls_of("watch", "pods")
     assert len(watches) >= 3  # first, after 410 (with a relist), after the drop

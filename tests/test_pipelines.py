@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from pathlib import Path
@@ -11,14 +12,28 @@ import pytest
 
 from keruta_prefect.models import TaskStatus, parse_task_spec
 from keruta_prefect.store import Store
+from tests.waiting import Gate, eventually, throughout
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-def marking(marks: Path, seconds: float = 0) -> str:
-    """A script that records when it starts and ends (every run of a task leaves one pair)."""
-    return (f'echo "start $KERUTA_TASK_ID $(date +%s.%N)" >> {marks}\nsleep {seconds}\n'
+def marking(marks: Path, seconds: float = 0, gate: Gate | None = None) -> str:
+    """A script that records when it starts and ends (every run of a task leaves one pair); in between it
+    sleeps ``seconds`` or waits at ``gate``."""
+    return (f'echo "start $KERUTA_TASK_ID $(date +%s.%N)" >> {marks}\n{gate.wait if gate else f"sleep {seconds}"}\n'
             f'echo "end $KERUTA_TASK_ID $(date +%s.%N)" >> {marks}')
+
+
+def running(marks: Path) -> list[str]:
+    """The tasks whose script has started and not ended, in the order they started."""
+    started: list[str] = []
+    for line in marks.read_text().splitlines() if marks.exists() else []:
+        what, task_id, _when = line.split()
+        if what == "start":
+            started.append(task_id)
+        else:
+            started.remove(task_id)
+    return started
 
 
 def read_marks(marks: Path) -> dict[str, list[tuple[float, float]]]:
@@ -56,10 +71,27 @@ def test_a_pipeline_runs_the_parent_then_its_children_as_child_flow_runs_under_i
     from keruta_prefect import keruta_pipeline
 
     marks = tmp_path / "marks"
-    state = keruta_pipeline(
+    ids = [f"pl-child-{i}" for i in range(4)]
+    gates = {task_id: Gate(tmp_path / task_id) for task_id in ids}  # each child runs until the test lets it end
+    states: list[Any] = []
+    threading.Thread(target=lambda: states.append(keruta_pipeline(
         parent={"id": "pl-parent", "title": "prepare", "script": marking(marks)},
-        children=[{"id": f"pl-child-{i}", "script": marking(marks, 4)} for i in range(4)],
-        concurrency=2, concurrency_limit=None, return_state=True)
+        children=[{"id": task_id, "script": marking(marks, gate=gates[task_id])} for task_id in ids],
+        concurrency=2, concurrency_limit=None, return_state=True)), daemon=True).start()
+    with contextlib.ExitStack() as stack:
+        for gate in gates.values():
+            stack.enter_context(gate)
+        for left in (4, 3, 2, 1):  # as many children run at once as the concurrency allows, or as are left
+            def at_once(expected: int = min(2, left)) -> list[str]:
+                now = running(marks)
+                assert len(now) == expected, now
+                return now
+            first, *_ = eventually(at_once, what=f"{min(2, left)} children running at once")
+            if left == 4:  # two held, two waiting: give a third the time to start if the bound did not hold
+                throughout(at_once, what="two children at once, no more", seconds=5)
+            gates[first].open()
+            eventually(lambda ended=first: ended not in running(marks), what=f"{first} to end")
+        [state] = eventually(lambda: states, what="the pipeline to end")
     result = state.result()
 
     assert result.completed and result.counts() == {"COMPLETED": 5}
