@@ -183,6 +183,14 @@ def exit_code_of_returncode(returncode: int) -> int:
     return SIGNAL_BASE - returncode if returncode < 0 else returncode
 
 
+def killed_by(code: int) -> int | None:
+    """The signal an exit code says the process was killed by (128 + N, N a signal this system has)."""
+    try:
+        return int(signal.Signals(code - SIGNAL_BASE)) if code > SIGNAL_BASE else None
+    except ValueError:
+        return None  # e.g. 255: a plain exit status, not a signal
+
+
 def signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -196,7 +204,7 @@ def outcome_from_exit(code: int) -> ExitMeaning:
         return _MEANINGS[ExitCode(code)]
     except ValueError:
         pass
-    if code > SIGNAL_BASE:
+    if killed_by(code) is not None:
         return ExitMeaning(TaskStatus.FAILED, Reason.AGENT_KILLED, True,
                            f"keruta-agent was killed by {signal_name(code - SIGNAL_BASE)}")
     return ExitMeaning(TaskStatus.FAILED, Reason.AGENT_ERROR, False, f"keruta-agent exited with code {code}")

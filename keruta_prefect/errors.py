@@ -4,7 +4,9 @@ Every error keruta-prefect raises on purpose is a :class:`KerutaError` and says 
 wrong. It is either
 
 - :class:`TransientError`: worth another try of the same step, unchanged (an API hiccup, a dropped
-  watch, a database that is briefly away). The flow's Prefect tasks retry exactly these, with backoff;
+  watch). The flow's launch and wait steps retry these, with backoff (its database steps retry the
+  database's own OperationalError); where a whole run cannot go on (no answer to its concurrency-slot
+  request) it fails with the one line, and running it again may help;
 - :class:`PermanentError`: another try would fail the same way (bad settings, a refusal, forbidden).
   Nothing retries it; the person reading the line has to act.
 
@@ -30,6 +32,7 @@ class TransientError(KerutaError):
 
 class PermanentError(KerutaError):
     """Another try would fail the same way; a person has to act on the message."""
+
 
 
 def is_transient(exc: BaseException) -> bool:

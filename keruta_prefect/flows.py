@@ -37,8 +37,8 @@ from keruta_prefect.backoff import attempt_delay
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
 from keruta_prefect.cancel import handle_of, mark_cancelled, set_status_quietly, stop_flow_run_agents
 from keruta_prefect.claims import ClaimLease, claim_owner, claim_task
-from keruta_prefect.contract import Reason
-from keruta_prefect.errors import PermanentError
+from keruta_prefect.contract import ArtifactsMode, Reason
+from keruta_prefect.errors import PermanentError, TransientError
 from keruta_prefect.limits import TASKS_LIMIT, SlotUnavailable, task_slot
 from keruta_prefect.models import (
     InvalidTransition,
@@ -105,7 +105,7 @@ def prepare_task(store: Store, task_id: str | None, task_spec: dict[str, Any] | 
 
 
 @task(name="launch-agent", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(1),
-      retry_condition_fn=_retry_on(TransientBackendError))
+      retry_condition_fn=_retry_on(TransientError))
 def launch_agent(backend: Backend, store: Store, task: Task, ctx: RunContext) -> tuple[RunHandle, int]:
     handle = backend.launch(task, ctx)
     run = store.start_run(TaskRunRow(
@@ -117,7 +117,7 @@ def launch_agent(backend: Backend, store: Store, task: Task, ctx: RunContext) ->
 
 
 @task(name="wait-for-agent", cache_policy=NO_CACHE, retries=5, retry_delay_seconds=exponential_backoff(1),
-      retry_condition_fn=_retry_on(TransientBackendError))
+      retry_condition_fn=_retry_on(TransientError))
 def wait_for_agent(backend: Backend, store: Store, handle: RunHandle, max_prefect_lines: int) -> Outcome:
     logger = get_run_logger()
     count = 0
@@ -137,7 +137,7 @@ def wait_for_agent(backend: Backend, store: Store, handle: RunHandle, max_prefec
 
 @task(name="collect-artifacts", cache_policy=NO_CACHE)
 def collect_artifacts(backend: Backend, handle: RunHandle, settings: KerutaSettings) -> CollectResult:
-    if settings.artifacts_mode == "off":
+    if settings.artifacts_mode == ArtifactsMode.OFF:
         return CollectResult()
     dest = attempt_dir(settings.storage_root(), handle.task_id, handle.attempt)
     try:

@@ -12,13 +12,13 @@ import hashlib
 import re
 from typing import Any
 
-from keruta_prefect.contract import Env, ExitCode
+from keruta_prefect.contract import DEFAULT_WORK_DIR, ArtifactsMode, Env, ExitCode
 from keruta_prefect.models import RunContext, Task
 from keruta_prefect.settings import KerutaSettings
 
 TRUNCATION_MARKER = "…[truncated; full text: GET /api/v1/tasks/{id}]"
 CONTAINER = "main"
-WORK_DIR = "/work"
+WORK_DIR = DEFAULT_WORK_DIR
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -199,7 +199,7 @@ def build_job(task: Task, settings: KerutaSettings, ctx: RunContext) -> dict[str
         {"name": Env.ARTIFACTS_MODE, "value": settings.artifacts_mode},
         # exec mode: the agent keeps the container until the flow has collected its files
         {"name": Env.HOLD_SECONDS,
-         "value": str(settings.artifacts_hold_timeout if settings.artifacts_mode == "exec" else 0)},
+         "value": str(settings.artifacts_hold_timeout if settings.artifacts_mode == ArtifactsMode.EXEC else 0)},
         {"name": "HOME", "value": WORK_DIR},
     ]
     env += _env_list(task.additional_env)  # last: $(KERUTA_…) references in these values resolve

@@ -24,8 +24,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "keruta_prefect"
 CONTRACT_WORDS = (
     {str(reason) for reason in contract.Reason if reason not in contract.KUBERNETES_REASONS}
     | {value for name, value in vars(contract.Env).items() if name.isupper()}
+    | {str(status) for status in contract.TaskStatus}
     | {contract.COLLECTED_MARKER, contract.READY_LINE, contract.READY_LOG_LINE, contract.SPOOL_FILE,
-       contract.AGENT_LOG, contract.PARAM_PREFIX}
+       contract.AGENT_LOG, contract.PARAM_PREFIX, contract.AGENT_LOG_PREFIX,
+       contract.DEFAULT_WORK_DIR, contract.DEFAULT_ARTIFACTS_DIR}
 )
 # Kubernetes' own reasons (contract.KUBERNETES_REASONS) are compared as Kubernetes spells them where its
 # API is read. Exit codes: any literal given as an Outcome's ``exit_code=``; in comparisons the agent's
@@ -119,6 +121,44 @@ def test_both_backends_give_the_same_outcome_for_the_same_exit(code: int, return
     assert on_local.exit_code == code
     expected = contract.outcome_from_exit(code)
     assert (on_local.status, on_local.retryable) == (expected.status, expected.retryable)
+
+
+def test_an_exit_status_above_128_is_a_signal_only_when_it_names_one() -> None:
+    killed = contract.outcome_from_exit(128 + signal.SIGKILL)
+    assert (killed.reason, killed.retryable, "SIGKILL" in killed.message) == (contract.Reason.AGENT_KILLED, True, True)
+    plain = contract.outcome_from_exit(255)  # exit(255) or exit(-1): no signal 127 exists
+    assert (plain.reason, plain.retryable) == (contract.Reason.AGENT_ERROR, False)
+
+
+def test_a_verdict_of_an_ended_agent_takes_the_agents_report_on_every_path() -> None:
+    """The wait's deadline path included: the Job's last word with an exit is read with the report."""
+    from keruta_prefect.backends.kubernetes.wait import settled
+
+    verdict = diagnose([_pod_terminated(1)], None, waited={}, image_pull_grace=60, unschedulable_grace=60)
+    outcome = settled(verdict, REPORTS["failed"])
+    assert outcome is not None and (outcome.reason, outcome.message) == ("SCRIPT_EXIT_3", "script exited with code 3")
+    unschedulable = diagnose([], {"status": {"conditions": [{"type": "Failed", "status": "True",
+                                                             "reason": "DeadlineExceeded"}]}},
+                             waited={}, image_pull_grace=60, unschedulable_grace=60)
+    assert settled(unschedulable, REPORTS["failed"]) == unschedulable.outcome  # no exit: Kubernetes' word
+
+
+def test_the_standard_library_modules_and_the_agent_load_what_they_say_in_a_fresh_interpreter() -> None:
+    """lint-imports checks the source; this checks what really gets loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "base = set(sys.modules)\n"
+            "import keruta_prefect.contract, keruta_prefect.errors, keruta_prefect.backoff, keruta_prefect.logfeed\n"
+            "leaves = {m.split('.')[0] for m in set(sys.modules) - base}\n"
+            "print(sorted(leaves - set(sys.stdlib_module_names) - {'keruta_prefect'}))\n"
+            "import keruta_prefect.agent.cli\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'prefect_kubernetes', 'kubernetes', "
+            "'sqlalchemy', 'sqlmodel', 'fastapi', 'starlette', 'uvicorn', 'yaml'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout.splitlines()
+    assert out == ["[]", "[]"], out
 
 
 def test_an_exit_nobody_saw_is_the_agents_report_or_lost() -> None:

@@ -45,7 +45,7 @@ from keruta_prefect.errors import is_transient
 @dataclass
 class Answer:
     status: int = 200
-    body: dict[str, object] = field(default_factory=dict)
+    body: dict[str, object] | bytes = field(default_factory=dict)
 
 
 class StatusServer:
@@ -62,7 +62,8 @@ class StatusServer:
                 if length:
                     self.rfile.read(length)
                 server.requests.append((self.command, self.path))
-                body = json.dumps(server.answer.body).encode()
+                answer = server.answer.body
+                body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
                 self.send_response(server.answer.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -177,6 +178,19 @@ def test_no_answer_is_unreachable_and_transient() -> None:
 def test_a_plain_request_returns_the_parsed_answer(server: StatusServer, api: kubernetes.client.ApiClient) -> None:
     server.answer = Answer(200, {"kind": "Job", "metadata": {"name": "j", "uid": "u-1"}})
     assert read_job(api) == {"kind": "Job", "metadata": {"name": "j", "uid": "u-1"}}
+
+
+def test_an_answer_that_is_not_json_is_one_refusal_quoting_it(
+        server: StatusServer, api: kubernetes.client.ApiClient) -> None:
+    """E.g. a proxy's login page in front of the API server: one line, permanent, not a JSONDecodeError."""
+    from keruta_prefect.backends.kubernetes.api import KubeRefused
+
+    server.answer = Answer(200, b"<html><body>Please log in</body></html>")
+    with pytest.raises(KubeRefused) as caught:
+        read_job(api)
+    line = str(caught.value)
+    assert "not JSON" in line and "Please log in" in line and "\n" not in line
+    assert not is_transient(caught.value)
 
 
 def test_the_server_dry_run_asks_for_a_dry_run_and_maps_a_conflict(

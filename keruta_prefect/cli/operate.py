@@ -97,18 +97,18 @@ def cmd_render(args: argparse.Namespace) -> int:
     documents = [doc for doc in (build_pvc(task, settings, ctx), build_job(task, settings, ctx)) if doc]
     print(yaml.safe_dump_all(documents, sort_keys=False, allow_unicode=True), end="")
     if args.server_dry_run:
-        from keruta_prefect.backends.kubernetes.api import Conflict, KubeError, Unreachable, dry_run_create
+        from keruta_prefect.backends.kubernetes.api import Conflict, KubeError, KubeUnavailable, dry_run_create
         from keruta_prefect.backends.kubernetes.client import api_client
 
         api = api_client(settings)
         for doc in documents:
             namespace, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
             try:
-                dry_run_create(api, doc, f"the cluster refuses {doc['kind']} {name}")
+                dry_run_create(api, doc, f"server-side dry run of {doc['kind']} {name}")
             except Conflict:
                 print(f"✓ {doc['kind']} {name} exists already in {namespace}", file=sys.stderr)
                 continue
-            except Unreachable:  # no answer is no usage error: it stays what it is (one line, exit 1)
+            except KubeUnavailable:  # no answer (or 5xx, 429) is no usage error: one line, exit 1
                 raise
             except KubeError as exc:  # the edge: one line (the cause is the HTTP answer, said in it)
                 raise UsageError(str(exc)) from None

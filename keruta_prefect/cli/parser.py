@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
+from keruta_prefect.backends import BACKENDS
 from keruta_prefect.cli import operate, tasks
 from keruta_prefect.cli.options import EXIT_USAGE
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one task (a JSON task spec) through the keruta-task flow")
     run.add_argument("--task-file", required=True)
-    run.add_argument("--backend", default="local", choices=["local", "kubernetes"])
+    run.add_argument("--backend", default="local", choices=list(BACKENDS))
     run.add_argument("--settings-block", default="default")
     run.add_argument("--properties", help="application.properties used if the settings block does not exist yet")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             cmd.add_argument("--file", required=True, help='{"parent": {...}, "children": [{...}, ...]}')
         cmd.add_argument("--concurrency", type=int, default=4)
-        cmd.add_argument("--backend", default="local", choices=["local", "kubernetes"])
+        cmd.add_argument("--backend", default="local", choices=list(BACKENDS))
         cmd.add_argument("--settings-block", default="default")
         cmd.add_argument("--concurrency-limit", default="keruta-tasks",
                          help="Prefect global concurrency limit shared by all keruta flows ('' for none)")

@@ -21,6 +21,7 @@ from keruta_prefect.cli.options import (
     settings_from,
     task_file,
 )
+from keruta_prefect.contract import TaskStatus
 from keruta_prefect.models import TaskSpecError
 from keruta_prefect.settings import SettingsError
 from keruta_prefect.validation import single_line
@@ -53,13 +54,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(result.model_dump_json(indent=2))
     else:
         code = f" exit code {result.exit_code}" if result.exit_code is not None else ""
-        why = f" — {result.reason}: {result.message}" if result.status != "COMPLETED" else ""
+        why = f" — {result.reason}: {result.message}" if result.status != TaskStatus.COMPLETED else ""
         duration = f", {result.duration_seconds:.1f}s" if result.duration_seconds is not None else ""
         print(f"{result.status} task {result.task_id} (attempt {result.attempt},{code}{duration}, "
               f"{result.log_lines} log lines, {len(result.artifacts)} artifacts){why}")
         if result.artifacts_note:
             print(f"artifacts: {result.artifacts_note}")
-    return EXIT_OK if result.status == "COMPLETED" else EXIT_TASK_FAILED
+    return EXIT_OK if result.status == TaskStatus.COMPLETED else EXIT_TASK_FAILED
 
 
 def cmd_tasks_logs(args: argparse.Namespace) -> int:
@@ -128,7 +129,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     else:
         print_runs(result.runs)
         print(f"{len(result.claimed)} tasks dispatched")
-    return EXIT_OK if all(r.status == "COMPLETED" for r in result.runs) else EXIT_TASK_FAILED
+    return EXIT_OK if all(r.status == TaskStatus.COMPLETED for r in result.runs) else EXIT_TASK_FAILED
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from keruta_prefect.contract import DEFAULT_ARTIFACTS_DIR
 from keruta_prefect.settings.values import (
     AccessMode,
     ByteSize,
@@ -179,7 +180,7 @@ class ArtifactSettings(BaseModel):
         "keruta.artifacts.mode", "how files leave the agent Pod: exec (tar), upload (HTTP) or off", "exec"
     )
     artifacts_dir: str = setting(
-        "keruta.artifacts.dir", "directory the agent collects files from (KERUTA_ARTIFACTS_DIR)", "/.keruta/doc"
+        "keruta.artifacts.dir", "directory the agent collects files from (KERUTA_ARTIFACTS_DIR)", DEFAULT_ARTIFACTS_DIR
     )
     artifacts_max_file_size: ByteSize = setting(
         "keruta.artifacts.max-file-size", "largest single artifact file kept", 100 * 2**20

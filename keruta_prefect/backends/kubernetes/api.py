@@ -176,7 +176,12 @@ def request(call: Callable[..., Any], *args: Any, what: str, **kwargs: Any) -> d
     with translated(what):
         response = call(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **kwargs)
         data = response.data
-    found = json.loads(data) if data else {}
+    try:
+        found = json.loads(data) if data else {}
+    except ValueError as exc:  # e.g. a proxy's login page: whatever answered is no Kubernetes API server
+        start = bytes(data[:80]).decode("utf-8", "replace").replace("\n", " ")
+        raise KubeRefused(f"{what}: the answer is not JSON (not a Kubernetes API server?): {start!r}",
+                          what=what, status=int(getattr(response, "status", 0) or 0), detail=start) from exc
     return found if isinstance(found, dict) else {}
 
 

@@ -14,15 +14,16 @@ from keruta_prefect.backends.base import RunHandle
 from keruta_prefect.backends.kubernetes.context import Kube
 from keruta_prefect.backends.kubernetes.exec import ArtifactsLost, ContainerGone, collect_directory, release
 from keruta_prefect.backends.kubernetes.watch import subscribe
+from keruta_prefect.contract import ArtifactsMode
 
 log = logging.getLogger("keruta.kubernetes")
 
 
 def collect(kube: Kube, handle: RunHandle, dest: Path) -> CollectResult:
     """The artifacts by keruta.artifacts.mode: upload (the agent sent them), exec (fetched here), or none."""
-    if kube.settings.artifacts_mode == "upload":
+    if kube.settings.artifacts_mode == ArtifactsMode.UPLOAD:
         return CollectResult(uploaded=True)  # the agent sent them to the keruta API, which recorded them
-    if kube.settings.artifacts_mode != "exec":
+    if kube.settings.artifacts_mode != ArtifactsMode.EXEC:
         return CollectResult()
     try:
         return _collect(kube, handle, dest)

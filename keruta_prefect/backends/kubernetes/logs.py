@@ -38,10 +38,11 @@ from keruta_prefect.backends.kubernetes.api import (
     translated,
 )
 from keruta_prefect.backoff import SYSTEM_CLOCK, Backoff, Clock
+from keruta_prefect.contract import AGENT_LOG_PREFIX
 
 log = logging.getLogger("keruta.kubernetes")
 
-AGENT_PREFIX = "keruta-agent "
+AGENT_PREFIX = AGENT_LOG_PREFIX  # the agent's own lines: "keruta-agent LEVEL message"
 _AGENT_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARN", "WARN": "WARN", "ERROR": "ERROR",
                  "CRITICAL": "CRITICAL"}
 MAX_UNEXPECTED = 5  # unexpected errors in a row before a follower gives up (with `error` set)

@@ -22,7 +22,7 @@ from keruta_prefect.backends.kubernetes.logs import LogFollower
 from keruta_prefect.backends.kubernetes.watch import WATCH_ENDED, subscribe
 from keruta_prefect.manifest import build_job
 from keruta_prefect.models import RunContext, Task, TaskStatus
-from keruta_prefect.outcomes import AgentExit, outcome_of
+from keruta_prefect.outcomes import AgentExit, AgentReport, outcome_of
 
 log = logging.getLogger("keruta.kubernetes")
 
@@ -42,13 +42,21 @@ def wait_limit(kube: Kube, handle: RunHandle) -> float:
     return float(deadline) + kube.tuning.deadline_margin
 
 
+def settled(verdict: Verdict, report: AgentReport | None) -> Outcome | None:
+    """A verdict's outcome: when the agent ended, its exit facts *and its own report* decide (every path,
+    the deadline's included); otherwise what Kubernetes said."""
+    if verdict.exit is not None:
+        return outcome_of(verdict.exit, report)
+    return verdict.outcome
+
+
 def past_limit(kube: Kube, handle: RunHandle, pods: list[dict[str, Any]], limit: float) -> Outcome:
     """wait()'s bound has passed: the Job's word if it has one; else the Job goes and the attempt fails."""
     job, missing = read_job(kube, handle)
     verdict = diagnose(pods, job, waited={}, image_pull_grace=float("inf"), unschedulable_grace=float("inf"),
                        job_known_missing=missing)
     if verdict.outcome is not None:
-        return verdict.outcome
+        return settled(verdict, agent_report(kube.store, handle.task_id))
     message = (f"no end of Job {handle.name} was seen within {limit:.0f}s (its activeDeadlineSeconds plus a "
                "margin); the Job was deleted")
     try:
@@ -134,9 +142,7 @@ class Waiter:
         if verdict.outcome is None:
             return None
         self._let_go(pods)
-        if verdict.exit is not None:  # the agent ended: its exit facts and its own report decide
-            return outcome_of(verdict.exit, agent_report(self.kube.store, self.handle.task_id))
-        return verdict.outcome
+        return settled(verdict, agent_report(self.kube.store, self.handle.task_id))
 
     def wake(self) -> None:
         """Wake the waiter (a follower has news): it looks now, not at its next poll."""
