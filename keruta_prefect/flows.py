@@ -137,7 +137,7 @@ def wait_for_agent(backend: Backend, store: Store, handle: RunHandle, max_prefec
 
 @task(name="collect-artifacts", cache_policy=NO_CACHE)
 def collect_artifacts(backend: Backend, handle: RunHandle, settings: KerutaSettings) -> CollectResult:
-    if settings.artifacts_mode == ArtifactsMode.OFF:
+    if settings.artifacts_mode == ArtifactsMode.OFF.value:
         return CollectResult()
     dest = attempt_dir(settings.storage_root(), handle.task_id, handle.attempt)
     try:

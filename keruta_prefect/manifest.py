@@ -199,7 +199,7 @@ def build_job(task: Task, settings: KerutaSettings, ctx: RunContext) -> dict[str
         {"name": Env.ARTIFACTS_MODE, "value": settings.artifacts_mode},
         # exec mode: the agent keeps the container until the flow has collected its files
         {"name": Env.HOLD_SECONDS,
-         "value": str(settings.artifacts_hold_timeout if settings.artifacts_mode == ArtifactsMode.EXEC else 0)},
+         "value": str(settings.artifacts_hold_timeout if settings.artifacts_mode == ArtifactsMode.EXEC.value else 0)},
         {"name": "HOME", "value": WORK_DIR},
     ]
     env += _env_list(task.additional_env)  # last: $(KERUTA_…) references in these values resolve

@@ -21,9 +21,9 @@ log = logging.getLogger("keruta.kubernetes")
 
 def collect(kube: Kube, handle: RunHandle, dest: Path) -> CollectResult:
     """The artifacts by keruta.artifacts.mode: upload (the agent sent them), exec (fetched here), or none."""
-    if kube.settings.artifacts_mode == ArtifactsMode.UPLOAD:
+    if kube.settings.artifacts_mode == ArtifactsMode.UPLOAD.value:
         return CollectResult(uploaded=True)  # the agent sent them to the keruta API, which recorded them
-    if kube.settings.artifacts_mode != ArtifactsMode.EXEC:
+    if kube.settings.artifacts_mode != ArtifactsMode.EXEC.value:
         return CollectResult()
     try:
         return _collect(kube, handle, dest)

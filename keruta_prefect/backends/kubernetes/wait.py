@@ -55,8 +55,9 @@ def past_limit(kube: Kube, handle: RunHandle, pods: list[dict[str, Any]], limit:
     job, missing = read_job(kube, handle)
     verdict = diagnose(pods, job, waited={}, image_pull_grace=float("inf"), unschedulable_grace=float("inf"),
                        job_known_missing=missing)
-    if verdict.outcome is not None:
-        return settled(verdict, agent_report(kube.store, handle.task_id))
+    decided = settled(verdict, agent_report(kube.store, handle.task_id))
+    if decided is not None:
+        return decided
     message = (f"no end of Job {handle.name} was seen within {limit:.0f}s (its activeDeadlineSeconds plus a "
                "margin); the Job was deleted")
     try:
