@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="keruta-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "60"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ["KERUTA_HOME"] = str(_SESSION_DIR / "keruta-home")
 for _name in ("KERUTA_DATABASE_URL", "KERUTA_API_TOKEN", "KERUTA_PROPERTIES", "KERUTA_TASK_ID", "KERUTA_API_URL"):
     os.environ.pop(_name, None)
@@ -40,11 +40,12 @@ OUTPUT = ROOT / "test-output"
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
-    """One Prefect test server for the whole session (it takes 15-25 s to start on these machines)."""
+    """One Prefect test server for the whole session, per xdist worker (15-40 s to start on these machines:
+    a generous timeout, as two workers may start theirs at once)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60), temporary_settings(
+    with prefect_test_harness(server_startup_timeout=180), temporary_settings(
         {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     ):
         yield
