@@ -77,7 +77,7 @@ def _reported(report: AgentReport | None) -> Outcome:
     if report is None or not report.status.terminal:
         return Outcome(status=TaskStatus.FAILED, reason=Reason.LOST, retryable=True,
                        message="keruta-agent ended without reporting a final status")
-    meaning = outcome_from_exit(exit_code_after_report(report.status) or ExitCode.TASK_FAILED)
+    code = exit_code_after_report(report.status)
+    meaning = outcome_from_exit(code or ExitCode.TASK_FAILED)  # unchanged: COMPLETED falls back as before
     reason = None if report.status == TaskStatus.COMPLETED else report.error_code or meaning.reason
-    return Outcome(status=report.status, exit_code=exit_code_after_report(report.status), reason=reason,
-                   message=report.message or meaning.message)
+    return Outcome(status=report.status, exit_code=code, reason=reason, message=report.message or meaning.message)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp.web
 import kmock
@@ -93,3 +93,17 @@ def container_state(pod: dict[str, Any], container: str) -> dict[str, Any]:
 def job_pods(pods: list[dict[str, Any]], job: str) -> list[dict[str, Any]]:
     """The Pods of Job ``job`` among ``pods`` (by the controller's `job-name` label)."""
     return [p for p in pods if (p["metadata"].get("labels") or {}).get("job-name") == job]
+
+
+class _Objects(Protocol):
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
+def pod_container(store: _Objects,
+                  request: kmock.Request) -> tuple[str, str, dict[str, Any], str] | aiohttp.web.Response:
+    """(namespace, pod name, pod, container) a pods/log or pods/exec request names; a 404 if no such Pod."""
+    namespace, name = request.namespace or "", request.name or ""
+    pod = store.get(PODS, namespace, name)
+    if pod is None:
+        return error(404, "NotFound", f'pods "{name}" not found')
+    return namespace, name, pod, request.params.get("container") or pod["spec"]["containers"][0]["name"]

@@ -11,7 +11,7 @@ import aiohttp.web
 import kmock
 
 from . import containers
-from .common import PODS, container_state, error, raw_request
+from .common import container_state, error, pod_container, raw_request
 from .faults import Faults
 from .kubelet import Kubelet
 from .store import Store
@@ -27,11 +27,10 @@ class Exec:
         self.commands: list[list[str]] = []  # every exec's command, as the client sent it
 
     async def serve(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        namespace, name = request.namespace or "", request.name or ""
-        pod = self.store.get(PODS, namespace, name)
-        if pod is None:
-            return error(404, "NotFound", f'pods "{name}" not found')
-        container = request.params.get("container") or pod["spec"]["containers"][0]["name"]
+        found = pod_container(self.store, request)
+        if isinstance(found, aiohttp.web.Response):
+            return found
+        namespace, name, pod, container = found
         if "running" not in container_state(pod, container):
             return error(400, "BadRequest", f"container {container} is not valid for pod {name}: not running")
         raw = raw_request(request)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import aiohttp.web
 import kmock
 
-from .common import PODS, container_state, error, log_timestamp, raw_request
+from .common import container_state, error, log_timestamp, pod_container, raw_request
 from .faults import Faults
 from .store import Store
 
@@ -37,11 +37,10 @@ class Logs:
         self.of(namespace, pod, container).finished = True
 
     async def serve(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        namespace, name = request.namespace or "", request.name or ""
-        pod = self.store.get(PODS, namespace, name)
-        if pod is None:
-            return error(404, "NotFound", f'pods "{name}" not found')
-        container = request.params.get("container") or pod["spec"]["containers"][0]["name"]
+        found = pod_container(self.store, request)
+        if isinstance(found, aiohttp.web.Response):
+            return found
+        namespace, name, pod, container = found
         state = container_state(pod, container)
         if "waiting" in state or not state:
             reason = (state.get("waiting") or {}).get("reason", "ContainerCreating")
