@@ -20,7 +20,8 @@ import attrs
 import kmock
 import kubernetes_validate
 
-from .common import JOBS, KINDS, NAMESPACES, Call, error
+from . import discovery, protobuf, tables
+from .common import JOBS, KINDS, NAMESPACES, Call, error, now_iso
 from .controller import JobController
 from .faults import Faults
 from .kubelet import Kubelet
@@ -35,6 +36,8 @@ VERSION = {"major": "1", "minor": "33", "gitVersion": "v1.33.0-harness", "gitCom
            "compiler": "gc", "platform": "linux/amd64"}
 Fallback = Callable[[Any], Awaitable[aiohttp.web.StreamResponse]]
 Handler = Callable[[kmock.Request], Awaitable[aiohttp.web.StreamResponse]]
+NAMESPACE_PATH = re.compile(r"/api/v1/namespaces(/[^/]+)?/?")
+CLUSTER_SCOPE = "~cluster~"  # not a valid namespace name, so never a real one
 
 
 @attrs.define(kw_only=True)
@@ -44,7 +47,23 @@ class Emulator(kmock.KubernetesEmulator):
 
     api: Any = None
 
+    async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock's path parser reads `/api/v1/namespaces[/NAME]` as "in namespace NAME" (and fails on the bare
+        # collection): hand it a path it parses as the cluster-scoped resource, and put the scope back below.
+        found = NAMESPACE_PATH.fullmatch(raw.path)
+        if found is not None:
+            raw = raw.clone(rel_url=raw.rel_url.with_path(f"/api/v1/namespaces/{CLUSTER_SCOPE}/namespaces"
+                                                          f"{found[1] or ''}"))
+        return await super().__call__(raw)
+
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if request.namespace == CLUSTER_SCOPE:
+            request = attrs.evolve(request, namespace=None)
+        if request.headers.get("Content-Type", "").startswith(protobuf.CONTENT_TYPE):
+            try:  # kubectl's typed clients (create namespace/secret, auth can-i) send protobuf
+                request = attrs.evolve(request, data=protobuf.decode(request.body))
+            except protobuf.Unsupported as exc:
+                return error(415, "UnsupportedMediaType", str(exc))
         return await self.api.handle(request, super()._handle)
 
 
@@ -60,7 +79,7 @@ class ApiServer:
         self.root = root
         self.validate = validate
         self.calls: list[Call] = []
-        self.namespaces: set[str] = {"default"}
+        self.namespaces: set[str] = {"default"}  # created at start; then they live in the store like any object
         self.validation_errors: list[str] = []
 
     def _call(self, request: kmock.Request, method: str, is_watch: bool) -> Call:
@@ -83,15 +102,12 @@ class ApiServer:
         method = str(getattr(request.method, "value", request.method)).upper()
         if request.url.path in ("/version", "/version/"):  # the official client asks for /version/
             return aiohttp.web.json_response(VERSION)
+        if method == "GET":
+            described = self._describe(request)
+            if described is not None:
+                return described
         if resource is None:
             return await fallback(request)
-        if method == "GET" and re.fullmatch(r"/api/v1/namespaces/[^/]+", request.url.path):
-            # kmock reads /api/v1/namespaces/NAME as a list in namespace NAME: it is a get of a Namespace.
-            self.calls.append(Call("get", "", "namespaces", None, None, request.namespace))
-            found = self.store.get(NAMESPACES, None, request.namespace or "")
-            if found is None:
-                return error(404, "NotFound", f'namespaces "{request.namespace}" not found')
-            return aiohttp.web.json_response(found)
         call = self._call(request, method, is_watch)
         self.calls.append(call)
         refused = self.faults.refusal(call)
@@ -99,8 +115,10 @@ class ApiServer:
             return refused
         if call.resource == "selfsubjectaccessreviews":
             return self._access_review(request)
-        if request.namespace and request.namespace not in self.namespaces and call.resource != "namespaces":
+        if request.namespace and self.store.get(NAMESPACES, None, request.namespace) is None:
             return error(404, "NotFound", f'namespaces "{request.namespace}" not found')
+        if call.verb == "get" and request.subresource is None:
+            return self._get(request, call.name or "")
         if request.subresource in self.subresources:
             return await self.subresources[request.subresource](request)
         if is_watch:
@@ -119,12 +137,60 @@ class ApiServer:
             return response
         return await fallback(request)
 
+    def _get(self, request: kmock.Request, name: str) -> aiohttp.web.Response:
+        """One object, as itself or (for `kubectl get`) as a Table row."""
+        assert request.resource is not None
+        found = self.store.get(request.resource, request.namespace, name)
+        if found is None:
+            group = f".{request.resource.group}" if request.resource.group else ""
+            return error(404, "NotFound", f'{request.resource.plural}{group} "{name}" not found')
+        version = tables.wants_table(request.headers.get("Accept", ""))
+        if version is not None:
+            return aiohttp.web.json_response(tables.table(request.resource.plural or "", [found], version,
+                                                          found["metadata"].get("resourceVersion", "")))
+        return aiohttp.web.json_response(found)
+
+    def _describe(self, request: kmock.Request) -> aiohttp.web.Response | None:
+        """Discovery and OpenAPI v3 (discovery.py), or None for every other path."""
+        path = request.url.path.rstrip("/")
+        accept = request.headers.get("Accept", "")
+        if path in ("/api", "/apis"):
+            version = discovery.aggregated_version(accept)
+            if version is not None:  # as kube-apiserver: the client's first acceptable representation
+                return aiohttp.web.json_response(discovery.aggregated(path == "/api", version),
+                                                 content_type=discovery.aggregated_content_type(version))
+            return aiohttp.web.json_response(discovery.api_versions(request.url.host or "127.0.0.1")
+                                             if path == "/api" else discovery.api_group_list())
+        if path == "/openapi/v3":
+            return aiohttp.web.json_response(discovery.openapi_index())
+        if path.startswith("/openapi/v3/"):
+            doc = discovery.openapi_document(path.removeprefix("/openapi/v3/").partition("/")[2])
+            if doc is None:
+                return error(404, "NotFound", "the server could not find the requested resource")
+            return aiohttp.web.Response(body=doc, content_type="application/json",
+                                        headers={"Cache-Control": "public, immutable"})
+        if path == "/openapi/v2" and discovery.OPENAPI_V2_PROTOBUF in accept:
+            return aiohttp.web.Response(body=discovery.openapi_v2_protobuf(),
+                                        headers={"Content-Type": discovery.OPENAPI_V2_CONTENT_TYPE})
+        if path.startswith("/openapi/"):  # v2 only as protobuf (what kubectl reads): JSON v2 is not served
+            return error(404, "NotFound", "the server could not find the requested resource")
+        found = re.fullmatch(r"/api/(v1)|/apis/([^/]+)/([^/]+)|/apis/([^/]+)", path)
+        if found is None:
+            return None
+        if found[4] is not None:
+            group = discovery.api_group(found[4])
+            return aiohttp.web.json_response(group) if group is not None else \
+                error(404, "NotFound", "the server could not find the requested resource")
+        listed = discovery.api_resource_list(found[1] or f"{found[2]}/{found[3]}")
+        return aiohttp.web.json_response(listed) if listed is not None else \
+            error(404, "NotFound", "the server could not find the requested resource")
+
     def _access_review(self, request: kmock.Request) -> aiohttp.web.Response:
         review = copy.deepcopy(request.data or {})
         attrs_ = (review.get("spec") or {}).get("resourceAttributes") or {}
         allowed = self.faults.allows(attrs_.get("resource", ""), attrs_.get("subresource") or None,
-                                     attrs_.get("verb", ""))
-        review["status"] = {"allowed": allowed, **({} if allowed else {"reason": "no RBAC rule allows it"})}
+                                     attrs_.get("verb", ""), attrs_.get("namespace") or None)
+        review["status"] = {"allowed": allowed}  # RBAC gives no reason when nothing allows it
         return aiohttp.web.json_response(review, status=201)
 
     async def _invalid(self, obj: dict[str, Any], resource: kmock.resource) -> aiohttp.web.Response | None:
@@ -154,8 +220,18 @@ class ApiServer:
         if not isinstance(obj, dict):
             return error(400, "BadRequest", "the body of the request was in an unknown format")
         meta = obj.setdefault("metadata", {})
-        meta.setdefault("namespace", request.namespace)
+        if request.namespace is None:
+            meta.pop("namespace", None)  # cluster-scoped
+        elif meta.setdefault("namespace", request.namespace) != request.namespace:
+            return error(400, "BadRequest", "the namespace of the provided object does not match the namespace "
+                                            "sent on the request")
+        meta["creationTimestamp"] = now_iso()  # the server's, whatever the client sent
         plural = request.resource.plural or ""
+        if plural == "namespaces":  # the API server's defaults for the kinds kubectl creates
+            obj.setdefault("spec", {"finalizers": ["kubernetes"]})
+            obj["status"] = {"phase": "Active"}
+        if plural == "secrets" and not obj.get("type"):
+            obj["type"] = "Opaque"
         invalid = await self._invalid(obj, request.resource)
         if invalid is not None:
             return invalid

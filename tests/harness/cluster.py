@@ -83,7 +83,8 @@ class Cluster:
         await self.server.__aenter__()
         self.url = str(self.server.url).rstrip("/")
         for namespace in sorted(self.api.namespaces):
-            await self.put(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+            await self.put(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace},
+                                         "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
 
     def stop(self) -> None:
         async def _stop() -> None:
@@ -179,8 +180,8 @@ class Cluster:
                                      "metadata": {"name": name, "namespace": namespace}, "data": encoded}))
 
     def create_namespace(self, name: str) -> None:
-        self.api.namespaces.add(name)
-        self.call(self.put(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))
+        self.call(self.put(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+                                        "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}))
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout

@@ -11,14 +11,17 @@ from typing import Any, Protocol
 import aiohttp.web
 import kmock
 
+from .discovery import CATALOGUE
+
 PODS = kmock.resource("", "v1", "pods")
 JOBS = kmock.resource("batch", "v1", "jobs")
 PVCS = kmock.resource("", "v1", "persistentvolumeclaims")
 SECRETS = kmock.resource("", "v1", "secrets")
 NAMESPACES = kmock.resource("", "v1", "namespaces")
-RESOURCES = (PODS, JOBS, PVCS, SECRETS, NAMESPACES)
-KINDS = {"pods": "Pod", "jobs": "Job", "persistentvolumeclaims": "PersistentVolumeClaim", "secrets": "Secret",
-         "namespaces": "Namespace"}
+# Every kind discovery announces (discovery.CATALOGUE) is stored; reviews are answered, never stored.
+RESOURCES = tuple(kmock.resource(k.group, k.version, k.plural) for k in CATALOGUE
+                  if k.plural != "selfsubjectaccessreviews")
+KINDS = {k.plural: k.kind for k in CATALOGUE}
 
 
 def now_iso() -> str:

@@ -38,7 +38,7 @@ class Exec:
         spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
         volumes = containers.volume_paths(self.kubelet.root, namespace, name, pod["spec"])
         mounts = containers.mounts_of(spec, volumes)
-        argv = [containers.localize(part, mounts) for part in command]
+        argv = containers.exec_argv(command, mounts)
         ws = aiohttp.web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"))
         await ws.prepare(raw)
         self.commands.append(command)

@@ -48,9 +48,10 @@ class Faults:
         else:
             self.denied_in.add((resource, subresource, verb, namespace))
 
-    def allows(self, resource: str, subresource: str | None, verb: str) -> bool:
-        """What a SelfSubjectAccessReview answers (cluster-wide rules only)."""
-        return (resource, subresource, verb) not in self.denied
+    def allows(self, resource: str, subresource: str | None, verb: str, namespace: str | None = None) -> bool:
+        """What a SelfSubjectAccessReview answers: the same policy `refusal` applies to requests."""
+        return (resource, subresource, verb) not in self.denied and \
+            (resource, subresource, verb, namespace or "") not in self.denied_in
 
     def refusal(self, call: Call) -> aiohttp.web.Response | None:
         """The 403 RBAC answers, or an injected error status, for ``call``; None to serve it."""

@@ -19,6 +19,23 @@ from .store import Store
 from .validate import image_problem
 
 
+def pod_conditions(spec: dict[str, Any], status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Pod's conditions once its containers are as ``status`` says: the kubelet's Initialized,
+    ContainersReady and Ready beside the scheduler's (and the eviction's) conditions."""
+    def is_(value: bool) -> str:
+        return "True" if value else "False"
+
+    inits = {s["name"]: s for s in status.get("initContainerStatuses") or []}
+    initialized = all(((inits.get(c["name"]) or {}).get("state") or {}).get("terminated", {}).get("exitCode") == 0
+                      for c in spec.get("initContainers") or [])
+    mains = {s["name"]: s for s in status.get("containerStatuses") or []}
+    ready = initialized and all((mains.get(c["name"]) or {}).get("ready") for c in spec["containers"])
+    kept = [c for c in status.get("conditions") or []
+            if c.get("type") not in ("Initialized", "ContainersReady", "Ready")]
+    return [*kept, {"type": "Initialized", "status": is_(initialized)},
+            {"type": "ContainersReady", "status": is_(ready)}, {"type": "Ready", "status": is_(ready)}]
+
+
 async def set_container(store: Store, namespace: str, pod: str, container: str, state: dict[str, Any], *,
                         init: bool = False, phase: str | None = None, extra: dict[str, Any] | None = None,
                         ready: bool = False) -> None:
@@ -33,6 +50,8 @@ async def set_container(store: Store, namespace: str, pod: str, container: str, 
     statuses.append({"name": container, "image": spec.get("image", ""), "imageID": "", "ready": ready,
                      "restartCount": 0, "started": "running" in state, "state": state})
     status: dict[str, Any] = {key: statuses}
+    merged = {**(current.get("status") or {}), key: statuses}
+    status["conditions"] = pod_conditions(current["spec"], merged)
     if phase:
         status["phase"] = phase
     if extra:

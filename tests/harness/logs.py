@@ -75,8 +75,13 @@ class Logs:
                         sent += 1
                     if not follow or log.finished:
                         return response
+                    if stream.drop:  # the cluster stops: a follower waiting for lines is cut too
+                        if raw.transport is not None:
+                            raw.transport.abort()
+                        return response
+
                     def more(seen: int = index) -> bool:
-                        return seen < len(log.lines) or log.finished
+                        return seen < len(log.lines) or log.finished or stream.drop
                     await self.store.wait_change(0.5, more)
             except (ConnectionResetError, RuntimeError):
                 return response

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp.web
 import kmock
 
+from . import tables
 from .common import KINDS, raw_request, status_body
 from .faults import Faults
 from .selectors import field_matcher, label_matcher
@@ -43,6 +44,9 @@ class ListWatch:
         items = [obj for obj in self.store.items(request.resource, request.namespace)
                  if match(plural, obj.get("metadata", {}).get("namespace"), obj)]
         group = request.resource.group
+        version = tables.wants_table(request.headers.get("Accept", ""))
+        if version is not None:
+            return aiohttp.web.json_response(tables.table(plural, items, version, str(self.store.rv)))
         return aiohttp.web.json_response({
             "apiVersion": f"{group}/{request.resource.version}" if group else request.resource.version,
             "kind": KINDS.get(plural, "Object") + "List",
@@ -63,7 +67,14 @@ class ListWatch:
         bookmarks = request.params.get("allowWatchBookmarks", "").lower() in ("true", "1")
         deadline = time.monotonic() + timeout if timeout else None
 
+        table = tables.wants_table(request.headers.get("Accept", ""))
+        first = True
+
         async def send(kind: str, obj: dict[str, Any]) -> None:
+            nonlocal first
+            if table is not None and kind in ("ADDED", "MODIFIED", "DELETED"):  # rows; definitions once
+                obj = tables.table(plural, [obj], table, obj["metadata"].get("resourceVersion", ""), first)
+                first = False
             await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
 
         if since not in ("", "0") and int(since) < store.compacted_rv:
