@@ -8,7 +8,9 @@ a missing binary is a failure here, not a skip.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ import pytest
 import yaml
 from keruta_harness.cluster import Cluster
 
+from keruta_prefect.cli import main
 from keruta_prefect.contract import COLLECTED_MARKER, DEFAULT_ARTIFACTS_DIR
 from keruta_prefect.models import Task
 from keruta_prefect.store import Store
@@ -159,6 +162,27 @@ def test_server_dry_run_and_strict_validation(kubectl: Kubectl, tmp_path: Path, 
     assert cluster.jobs() == []
 
 
+def test_the_setup_in_deployments_readme_works_as_typed(kubectl: Kubectl) -> None:
+    """The first commands of deployments/README.md, typed into a shell whose `kubectl` is this version, make
+    a cluster on which `keruta-prefect doctor` passes."""
+    readme = (ROOT / "deployments" / "README.md").read_text()
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.startswith("kubectl ")]
+    assert len(commands) >= 3, block
+    bin_dir = kubectl.cwd / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").symlink_to(kubectl.binary)
+    env = {**kubectl.env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for command in commands:
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, f"{command}\n{done.stdout}{done.stderr}"
+    doctor = next(line for line in block.splitlines() if line.startswith("keruta-prefect doctor"))
+    done = subprocess.run([sys.executable, "-m", "keruta_prefect.cli", *doctor.split()[1:]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith(" passed, 0 failed"), done.stdout + done.stderr
+
+
 def test_auth_can_i_answers_from_the_policy(kubectl: Kubectl, cluster: Cluster) -> None:
     cluster.deny("pods", "create", "exec")
     cluster.deny("jobs", "delete", namespace="keruta")
@@ -177,10 +201,11 @@ def render(tmp_path: Path, spec: dict[str, object], api_url: str) -> Path:
     (tmp_path / "task.json").write_text(json.dumps(spec))
     (tmp_path / "keruta.properties").write_text(
         f"keruta.kubernetes.api-url={api_url}\nkeruta.kubernetes.default-image=keruta-agent:test\n")
-    rendered = subprocess.run([sys.executable, "-m", "keruta_prefect.cli", "render", "--task-file",
-                               str(tmp_path / "task.json"), "--properties", str(tmp_path / "keruta.properties")],
-                              capture_output=True, text=True, timeout=TIMEOUT, check=True)
-    (tmp_path / "job.yaml").write_text(rendered.stdout)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["render", "--task-file", str(tmp_path / "task.json"), "--properties",
+                     str(tmp_path / "keruta.properties")]) == 0
+    (tmp_path / "job.yaml").write_text(out.getvalue())
     return tmp_path / "job.yaml"
 
 
