@@ -6,13 +6,20 @@ kubectl is an independent witness: it checks what the harness' exec serves, not 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
+from keruta_harness import exec as exec_
+from keruta_harness import spdy
 from keruta_harness.cluster import PODS, Cluster
 
 
@@ -130,3 +137,116 @@ def test_cp_into_the_pod_sends_every_file_over_stdin(manual_cluster: Cluster, po
     assert done.returncode == 0, done.stderr.decode()
     assert tree(pod / "in" / "local") == expected
     assert manual_cluster.exec_commands == [["test", "-d", "/data/in"], ["tar", "-xmf", "-", "-C", "/data/in"]]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_connection_broken_mid_stream(manual_cluster: Cluster, pod: Path, client: Kubectl) -> None:
+    """The harness' break fault on both transports: `after` bytes of stdout, then the connection drops with
+    no status. kubectl over a WebSocket fails; over SPDY it exits 0 with the cut output, as client-go reads
+    an error stream that ends empty as success (keruta-prefect's own collector requires the status)."""
+    (pod / "big").write_bytes(os.urandom(2**20))
+    after = 100_000
+    manual_cluster.break_exec(after)
+    done = kubectl(manual_cluster, client, "exec", POD, "--", "cat", "/data/big")
+    assert done.stdout == (pod / "big").read_bytes()[:after]
+    if client.transport.startswith("websocket/"):
+        assert done.returncode == 1
+        assert "error reading from error stream" in done.stderr.decode()
+    else:
+        assert done.returncode == 0, done.stderr.decode()
+
+
+def test_a_spdy_client_offering_no_protocol_the_server_speaks_is_refused(manual_cluster: Cluster, pod: Path) -> None:
+    """403 with the protocols the server accepts, as from the kubelet; and no upgrade at all is a 400."""
+    url = f"{manual_cluster.url}/api/v1/namespaces/default/pods/{POD}/exec?command=true&stdout=true"
+    refused = httpx.post(url, headers={"Connection": "Upgrade", "Upgrade": "SPDY/3.1",
+                                       "X-Stream-Protocol-Version": "v3.channel.k8s.io"})
+    assert refused.status_code == 403
+    assert refused.headers["X-Accepted-Stream-Protocol-Versions"] == "v5.channel.k8s.io, v4.channel.k8s.io"
+    assert refused.text.startswith("unable to upgrade: unable to negotiate protocol")
+    assert httpx.post(url).status_code == 400
+    assert manual_cluster.exec_commands == []
+
+
+def test_a_spdy_session_frame_by_frame(manual_cluster: Cluster, pod: Path) -> None:
+    """What kubectl's short execs do not show: the server echoes the client's PING, and ends with FIN on
+    every stream, the status on the error stream, then GOAWAY naming the last stream it took."""
+    host, port = manual_cluster.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(f"POST /api/v1/namespaces/default/pods/{POD}/exec?command=cat&stdin=true&stdout=true"
+                     "&stderr=true HTTP/1.1\r\nHost: harness\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+                     "X-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert b"\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n" in head
+        client = zlib.compressobj(zdict=spdy.DICTIONARY)
+        sock.sendall(b"".join(syn_stream(client, i, kind) for i, kind in
+                              ((1, "error"), (3, "stdin"), (5, "stdout"), (7, "stderr")))
+                     + spdy.FrameWriter().ping(1) + spdy.FrameWriter.data(3, b"hello", fin=True))
+        reader, frames = spdy.FrameReader(), list[spdy.Frame]()
+        while not frames or not isinstance(frames[-1], spdy.GoAway):
+            data = sock.recv(65536)
+            assert data, f"the server closed before its GOAWAY: {frames}"
+            frames += reader.feed(data)
+    status = json.dumps({"metadata": {}, "status": "Success"}).encode()
+    assert frames == [*(spdy.SynReply(i, {}, False) for i in (1, 3, 5, 7)), spdy.Ping(1),
+                      spdy.Data(5, b"hello", False), spdy.Data(5, b"", True), spdy.Data(7, b"", True),
+                      spdy.Data(3, b"", True), spdy.Data(1, status, True), spdy.GoAway(7, spdy.GOAWAY_OK)]
+    assert manual_cluster.exec.transports == ["spdy/v4.channel.k8s.io"]
+
+
+# --- the pure parts --------------------------------------------------------------------------------------
+
+def test_the_header_dictionary_is_spdy3s() -> None:
+    """Its Adler-32 is the DICTID every SPDY/3 peer's zlib stream names (Go's spdystream's dictionary too):
+    a wrong byte and no header block would decompress."""
+    assert (len(spdy.DICTIONARY), zlib.adler32(spdy.DICTIONARY)) == (1423, 0xE3C6A7C2)
+
+
+def syn_stream(client: zlib._Compress, stream_id: int, kind: str) -> bytes:
+    """A client's SYN_STREAM for a stream of ``kind`` (``client``: its header stream, one per connection)."""
+    block = client.compress(spdy.encode_headers({"streamType": kind})) + client.flush(zlib.Z_SYNC_FLUSH)
+    payload = struct.pack(">IIBB", stream_id, 0, 0, 0) + block
+    return struct.pack(">HHI", 0x8000 | spdy.VERSION, spdy.SYN_STREAM, len(payload)) + payload
+
+
+def test_frames_come_out_whole_however_the_bytes_are_cut() -> None:
+    client = zlib.compressobj(zdict=spdy.DICTIONARY)
+    server = spdy.FrameWriter()
+    wire = (syn_stream(client, 1, "error") + syn_stream(client, 3, "stdin") + server.data(3, b"abc", fin=True)
+            + server.ping(7) + server.rst_stream(3, spdy.RST_CANCEL) + server.goaway(3))
+    reader = spdy.FrameReader()
+    frames = [frame for i in range(len(wire)) for frame in reader.feed(wire[i:i + 1])]
+    assert frames == [spdy.SynStream(1, {"streamtype": "error"}, False),
+                      spdy.SynStream(3, {"streamtype": "stdin"}, False), spdy.Data(3, b"abc", True),
+                      spdy.Ping(7), spdy.RstStream(3, spdy.RST_CANCEL), spdy.GoAway(3, 0)]
+    # the server's header blocks share one zlib stream too: a second SYN_REPLY decodes after the first
+    replies = spdy.FrameReader().feed(server.syn_reply(1) + server.syn_reply(3, {"x": "y"}, fin=True))
+    assert replies == [spdy.SynReply(1, {}, False), spdy.SynReply(3, {"x": "y"}, True)]
+
+
+def test_what_an_exec_request_asks_for() -> None:
+    options = exec_.ExecOptions.of({"stdin": "true", "stdout": "1", "stderr": "True"}, ["cat"])
+    assert options.streams() == {"error", "stdin", "stdout", "stderr"}
+    assert exec_.ExecOptions.of({"stdout": "true", "tty": "true", "stderr": "true"}, ["sh"]).streams() == \
+        {"error", "stdout", "resize"}
+    assert exec_.ExecOptions.of({}, ["true"]).problem() == "you must specify at least 1 of stdin, stdout, stderr"
+    assert exec_.ExecOptions.of({"stdout": "true"}, []).problem() == "you must specify at least 1 command"
+    assert exec_.negotiate(["v4.channel.k8s.io", "v5.channel.k8s.io"]) == "v4.channel.k8s.io"  # the client's order
+    assert exec_.negotiate(["v3.channel.k8s.io", "channel.k8s.io"]) is None
+    assert exec_.exit_status(0) == {"metadata": {}, "status": "Success"}
+    assert exec_.exit_status(3)["details"] == {"causes": [{"reason": "ExitCode", "message": "3"}]}
+
+
+def test_arguments_under_a_mount_are_seen_from_the_containers_root(tmp_path: Path) -> None:
+    mounts = {"/data": tmp_path / "vol-a", "/.keruta/doc": tmp_path / "vol-b", "/data/inner": tmp_path / "vol-c"}
+    for path in mounts.values():
+        path.mkdir()
+    placed = exec_.root_view(tmp_path / "root", mounts)
+    assert placed == {"/data": mounts["/data"], "/.keruta/doc": mounts["/.keruta/doc"]}  # inner: inside vol-a
+    assert (tmp_path / "root" / ".keruta" / "doc").resolve() == mounts["/.keruta/doc"]
+    assert [exec_.in_view(a, placed, mounts) for a in ("/data/out", "/data", "/.keruta/doc", "-C", "/data/inner/x",
+                                                        "/elsewhere")] == \
+        ["data/out", "data/.", ".keruta/doc/.", "-C", str(mounts["/data/inner"] / "x"), "/elsewhere"]

@@ -1,43 +1,55 @@
 """`pods/exec` as the kubelet serves it behind the API server, over both transports kubectl speaks; the
 command runs locally, in a view of the container's filesystem (its volume mounts at their paths).
 
-Which transport each client uses (seen in `kubectl -v=8` logs against this harness):
-- kubectl 1.27 … 1.29: SPDY/3.1 only;
-- kubectl ≥ 1.30 (1.32 on PATH, 1.33): a WebSocket first, offering only `v5.channel.k8s.io`; SPDY/3.1 when
-  the upgrade fails, and always with KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false;
-- the official Python client (keruta-prefect's own collector): a WebSocket, `v4.channel.k8s.io`.
+Which transport each client uses (`kubectl -v=8` against this harness; tests/test_harness_exec_kubectl.py):
+- kubectl 1.27 (… 1.29): SPDY/3.1, offering v4.channel.k8s.io, v3, v2 and channel.k8s.io; it gets v4;
+- kubectl ≥ 1.30 (1.32 on PATH, 1.33): a WebSocket first, offering only v5.channel.k8s.io; SPDY/3.1 (v5
+  first, then v4 … channel.k8s.io) when the upgrade fails, and always with KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false;
+- the official Python client (keruta-prefect's own collector): a WebSocket, offering
+  `v5.channel.k8s.io,v4.channel.k8s.io` in one header line; it gets v5.
 
-The WebSocket (v5/v4.channel.k8s.io): `GET` with `Upgrade: websocket` and `Sec-WebSocket-Protocol` listing
-the subprotocols; the server picks the first of the client's it speaks. Every binary message starts with
-its channel: 0 stdin, 1 stdout, 2 stderr, 3 the status (error), 4 resize; v5 adds 255, "close", whose
-payload names the channel the client has ended ([255, 0]: end of stdin), since a WebSocket has no
-half-close. The server sends the status on channel 3, then a close frame (1000): client-go reads
-stdout/stderr until the connection closes and takes any other close code as an error. client-go pings
-every 5 s and gives up after 61 s without a pong, so the server keeps reading (aiohttp answers pings
-while someone awaits receive()).
+The WebSocket: `GET …/exec?command=…&container=…&stdin=true&stdout=true&stderr=true` with `Upgrade:
+websocket` and `Sec-WebSocket-Protocol` listing subprotocols; the server picks the first of the client's
+it speaks. Every binary message starts with its channel: 0 stdin, 1 stdout, 2 stderr, 3 the status, 4
+resize. v5 adds 255, "close", whose payload names the channel the client has ended ([255, 0]: end of
+stdin), since a WebSocket has no half-close. The server sends the status on channel 3, then a close frame
+1000: client-go reads stdout/stderr until the connection closes, and any other close (1006 when the
+connection just drops) fails the exec with "error reading from error stream". client-go pings every 5 s
+and gives up after 61 s without a pong, so the server always has a receive() pending (aiohttp answers
+pings inside it), except while the command is not taking the stdin it holds.
 
-SPDY/3.1 (spdy.py has the framing): `POST` with `Upgrade: SPDY/3.1`, `Connection: Upgrade` and one
-`X-Stream-Protocol-Version` line per protocol (1.27: v4, v3, v2, channel.k8s.io; ≥ 1.30 adds v5 first).
-The server answers `101 Switching Protocols` with `Connection: Upgrade`, `Upgrade: SPDY/3.1` and the
-chosen `X-Stream-Protocol-Version` (without it client-go falls back to protocol v1). Then the client
-opens one stream per kind, each a SYN_STREAM whose `streamtype` header is error, stdin, stdout, stderr
-or resize (only those the request's `stdin`/`stdout`/`stderr`/`tty` parameters ask for; error always);
-the server replies to each with an empty SYN_REPLY (the client gives up on a stream after 30 s without
-one) and starts the command once all have come. stdin is the stdin stream's DATA frames, its end the
-client's FIN. The server writes stdout/stderr as DATA frames, ends each with FIN (client-go copies them
-until EOF), writes the status on the error stream with FIN, sends GOAWAY and closes once the client has
-gone. The client PINGs every 5 s (odd ids): the server echoes each.
+SPDY/3.1 (spdy.py has the framing): the same query, `POST` with `Connection: Upgrade`, `Upgrade: SPDY/3.1`,
+`Content-Length: 0` and one `X-Stream-Protocol-Version` line per protocol. aiohttp's parser knows only
+WebSocket upgrades, so this arrives as a plain request; the session becomes the connection's parser
+(aiohttp's own WebSockets take it over the same way) before the 101 goes out, as the client sends its
+first frame only after reading it. The 101 carries `Connection: Upgrade`, `Upgrade: SPDY/3.1` and the
+chosen `X-Stream-Protocol-Version` (without it client-go falls back to protocol v1). The client opens one
+stream per kind, each a SYN_STREAM whose `streamtype` header is error, stdin, stdout, stderr or resize:
+error always, the others as `stdin`/`stdout`/`stderr`/`tty` ask. The server replies to each with an empty
+SYN_REPLY (the client gives up on a stream after 30 s without one) and starts the command once all have
+come. stdin is the stdin stream's DATA frames, its end the client's FIN. The server writes stdout/stderr
+as DATA frames, ends each with FIN (client-go copies them until EOF), writes the status with FIN on the
+error stream, sends GOAWAY naming the last stream it took, and closes when the client has gone. kubectl
+then resets its streams (RST_STREAM) and closes the socket; it sends no GOAWAY, SETTINGS or WINDOW_UPDATE
+(spdystream does no flow control, so neither does this server), and PINGs every 5 s with odd ids, which
+the server echoes. A connection broken mid-stream leaves the error stream empty, which client-go reads as
+success: kubectl exits 0 with the cut output (keruta-prefect's own collector requires the status).
 
 Both carry the status as a v4 `metav1.Status` JSON: `Success`, or `Failure` with reason `NonZeroExitCode`
-and a cause `{"reason": "ExitCode", "message": "<code>"}` (kubectl exits with that code). The harness
-serves protocols v5 and v4 only; a client offering neither gets 403, as from the kubelet.
+and a cause `{"reason": "ExitCode", "message": "<code>"}` (kubectl exits with that code and prints
+"command terminated with exit code N"). The harness serves v5 and v4 only (for exec they differ only in
+the WebSocket's close signal); a client offering neither gets 403, as from the kubelet.
 
 The command runs with a stdin pipe only when the client asked for stdin, closed at the client's end of
-stdin. Its working directory is a view of the container's root: each volume mount is a symlink at its
-path there, and arguments under a mount become paths relative to that root (`/data/x` → `data/x`; the
-mount itself → `data/.`), so that `tar cf - /data/x` names its members `data/x/…` as in a container (what
-`kubectl cp` checks). Faults, on both transports: an exec that stalls after the upgrade, and a connection
-broken mid-stream."""
+stdin; a client that goes before the command ends takes it with it. Its working directory is a view of
+the container's root: each volume mount is a symlink at its path there, and arguments under a mount
+become paths relative to that root (`/data/x` → `data/x`; the mount itself → `data/.`), so that `tar cf -
+/data/x` names its members `data/x/…` as in a container: `kubectl cp POD:/data/x` runs exactly that and
+refuses members that do not start with the path less its leading `/` ("tar contents corrupted");
+`kubectl cp DIR POD:/data/in` runs `test -d /data/in`, then `tar -xmf - -C /data/in` with the archive on
+stdin. kubectl cp reads the Pod directly, while kubectl exec resolves it through API discovery even for a
+bare Pod name. Faults, on both transports: an exec that stalls after the upgrade, and a connection broken
+mid-stream."""
 
 from __future__ import annotations
 
@@ -124,10 +136,11 @@ def in_view(text: str, placed: Mapping[str, Path], mounts: Mapping[str, Path]) -
     """An argument as the command sees it from the container's root view: a path under a mount placed
     there becomes relative (`/data/x` → `data/x`, the mount itself `data/.`, still a directory when `data`
     is a symlink); any other text is localized as the kubelet does for container commands."""
-    for mount in sorted(placed, key=len, reverse=True):
-        if text == mount or text.startswith(mount.rstrip("/") + "/"):
-            rest = text[len(mount.rstrip("/")):].lstrip("/")
-            return f"{mount.strip('/')}/{rest or '.'}"
+    holding = [m for m in mounts if text == m or text.startswith(m.rstrip("/") + "/")]
+    innermost = max(holding, key=len, default=None)
+    if innermost is not None and innermost in placed:
+        rest = text[len(innermost.rstrip("/")):].lstrip("/")
+        return f"{innermost.strip('/')}/{rest or '.'}"
     return containers.localize(text, dict(mounts))
 
 
@@ -171,6 +184,16 @@ class Stdin:
             self.ended = True
             self.queue.put_nowait(None)
 
+    def discard(self) -> None:
+        """Nobody takes stdin any more (the command has stopped reading, or never asked for it): drop what is
+        held and what comes, and let the transport read on (pings, the client's end)."""
+        self.end()
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        if not self.room.is_set():
+            self.room.set()
+            self.on_room()
+
     async def get(self) -> bytes | None:
         chunk = await self.queue.get()
         if not self.room.is_set() and self.queue.qsize() < STDIN_HELD // 2:
@@ -195,9 +218,12 @@ class Session(Protocol):
 class WebSocketSession:
     """An exec over a WebSocket: a reader task takes the client's messages (stdin, close signals, pings)."""
 
-    def __init__(self, ws: aiohttp.web.WebSocketResponse, raw: aiohttp.web.BaseRequest) -> None:
+    def __init__(self, ws: aiohttp.web.WebSocketResponse, raw: aiohttp.web.BaseRequest,
+                 options: ExecOptions) -> None:
         self.ws, self.raw = ws, raw
         self.stdin = Stdin()
+        if not options.stdin:
+            self.stdin.discard()
         self.gone = asyncio.Event()
         self._receiving = False
         self._reader = asyncio.ensure_future(self._read())
@@ -280,7 +306,11 @@ class SpdySession:
         return False, b""
 
     def feed_eof(self) -> None:
+        self._client_gone()
+
+    def _client_gone(self) -> None:
         self.gone.set()
+        self.ready.set()  # wakes a server still waiting for streams: it finds some missing
         self.stdin.end()
 
     def _on(self, frame: spdy.Frame) -> None:
@@ -304,8 +334,7 @@ class SpdySession:
             case spdy.Ping(id=ping_id) if ping_id % 2 == 1:  # the client's: echo it
                 self._write(self.out.ping(ping_id))
             case spdy.GoAway():
-                self.gone.set()
-                self.stdin.end()
+                self._client_gone()
             case _:  # resize data, SETTINGS, WINDOW_UPDATE, HEADERS: nothing to do here
                 pass
 
@@ -385,7 +414,7 @@ class Exec:
             ws = aiohttp.web.WebSocketResponse(protocols=PROTOCOLS)
             await ws.prepare(raw)
             self.transports.append(f"websocket/{ws.ws_protocol}")
-            session = WebSocketSession(ws, raw)
+            session = WebSocketSession(ws, raw, options)
             response: aiohttp.web.StreamResponse = ws
         elif upgrade == "spdy/3.1":
             offered = raw.headers.getall("X-Stream-Protocol-Version", [])
@@ -405,6 +434,8 @@ class Exec:
             try:
                 await asyncio.wait_for(session.ready.wait(), STREAMS_SECONDS)
             except TimeoutError:  # the kubelet: "timed out waiting for client to create streams"
+                pass
+            if set(session.streams) != session.expected:  # timed out, or the client went first
                 session.abort()
                 return response
         else:
@@ -450,6 +481,7 @@ class Exec:
                 return
             finally:
                 proc.stdin.close()
+                session.stdin.discard()
 
         async def kill_when_gone() -> None:
             """A client that goes before the command ends takes it with it (the harness leaves nothing behind)."""
