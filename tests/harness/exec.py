@@ -287,7 +287,6 @@ class SpdySession:
         self.raw = raw
         self.transport = raw.transport
         self.expected = options.streams()
-        self.tty = options.tty
         self.frames, self.out = spdy.FrameReader(), spdy.FrameWriter()
         self.streams: dict[str, int] = {}  # stream type -> the client's stream id
         self.last_stream = 0
@@ -344,8 +343,6 @@ class SpdySession:
             self.transport.write(data)
 
     async def send(self, stream: str, data: bytes) -> None:
-        if self.tty and stream == "stderr":
-            stream = "stdout"
         stream_id = self.streams.get(stream)
         if stream_id is None:
             return
