@@ -62,18 +62,6 @@ def localize(text: str, mounts: dict[str, Path]) -> str:
     return text.replace("cd /work", f"cd {mounts.get('/work', '/work')}")
 
 
-def exec_argv(command: list[str], mounts: dict[str, Path]) -> list[str]:
-    """An exec'd command as a local one: paths in the container's volumes localized, and `tar` told to name
-    members by their paths in the container (as it would there: `kubectl cp POD:/dir` refuses members that
-    do not lie under the path it asked for)."""
-    argv = [localize(part, mounts) for part in command]
-    if argv and Path(argv[0]).name == "tar":  # GNU tar: after the operands, applied once the leading / is gone
-        for mount, path in sorted(mounts.items(), key=lambda kv: -len(str(kv[1]))):
-            local = re.sub(r"([.\[\]*^$\\])", r"\\\1", str(path).lstrip("/"))
-            argv.append(f"--transform=s,^{local}\\(/\\|$\\),{mount.lstrip('/')}\\1,")
-    return argv
-
-
 def volume_paths(root: Path, namespace: str, pod: str, spec: dict[str, Any]) -> dict[str, Path]:
     """Each volume of the Pod as a directory under ``root`` (a PVC's outlives the Pod)."""
     paths = {}
