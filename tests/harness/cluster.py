@@ -19,7 +19,8 @@ thing tests use; it composes the roles, one module each:
   with image pull failures, missing Secrets, unschedulable Pods, OOM kills and evictions on demand; or
   `manual` mode, where the test drives Pod status itself;
 - logs.py: `pods/log` served as text (follow, timestamps, sinceTime with the API's one-second precision);
-- exec.py: `pods/exec` over a WebSocket in the Kubernetes channel protocol;
+- exec.py, spdy.py: `pods/exec` over a WebSocket (v5/v4) or SPDY/3.1 in the Kubernetes channel protocol, stdin included;
+- discovery.py, tables.py, protobuf.py: what kubectl needs (discovery, OpenAPI, Tables, protobuf bodies; README.md);
 - faults.py: 5xx bursts, RBAC denials, dropped, silent or expired watches, log streams cut mid-line,
   stalled or broken execs;
 - validate.py: the harness' own image, quantity and schema checks (nothing here imports the project).
@@ -266,7 +267,7 @@ class Cluster:
         self.injector.deny(resource, verb, subresource, namespace)
 
     def stall_exec(self, count: int = 1) -> None:
-        """The next ``count`` execs are upgraded to a WebSocket and then send nothing at all."""
+        """The next ``count`` execs are upgraded (WebSocket or SPDY) and then send nothing at all."""
         self.injector.stall_exec(count)
 
     def break_exec(self, after_bytes: int) -> None:

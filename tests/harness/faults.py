@@ -70,7 +70,7 @@ class Faults:
 
     # --- exec ----------------------------------------------------------------------------------------
     def stall_exec(self, count: int = 1) -> None:
-        """The next ``count`` execs are upgraded to a WebSocket and then send nothing at all."""
+        """The next ``count`` execs are upgraded (WebSocket or SPDY) and then send nothing at all."""
         self.exec_faults.extend([("stall", 0)] * count)
 
     def break_exec(self, after_bytes: int) -> None:
