@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -9,15 +13,58 @@ import pytest
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
+class Shown(Mapping[str, float]):
+    """The figures, remembering which ones a rendering reads (shows)."""
+
+    def __init__(self, figures: Mapping[str, float]) -> None:
+        self.figures = figures
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> float:
+        self.read.add(key)
+        return self.figures[key]
+
+    def __contains__(self, key: object) -> bool:  # asking is not showing
+        return key in self.figures
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.figures)
+
+    def __len__(self) -> int:
+        return len(self.figures)
+
+
 def test_the_benchmarks_run_at_smoke_size_and_write_every_section(tmp_path: Path, keruta_home: Path) -> None:
     from benchmarks.__main__ import SMOKE, _run
+    from benchmarks.report import render
 
     out = tmp_path / "RESULTS.md"
-    text = _run(SMOKE, out, "the test suite's Prefect server")
-    assert out.read_text() == text
+    done = _run(SMOKE, out, "the test suite's Prefect server")
+    text = out.read_text()
+    assert text == done.text
     for title in ("1. Completion detection", "2. Kubernetes API requests per task", "tasks at once in one process",
                   "4. Orchestration overhead", "5. Fan-out through keruta-pipeline", "6. Artifact collection",
-                  "7. Log streaming"):
+                  "7. Log streaming", "results.json"):
         assert f"## {title}" in text or title in text, title
     assert "| keruta-prefect |" in text and "| prefect-kubernetes |" in text
     assert "| 2000 | 2000 | yes |" in text  # every streamed line stored, in order
+
+    # results.json: one flat object of numbers, exactly the figures RESULTS.md shows, which it is rendered from
+    figures = json.loads((tmp_path / "results.json").read_text())
+    assert figures == done.figures
+    wrong = {k: v for k, v in figures.items()
+             if not re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)*", k) or isinstance(v, bool)
+             or not isinstance(v, int | float) or not math.isfinite(v)}
+    assert not wrong, wrong
+    shown = Shown(figures)
+    assert text.endswith(render(shown, done.notes))
+    assert shown.read == set(figures), (set(figures) - shown.read, shown.read - set(figures))
+    for key in ("completion_p50_ms", "overhead_exec_mode_ms", "fanout_overhead_ms_per_task", "concurrent_peak_watches",
+                "artifacts_2mib_vs_tar", "artifacts_2mib_vs_kubectl_cp", "artifacts_small_vs_kubectl_cp",
+                "logs_lines_per_s"):
+        assert key in figures, key
+
+    # kubectl cp of the same files, beside tar | cat, for both cases
+    assert len(re.findall(r"^\| \| kubectl cp \| [\d.]+ MiB/s \| [\d.]+ s \| [\d.]+× \| \|$", text, re.M)) == 2, \
+        done.notes.get("kubectl_failures")
+    assert re.search(r"kubectl: v1\.\d+", text)
