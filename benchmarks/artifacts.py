@@ -71,9 +71,12 @@ def kubectl_version(kubeconfig: Path) -> str:
     """The version of the kubectl that runs against this cluster. `kubectl` on PATH may be gcloud's
     dispatcher, which runs the kubectl.1.NN beside it that matches the server's version: then both."""
     def client(env: dict[str, str]) -> str:
-        done = subprocess.run(["kubectl", "version", "--client", "-o", "json"], env=env, capture_output=True,
-                              text=True, timeout=60)
-        return str(json.loads(done.stdout)["clientVersion"]["gitVersion"]) if done.returncode == 0 else "unknown"
+        try:
+            done = subprocess.run(["kubectl", "version", "--client", "-o", "json"], env=env, capture_output=True,
+                                  text=True, timeout=60)
+            return str(json.loads(done.stdout)["clientVersion"]["gitVersion"])
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+            return f"unknown ({type(exc).__name__}: {exc})"
 
     used = client(kubectl_env(kubeconfig))
     own = client({**os.environ, "KUBECONFIG": os.devnull})
