@@ -1,21 +1,28 @@
 """Artifact collection over exec (tar on a real WebSocket, streamed into the safe extractor) against a
-plain `tar cf - | cat` of the same files on this machine.
+plain `tar cf - | cat` of the same files on this machine, and against `kubectl cp` of the same files from
+the same holding container on the same harness (what users reach for without keruta-prefect).
 
     .venv/bin/python -m benchmarks.artifacts [MiB of the large file] [number of small files]
 
 Peak memory is the process's high-water mark (VmHWM) growth during the large collection; the process
 also runs the harness API server and its WebSocket, so this over-states what the collector alone uses.
+Every copy is checked against the source files (paths, sizes, sha256) before its time counts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+KUBECTL_TIMEOUT = 600  # seconds for one `kubectl cp`; the full run's 1 GiB takes a few
 
 
 def vm_hwm() -> int:
@@ -31,14 +38,101 @@ def tar_cat(source: Path) -> float:
     return time.perf_counter() - start
 
 
-def measure(big_mib: int, small_files: int) -> list[dict[str, float | str]]:
+def tree(root: Path) -> dict[str, tuple[int, str]]:
+    """Every regular file under ``root``: its relative path → (size, sha256)."""
+    found = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        found[path.relative_to(root).as_posix()] = (path.stat().st_size, digest.hexdigest())
+    return found
+
+
+def differences(expected: dict[str, tuple[int, str]], got: dict[str, tuple[int, str]]) -> str:
+    """What a copy got wrong, in one line ('' when it is identical)."""
+    missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    changed = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    parts = [f"{what} {len(names)} ({', '.join(names[:3])})" for what, names in
+             (("missing", missing), ("unexpected", extra), ("different", changed)) if names]
+    return "; ".join(parts)
+
+
+class KubectlCpFailed(Exception):
+    """`kubectl cp` did not deliver the files: its exit status and last stderr line, or what differs."""
+
+
+def kubectl_env(kubeconfig: Path) -> dict[str, str]:
+    return {**os.environ, "KUBECONFIG": str(kubeconfig)}
+
+
+def kubectl_version(kubeconfig: Path) -> str:
+    """The version of the kubectl that runs against this cluster. `kubectl` on PATH may be gcloud's
+    dispatcher, which runs the kubectl.1.NN beside it that matches the server's version: then both."""
+    def client(env: dict[str, str]) -> str:
+        try:
+            done = subprocess.run(["kubectl", "version", "--client", "-o", "json"], env=env, capture_output=True,
+                                  text=True, timeout=60)
+            return str(json.loads(done.stdout)["clientVersion"]["gitVersion"])
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+            return f"unknown ({type(exc).__name__}: {exc})"
+
+    used = client(kubectl_env(kubeconfig))
+    own = client({**os.environ, "KUBECONFIG": os.devnull})
+    return used if own == used else f"{used}, run by `kubectl` {own} on PATH (gcloud's dispatcher: it runs the " \
+                                    "kubectl.1.NN beside it that matches the server's version)"
+
+
+def kubectl_cp(kubeconfig: Path, pod: str, container: str, source: str, dest: Path) -> float:
+    """`kubectl cp POD:source dest -c container`: the seconds it took; KubectlCpFailed when it fails."""
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(["kubectl", "cp", f"{pod}:{source}", str(dest), "-c", container],
+                              env=kubectl_env(kubeconfig), capture_output=True, text=True, timeout=KUBECTL_TIMEOUT)
+    except FileNotFoundError as exc:
+        raise KubectlCpFailed(f"kubectl is not on PATH ({exc})") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise KubectlCpFailed(f"`kubectl cp` did not end in {KUBECTL_TIMEOUT} s") from exc
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise KubectlCpFailed(f"`kubectl cp` exit status {done.returncode}: {said}")
+    return elapsed
+
+
+@dataclass
+class Case:
+    """One artifact case: ``label`` names it in results.json; times in seconds, sizes in bytes."""
+    label: str
+    title: str
+    size: int
+    keruta_s: float
+    tar_s: float
+    rss_growth: int
+    kubectl_s: float | None = None  # None: kubectl cp failed (the reason is in Artifacts.kubectl_notes)
+
+
+@dataclass
+class Artifacts:
+    cases: list[Case]
+    kubectl_version: str
+    kubectl_notes: list[str] = field(default_factory=list)  # why a case's container path or kubectl cp failed
+
+
+def size_label(mib: int) -> str:
+    return f"{mib // 1024}gib" if mib % 1024 == 0 else f"{mib}mib"
+
+
+def measure(big_mib: int, small_files: int) -> Artifacts:
     """Collect one file of ``big_mib`` MiB and ``small_files`` files of 1 KiB over exec; time `tar | cat`
-    of the same directories."""
+    and `kubectl cp` of the same directories."""
     from keruta_harness.cluster import Cluster
 
     from keruta_prefect.backends.base import RunContext
     from keruta_prefect.backends.kubernetes import KubernetesBackend, watch
     from keruta_prefect.backends.kubernetes.exec import collect_directory
+    from keruta_prefect.contract import DEFAULT_ARTIFACTS_DIR
     from keruta_prefect.models import Task
     from keruta_prefect.settings import KerutaSettings
     from keruta_prefect.store import Store
@@ -46,54 +140,90 @@ def measure(big_mib: int, small_files: int) -> list[dict[str, float | str]]:
     root = Path(tempfile.mkdtemp(prefix="keruta-bench-artifacts-"))
     store = Store(f"sqlite:///{root / 'k.db'}")
     cluster = Cluster(root / "cluster", kubelet="manual", validate=False).start()
-    backend = KubernetesBackend(KerutaSettings(config_path=str(cluster.kubeconfig())), store)
+    kubeconfig = cluster.kubeconfig()
+    backend = KubernetesBackend(KerutaSettings(config_path=str(kubeconfig)), store)
     handle = backend.launch(store.create_task(Task(id="bench")), RunContext(attempt=1))
     pod = cluster.wait_for_pod(handle.name)["metadata"]["name"]
     cluster.run_pod(pod)
-    files = root / "cluster" / "pods" / "default" / pod / "artifacts"
+    files = root / "cluster" / "pods" / "default" / pod / "artifacts"  # what the harness maps the artifacts volume to
     files.mkdir(parents=True, exist_ok=True)
-    cases = {}
     big = files / "big" / "big.bin"
     big.parent.mkdir(parents=True)
     with big.open("wb") as out:
         chunk = os.urandom(1 << 20)
         for _ in range(big_mib):
             out.write(chunk)
-    cases[f"one file of {big_mib} MiB"] = (big.parent, big_mib * 2**20)
     small = files / "small"
     small.mkdir()
     for i in range(small_files):
         (small / f"f{i:05d}.txt").write_bytes(os.urandom(1024))
-    cases[f"{small_files} files of 1 KiB"] = (small, small_files * 1024)
+    cases = [(size_label(big_mib), f"one file of {big_mib} MiB", big.parent, big_mib * 2**20),
+             ("small", f"{small_files} files of 1 KiB", small, small_files * 1024)]
 
-    rows: list[dict[str, float | str]] = []
+    result = Artifacts([], "")
     try:
-        for label, (source, size) in cases.items():
-            mount = "/.keruta/doc/" + source.name
+        result.kubectl_version = kubectl_version(kubeconfig)
+        for label, title, source, size in cases:
+            expected = tree(source)
+            mount = f"{DEFAULT_ARTIFACTS_DIR}/{source.name}"
             baseline = tar_cat(source)
             before = vm_hwm()
             start = time.perf_counter()
-            result = collect_directory(backend.api, "default", pod, mount, root / "out" / source.name,
-                                       max_file_size=2**40, max_total_size=2**40)
+            collected = collect_directory(backend.api, "default", pod, mount, root / "out" / source.name,
+                                          max_file_size=2**40, max_total_size=2**40)
             elapsed = time.perf_counter() - start
             growth = vm_hwm() - before
-            assert sum(f.size for f in result.files) == size
-            rows.append({"case": label, "bytes": size, "keruta_s": elapsed, "tar_s": baseline,
-                         "ratio": baseline / elapsed, "rss_growth": growth})
+            got = {f.path: (f.size, f.sha256) for f in collected.files}
+            assert got == expected, f"keruta collected other files than {title}: {differences(expected, got)}"
+            shutil.rmtree(root / "out" / source.name)
+            case = Case(label, title, size, elapsed, baseline, growth)
+            try:
+                case.kubectl_s = _kubectl_cp_checked(kubeconfig, pod, mount, source, root / "kubectl", expected,
+                                                     result.kubectl_notes)
+            except KubectlCpFailed as exc:
+                result.kubectl_notes.append(f"{title}: {exc}")
+            result.cases.append(case)
     finally:
         watch.stop_all()
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-    return rows
+    return result
+
+
+def _kubectl_cp_checked(kubeconfig: Path, pod: str, mount: str, source: Path, scratch: Path,
+                        expected: dict[str, tuple[int, str]], notes: list[str]) -> float:
+    """`kubectl cp` of the container path ``mount``; when the harness cannot serve that (see the
+    report), of the local directory the harness runs it on, which its exec passes through unchanged. The
+    copy must be identical to ``expected`` (paths, sizes, sha256), or its time means nothing."""
+    attempts = [mount, str(source)]
+    for path in attempts:
+        dest = scratch / source.name
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            elapsed = kubectl_cp(kubeconfig, pod, "main", path, dest)
+        except KubectlCpFailed as exc:
+            if path == attempts[-1]:
+                raise
+            why = (" (the harness's exec runs tar on the local directory that plays the volume, so the archive's "
+                   "member names carry that directory, not the container path kubectl asked for)"
+                   if "tar contents corrupted" in str(exc) else "")
+            notes.append(f"`kubectl cp {pod}:{mount}` (the container path) failed: {exc}{why}; timed with that "
+                         "local directory as the path instead: the same files, exec and tar")
+            continue
+        wrong = differences(expected, tree(dest))
+        shutil.rmtree(dest)
+        if wrong:
+            raise KubectlCpFailed(f"`kubectl cp {pod}:{path}` copied other bytes than the source: {wrong}")
+        return elapsed
+    raise AssertionError("unreachable")
 
 
 def main(big_mib: int, small_files: int) -> None:
-    print("| case | keruta exec collection | tar \\| cat | ratio | peak RSS growth |\n|---|---|---|---|---|")
-    for row in measure(big_mib, small_files):
-        mib = float(row["bytes"]) / 2**20
-        print(f"| {row['case']} | {mib / float(row['keruta_s']):.0f} MiB/s ({float(row['keruta_s']):.2f} s) | "
-              f"{mib / float(row['tar_s']):.0f} MiB/s ({float(row['tar_s']):.2f} s) | {float(row['ratio']):.2f}× | "
-              f"{float(row['rss_growth']) / 2**20:.1f} MiB |", flush=True)
+    from benchmarks.report import artifacts_figures, artifacts_notes, render_artifacts
+
+    measured = measure(big_mib, small_files)
+    print("\n".join(render_artifacts(artifacts_figures(measured), artifacts_notes(measured))), flush=True)
 
 
 if __name__ == "__main__":
