@@ -1,4 +1,6 @@
-"""Shared fixtures: an isolated keruta home per test, a real keruta API on loopback, one Prefect server.
+"""Shared fixtures: an isolated keruta home per test, a real keruta API on loopback, one Prefect server, and the
+cluster of the Kubernetes tests: the harness by default, a real one when the environment names it (see
+tests/targets.py for the contract, and `harness_only` for the tests only the harness can run).
 
 Environment first: Prefect reads its settings when imported, so PREFECT_HOME and analytics are set
 before anything imports it.
@@ -30,9 +32,9 @@ import pytest  # noqa: E402
 from keruta_prefect.api import ApiServer, create_app  # noqa: E402
 
 if TYPE_CHECKING:
-    from keruta_harness.cluster import Cluster
     from keruta_harness.postgres import Postgres
 from keruta_prefect.store import Store, get_store  # noqa: E402
+from tests.targets import HarnessCluster, RealCluster, Target, real_target  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "test-output"
@@ -116,19 +118,23 @@ def any_store(request: pytest.FixtureRequest, keruta_home: Path, monkeypatch: py
 
 
 class Api:
-    """A keruta API served over real HTTP on loopback."""
+    """A keruta API served over real HTTP: on loopback and a free port, or where a real cluster's Pods reach it
+    (``host``, ``port`` and the ``public_url`` they use: ``Api(..., **cluster.api_binding())``)."""
 
-    def __init__(self, store: Store, artifacts_root: Path, port: int = 0, **caps: int) -> None:
+    def __init__(self, store: Store, artifacts_root: Path, port: int = 0, *, host: str = "127.0.0.1",
+                 public_url: str | None = None, **caps: int) -> None:
         self.store = store
         self.token = secrets.token_urlsafe(24)
         self.artifacts_root = artifacts_root
         self.caps = caps
+        self.host = host
         self.port = port
+        self.public_url = public_url
         self.server: ApiServer | None = None
 
     def start(self) -> Api:
         app = create_app(self.store, self.token, artifacts_root=self.artifacts_root, **self.caps)
-        self.server = ApiServer(app, port=self.port).start()
+        self.server = ApiServer(app, host=self.host, port=self.port).start()
         self.port = self.server.port
         return self
 
@@ -139,7 +145,7 @@ class Api:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.public_url or f"http://127.0.0.1:{self.port}"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -147,8 +153,10 @@ class Api:
 
 
 @pytest.fixture
-def api(store: Store, keruta_home: Path) -> Iterator[Api]:
-    server = Api(store, keruta_home / "artifacts").start()
+def api(store: Store, keruta_home: Path, request: pytest.FixtureRequest) -> Iterator[Api]:
+    """The test's keruta API; where the test's cluster's Pods reach it, if the test has a cluster."""
+    binding = request.getfixturevalue("cluster").api_binding() if "cluster" in request.fixturenames else {}
+    server = Api(store, keruta_home / "artifacts", **binding).start()
     yield server
     server.stop()
 
@@ -164,12 +172,10 @@ def run_agent(api: Api, task_id: str, work_dir: Path, *args: str, timeout: float
 
 
 @contextmanager
-def _running_cluster(root: Path, kubelet: str) -> Iterator[Cluster]:
-    from keruta_harness.cluster import Cluster
-
+def _running_cluster(running: HarnessCluster | RealCluster) -> Iterator[Target]:
     from keruta_prefect.backends.kubernetes import watch
 
-    running = Cluster(root, kubelet=kubelet).start()
+    running.start()
     try:
         yield running
     finally:
@@ -178,17 +184,57 @@ def _running_cluster(root: Path, kubelet: str) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """A realistic cluster on kmock whose kubelet really runs the agent (see tests/harness)."""
-    with _running_cluster(tmp_path / "cluster", "run") as running:
-        yield running
+def cluster(tmp_path: Path) -> Iterator[Target]:
+    """The cluster of the Kubernetes tests: the harness on kmock, whose kubelet really runs the agent (see
+    tests/harness), or the real cluster the environment names (tests/targets.py)."""
+    target = real_target()
+    running = HarnessCluster(tmp_path / "cluster") if target is None else RealCluster(target, tmp_path / "cluster")
+    with _running_cluster(running) as started:
+        yield started
 
 
 @pytest.fixture
-def manual_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """The same cluster, but the test drives Pod status itself (no processes)."""
-    with _running_cluster(tmp_path / "cluster", "manual") as running:
+def manual_cluster(tmp_path: Path) -> Iterator[HarnessCluster]:
+    """The harness cluster, but the test drives Pod status itself (no processes). Harness only."""
+    with _running_cluster(HarnessCluster(tmp_path / "cluster", kubelet="manual")) as running:
+        assert isinstance(running, HarnessCluster)
         yield running
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        target = real_target()
+    except (ValueError, OSError) as exc:
+        raise pytest.UsageError(f"the real-cluster target: {exc}") from None
+    if target is not None and (getattr(config.option, "numprocesses", None) or 0) > 1:
+        raise pytest.UsageError("on a real cluster the Kubernetes tests run one at a time (they share its namespace "
+                                "and the API port): run pytest with -n 0")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    target = real_target()
+    if target is None:
+        return "keruta Kubernetes target: the harness cluster (tests/harness)"
+    return (f"keruta Kubernetes target: the real cluster of {target.kubeconfig}, namespace {target.namespace}; "
+            f"keruta API on {target.api_host}:{target.api_port}, for Pods at {target.api_url}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``harness_only("why")`` tests are skipped on a real cluster, with the reason; a test that drives the
+    kubelet itself (``manual_cluster``) must say so with the marker."""
+    real = real_target() is not None
+    for item in items:
+        marker = item.get_closest_marker("harness_only")
+        if marker is None:
+            if "manual_cluster" in getattr(item, "fixturenames", ()):
+                raise pytest.UsageError(f"{item.nodeid} drives the harness kubelet (manual_cluster): mark it "
+                                        "@pytest.mark.harness_only(\"why\")")
+            continue
+        reason = marker.args[0] if marker.args else marker.kwargs.get("reason")
+        if not reason:
+            raise pytest.UsageError(f"{item.nodeid}: harness_only needs its reason")
+        if real:
+            item.add_marker(pytest.mark.skip(reason=f"harness only: {reason}"))
 
 
 @pytest.fixture(autouse=True)

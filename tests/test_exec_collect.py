@@ -1,5 +1,6 @@
 """Collecting an agent container's files with tar over the exec WebSocket (the harness serves the
-Kubernetes channel protocol on a real WebSocket)."""
+Kubernetes channel protocol on a real WebSocket). Harness only: a manual kubelet holds the Pod, and the test
+puts the container's files in place on this machine."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def collect(backend: KubernetesBackend, pod: str, dest: Path) -> object:
                              max_total_size=256 * 2**20)
 
 
+@pytest.mark.harness_only("a manual kubelet holds the Pod, its files put there from this machine; execs are counted")
 def test_files_come_over_the_websocket_whole_and_checksummed(manual_cluster: Cluster, store: Store,
                                                              tmp_path: Path) -> None:
     backend, pod, files = running_pod(manual_cluster, store)
@@ -48,6 +50,7 @@ def test_files_come_over_the_websocket_whole_and_checksummed(manual_cluster: Clu
     assert manual_cluster.exec_commands == [["tar", "cf", "-", "-C", "/.keruta/doc", "."]]
 
 
+@pytest.mark.harness_only("the RBAC denial of pods/exec is injected (a real cluster would need a second user)")
 def test_exec_forbidden_names_the_missing_permission(manual_cluster: Cluster, store: Store, tmp_path: Path) -> None:
     backend, pod, _files = running_pod(manual_cluster, store)
     manual_cluster.deny("pods", "create", "exec")
@@ -55,6 +58,7 @@ def test_exec_forbidden_names_the_missing_permission(manual_cluster: Cluster, st
         collect(backend, pod, tmp_path / "out")
 
 
+@pytest.mark.harness_only("a manual kubelet ends the Pod while it is followed")
 def test_a_pod_that_is_gone_or_has_stopped(manual_cluster: Cluster, store: Store, tmp_path: Path) -> None:
     backend, pod, _files = running_pod(manual_cluster, store)
     manual_cluster.finish_pod(pod, 0)
@@ -65,6 +69,7 @@ def test_a_pod_that_is_gone_or_has_stopped(manual_cluster: Cluster, store: Store
         collect(backend, pod, tmp_path / "out")
 
 
+@pytest.mark.harness_only("a manual kubelet holds the Pod, its files put there from this machine")
 def test_a_link_out_of_the_container_rejects_the_collection(manual_cluster: Cluster, store: Store,
                                                             tmp_path: Path) -> None:
     backend, pod, files = running_pod(manual_cluster, store)
@@ -75,6 +80,7 @@ def test_a_link_out_of_the_container_rejects_the_collection(manual_cluster: Clus
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.harness_only("a manual kubelet holds the Pod")
 def test_tar_failing_in_the_container_says_why(manual_cluster: Cluster, store: Store, tmp_path: Path) -> None:
     backend, pod, _files = running_pod(manual_cluster, store)
     with pytest.raises(ArtifactsLost, match=r"tar in Pod \S+ failed: command terminated with non-zero exit code"):

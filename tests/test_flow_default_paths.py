@@ -202,18 +202,17 @@ def test_any_collection_failure_is_recorded_as_artifacts_lost_with_the_run(
 
 def test_cancel_finds_a_job_in_the_tasks_own_namespace_before_its_run_was_recorded(
         cluster: object, api: object, store: Store) -> None:
-    from keruta_harness.cluster import Cluster
-
     from keruta_prefect.backends.base import RunContext
     from keruta_prefect.backends.kubernetes import KubernetesBackend
     from keruta_prefect.flows import stop_flow_run_agents
     from tests.conftest import Api
+    from tests.targets import HarnessCluster, RealCluster
 
-    assert isinstance(cluster, Cluster) and isinstance(api, Api)
+    assert isinstance(cluster, HarnessCluster | RealCluster) and isinstance(api, Api)
     cluster.create_namespace("team-a")
     cluster.create_secret("keruta-api-token", {"token": api.token}, namespace="team-a")
     block = f"k8s-{uuid.uuid4().hex[:8]}"
-    settings = KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, artifacts_mode="off")
+    settings = cluster.settings(api_url=api.url, artifacts_mode="off")
     seed(settings, name=block)
     spec = {"id": "ns-cancel", "namespace": "team-a", "script": "echo running\nsleep 120"}
     task = store.create_task(Task.model_validate(spec))

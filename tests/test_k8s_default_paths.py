@@ -1,7 +1,8 @@
 """The Kubernetes backend on its default paths (artifacts mode exec), and what goes wrong there: a
 wait that stalls behind a holding agent, a stalled or broken exec, a dead watch or log follower, a
 wait without bound, a cancel that gives up silently, leaks per collection. Every test runs against the
-harness cluster over real HTTP (tests/harness), with faults injected there."""
+harness cluster over real HTTP (tests/harness), with faults injected there; those without faults run on a real
+cluster too (tests/targets.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
 from tests.conftest import Api
+from tests.targets import Target
 from tests.waiting import eventually
 
 
@@ -37,10 +39,9 @@ def fast(**extra: Any) -> WatchTuning:
     return WatchTuning(**{k: v for k, v in values.items() if k in known})
 
 
-def settings_for(cluster: Cluster, api: Api | None = None, **extra: Any) -> KerutaSettings:
-    """Default settings (artifacts mode exec) against the harness cluster."""
-    return KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url if api else "http://keruta-api:8080",
-                          image_pull_grace_seconds=1, **extra)
+def settings_for(cluster: Target, api: Api | None = None, **extra: Any) -> KerutaSettings:
+    """Default settings (artifacts mode exec) against the test's cluster."""
+    return cluster.settings(api_url=api.url if api else "http://keruta-api:8080", image_pull_grace_seconds=1, **extra)
 
 
 def final_reports(store: Store, monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
@@ -78,7 +79,7 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
 
 
 @pytest.fixture
-def k8s_api(cluster: Cluster, api: Api) -> Iterator[tuple[Cluster, Api]]:
+def k8s_api(cluster: Target, api: Api) -> Iterator[tuple[Target, Api]]:
     cluster.create_secret("keruta-api-token", {"token": api.token})
     yield cluster, api
 
@@ -86,7 +87,7 @@ def k8s_api(cluster: Cluster, api: Api) -> Iterator[tuple[Cluster, Api]]:
 # --- 1. no stall after the agent's final report ------------------------------------------------------
 
 def test_exec_mode_wait_returns_right_after_the_final_report_and_the_log_goes_on(
-        k8s_api: tuple[Cluster, Api], store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        k8s_api: tuple[Target, Api], store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cluster, api = k8s_api
     reported = final_reports(store, monkeypatch)
     settings = settings_for(cluster, api, artifacts_hold_timeout=120)
@@ -116,7 +117,7 @@ def test_exec_mode_wait_returns_right_after_the_final_report_and_the_log_goes_on
 
 @pytest.mark.parametrize("mode", ["off", "upload"])
 def test_modes_without_a_hold_return_right_after_the_container_ends(
-        k8s_api: tuple[Cluster, Api], store: Store, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+        k8s_api: tuple[Target, Api], store: Store, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     cluster, api = k8s_api
     reported = final_reports(store, monkeypatch)
     backend = KubernetesBackend(settings_for(cluster, api, artifacts_mode=mode), store, tuning=fast())
@@ -132,7 +133,7 @@ def test_modes_without_a_hold_return_right_after_the_container_ends(
 
 
 def test_a_wait_after_the_container_ended_returns_at_once_with_the_whole_log(
-        k8s_api: tuple[Cluster, Api], store: Store) -> None:
+        k8s_api: tuple[Target, Api], store: Store) -> None:
     cluster, api = k8s_api
     backend = KubernetesBackend(settings_for(cluster, api, artifacts_mode="off"), store, tuning=fast())
     task = store.create_task(Task.model_validate({"id": "d-late", "script": "echo one\necho two"}))
@@ -150,6 +151,7 @@ def test_a_wait_after_the_container_ended_returns_at_once_with_the_whole_log(
     assert not follower_threads()
 
 
+@pytest.mark.harness_only("a manual kubelet ends the Pod before the wait subscribes")
 def test_a_pod_that_changed_before_the_wait_subscribed_is_seen_at_once(
         manual_cluster: Cluster, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """The shared watch saw the Pod end before this wait subscribed (a fast start, a reattach): no event will
@@ -186,6 +188,7 @@ def test_a_pod_that_changed_before_the_wait_subscribed_is_seen_at_once(
 
 # --- 14e: levels of the Pod log lines ----------------------------------------------------------------
 
+@pytest.mark.harness_only("a manual kubelet writes the Pod's log lines")
 def test_the_agents_own_lines_keep_their_level_and_the_scripts_lines_are_info(
         manual_cluster: Cluster, store: Store) -> None:
     cluster = manual_cluster
@@ -232,6 +235,7 @@ def holding_pod(cluster: Cluster, store: Store, task_id: str, **tuning: Any) -> 
     return backend, handle, pod, files
 
 
+@pytest.mark.harness_only("the exec is stalled on purpose")
 def test_a_stalled_exec_loses_the_files_with_a_reason_in_bounded_time(
         manual_cluster: Cluster, store: Store, tmp_path: Path) -> None:
     cluster = manual_cluster
@@ -247,6 +251,7 @@ def test_a_stalled_exec_loses_the_files_with_a_reason_in_bounded_time(
 
 
 @pytest.mark.parametrize("after", [512 * 3 + 700, 512 * 4], ids=["mid-file", "between-files"])
+@pytest.mark.harness_only("the exec's connection is broken on purpose")
 def test_an_exec_that_breaks_mid_stream_keeps_nothing_and_says_why(
         manual_cluster: Cluster, store: Store, tmp_path: Path, after: int) -> None:
     """Cut inside a file, or exactly after one (a tar reader alone sees a shorter, valid archive)."""
@@ -263,6 +268,7 @@ def test_an_exec_that_breaks_mid_stream_keeps_nothing_and_says_why(
     assert cluster.exec_commands[-1][0] == "touch"
 
 
+@pytest.mark.harness_only("a manual kubelet holds the Pod, its files put there from this machine")
 def test_files_that_cannot_be_written_are_lost_with_a_reason_not_raised(
         manual_cluster: Cluster, store: Store, tmp_path: Path) -> None:
     backend, handle, _pod, _files = holding_pod(manual_cluster, store, "d-dest")
@@ -274,6 +280,7 @@ def test_files_that_cannot_be_written_are_lost_with_a_reason_not_raised(
     assert manual_cluster.exec_commands[-1][0] == "touch"
 
 
+@pytest.mark.harness_only("a manual kubelet holds the Pod, its files put there from this machine; execs are counted")
 def test_collections_do_not_leak_clients_sockets_or_threads(manual_cluster: Cluster, store: Store,
                                                             tmp_path: Path) -> None:
     backend, handle, _pod, _files = holding_pod(manual_cluster, store, "d-leak")
@@ -321,6 +328,7 @@ def start_wait(cluster: Cluster, store: Store, task_id: str, tuning: WatchTuning
     return backend, handle, pod, waiter, outcome
 
 
+@pytest.mark.harness_only("raw lines are injected into the watch stream")
 def test_a_blank_line_or_a_malformed_event_on_the_watch_is_logged_and_the_watch_goes_on(
         manual_cluster: Cluster, store: Store, caplog: pytest.LogCaptureFixture) -> None:
     cluster = manual_cluster
@@ -340,6 +348,7 @@ def test_a_blank_line_or_a_malformed_event_on_the_watch_is_logged_and_the_watch_
     assert all(w.thread.is_alive() for w in watch.active_watches())
 
 
+@pytest.mark.harness_only("a manual kubelet ends the Pod when the test says")
 def test_a_watch_that_ends_under_a_waiter_is_replaced(manual_cluster: Cluster, store: Store) -> None:
     cluster = manual_cluster
     _backend, _handle, pod, waiter, outcome = start_wait(cluster, store, "d-dead", fast())
@@ -352,6 +361,7 @@ def test_a_watch_that_ends_under_a_waiter_is_replaced(manual_cluster: Cluster, s
     assert outcome and isinstance(outcome[0], Outcome) and outcome[0].status == "COMPLETED", outcome
 
 
+@pytest.mark.harness_only("a manual kubelet ends the Pod when the test says")
 def test_a_watch_thread_that_dies_says_so_and_its_waiter_moves_on(
         manual_cluster: Cluster, store: Store, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -377,6 +387,7 @@ def test_a_watch_thread_that_dies_says_so_and_its_waiter_moves_on(
     assert any("SystemExit: the watch thread dies" in r.getMessage() for r in caplog.records)  # the waiter's word
 
 
+@pytest.mark.harness_only("injects 500s into every list of Pods")
 def test_a_watch_that_cannot_list_ends_the_wait_with_a_transient_error(
         manual_cluster: Cluster, store: Store, caplog: pytest.LogCaptureFixture) -> None:
     cluster = manual_cluster
@@ -393,6 +404,7 @@ def test_a_watch_that_cannot_list_ends_the_wait_with_a_transient_error(
     assert any("has not listed them within" in r.getMessage() for r in caplog.records)  # subscribe said so
 
 
+@pytest.mark.harness_only("a manual kubelet keeps the Pod Pending; the delete is read from the API server's requests")
 def test_wait_is_bounded_and_then_fails_the_attempt_and_deletes_the_job(manual_cluster: Cluster,
                                                                        store: Store) -> None:
     """The cluster never tells (the Pod stays Pending): past the bound the attempt fails, the Job goes."""
@@ -407,17 +419,17 @@ def test_wait_is_bounded_and_then_fails_the_attempt_and_deletes_the_job(manual_c
     assert [c.name for c in cluster.calls_of("delete", "jobs")] == [handle.name]
 
 
-def test_the_default_bound_is_the_jobs_deadline_plus_a_margin(manual_cluster: Cluster, store: Store) -> None:
-    backend = KubernetesBackend(settings_for(manual_cluster, artifacts_hold_timeout=60), store)
+def test_the_default_bound_is_the_jobs_deadline_plus_a_margin(cluster: Target, store: Store) -> None:
+    backend = KubernetesBackend(settings_for(cluster, artifacts_hold_timeout=60), store)
     handle = backend.launch(store.create_task(Task.model_validate({"id": "d-deadline", "timeoutSeconds": 100})),
                             RunContext(attempt=1))
-    job = manual_cluster.job(handle.name)
+    job = cluster.job(handle.name)
     assert job is not None
     assert backend._wait_limit(handle) == job["spec"]["activeDeadlineSeconds"] + backend.tuning.deadline_margin
 
 
 def test_a_failing_log_callback_is_logged_and_the_ready_line_still_counts(
-        k8s_api: tuple[Cluster, Api], store: Store, monkeypatch: pytest.MonkeyPatch,
+        k8s_api: tuple[Target, Api], store: Store, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     cluster, api = k8s_api
     caplog.set_level(logging.WARNING, "keruta.kubernetes")
@@ -445,8 +457,9 @@ def test_a_failing_log_callback_is_logged_and_the_ready_line_still_counts(
     assert [f.path for f in backend.collect(handle, tmp_path / "out").files] == ["f"]
 
 
+@pytest.mark.harness_only("the RBAC denial of pods/log is injected (a real cluster would need a second user)")
 def test_a_refused_pod_log_is_said_and_the_agents_report_decides(
-        k8s_api: tuple[Cluster, Api], store: Store, caplog: pytest.LogCaptureFixture) -> None:
+        k8s_api: tuple[Target, Api], store: Store, caplog: pytest.LogCaptureFixture) -> None:
     cluster, api = k8s_api
     caplog.set_level(logging.WARNING, "keruta.kubernetes")
     cluster.deny("pods", "get", "log")
@@ -464,6 +477,7 @@ def test_a_refused_pod_log_is_said_and_the_agents_report_decides(
     backend.cancel(handle)
 
 
+@pytest.mark.harness_only("injects 503s into the Pod log, written by a manual kubelet")
 def test_server_errors_on_the_pod_log_are_said_and_survived(manual_cluster: Cluster, store: Store,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     cluster = manual_cluster
@@ -485,6 +499,7 @@ def test_server_errors_on_the_pod_log_are_said_and_survived(manual_cluster: Clus
 
 # --- 9. cancellation -----------------------------------------------------------------------------------
 
+@pytest.mark.harness_only("a finalizer nobody removes is put on the Pod by the harness")
 def test_cancel_says_which_pods_are_left_when_they_do_not_go(manual_cluster: Cluster, store: Store,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     cluster = manual_cluster
@@ -502,6 +517,7 @@ def test_cancel_says_which_pods_are_left_when_they_do_not_go(manual_cluster: Clu
     assert backend.cancel(handle) is None  # nothing left
 
 
+@pytest.mark.harness_only("the RBAC denial in one namespace is injected")
 def test_jobs_of_a_flow_run_are_found_in_every_namespace_given(manual_cluster: Cluster, store: Store,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     cluster = manual_cluster
@@ -526,7 +542,7 @@ def test_jobs_of_a_flow_run_are_found_in_every_namespace_given(manual_cluster: C
 
 @pytest.mark.usefixtures("prefect_server")
 def test_the_agents_last_lines_reach_the_flow_runs_prefect_log_whatever_the_process_settings(
-        k8s_api: tuple[Cluster, Api], store: Store) -> None:
+        k8s_api: tuple[Target, Api], store: Store) -> None:
     """The follower goes on after wait() returned (the agent holds, then says it exits). Its lines belong to
     the caller's flow run on the caller's Prefect API, also when that API is set only in the caller's
     context (``temporary_settings``, a flow composed under other settings), not process-wide: a thread

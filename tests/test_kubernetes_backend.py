@@ -1,5 +1,5 @@
 """The Kubernetes backend on its own: cancel by label, reattach after a crash, logs across drops,
-and many tasks sharing one watch."""
+and many tasks sharing one watch (on the harness cluster, or a real one: tests/targets.py)."""
 
 from __future__ import annotations
 
@@ -19,18 +19,18 @@ from keruta_prefect.models import Task
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, TaskRunRow
 from tests.conftest import Api
+from tests.targets import Target, harness_of
 from tests.waiting import Gate, eventually
 
 
-def settings_for(cluster: Cluster, api: Api | None = None, **extra: object) -> KerutaSettings:
+def settings_for(cluster: Target, api: Api | None = None, **extra: object) -> KerutaSettings:
     values: dict[str, object] = {"image_pull_grace_seconds": 1, "artifacts_mode": "off", **extra}
-    return KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url if api else "http://keruta-api:8080",
-                          **values)
+    return cluster.settings(api_url=api.url if api else "http://keruta-api:8080", **values)
 
 
 @pytest.mark.usefixtures("prefect_server")
 def test_cancel_finds_the_jobs_of_a_flow_run_by_label_and_waits_for_their_pods(
-        cluster: Cluster, api: Api, store: Store) -> None:
+        cluster: Target, api: Api, store: Store) -> None:
     cluster.create_secret("keruta-api-token", {"token": api.token})
     block = f"k8s-{uuid.uuid4().hex[:8]}"
     settings = settings_for(cluster, api)
@@ -45,11 +45,13 @@ def test_cancel_finds_the_jobs_of_a_flow_run_by_label_and_waits_for_their_pods(
     assert stopped == ["k-cancel"]
     assert cluster.job(handle.name) is None and cluster.pods(job=handle.name) == []
     assert store.get_task("k-cancel").status == "CANCELLED"
-    deletes = cluster.calls_of("delete", "jobs")
-    assert len(deletes) == 1 and deletes[0].name == handle.name
+    if harness := harness_of(cluster):
+        deletes = harness.calls_of("delete", "jobs")
+        assert len(deletes) == 1 and deletes[0].name == handle.name
 
 
 @pytest.mark.usefixtures("prefect_server")
+@pytest.mark.harness_only("the script waits on a file on this machine, and the test reads the API server's requests")
 def test_a_rerun_after_a_crash_reattaches_to_the_running_job(cluster: Cluster, api: Api, store: Store) -> None:
     cluster.create_secret("keruta-api-token", {"token": api.token})
     block = f"k8s-{uuid.uuid4().hex[:8]}"
@@ -79,6 +81,7 @@ def test_a_rerun_after_a_crash_reattaches_to_the_running_job(cluster: Cluster, a
     assert run.status == "COMPLETED" and run.finished_at is not None
 
 
+@pytest.mark.harness_only("a manual kubelet writes the log, and the log stream is cut on purpose")
 def test_logs_survive_a_drop_mid_line_without_loss_or_repeats(manual_cluster: Cluster, store: Store) -> None:
     cluster = manual_cluster
     settings = settings_for(cluster)
@@ -106,6 +109,7 @@ def test_logs_survive_a_drop_mid_line_without_loss_or_repeats(manual_cluster: Cl
     assert len(cluster.calls_of("get", "pods")) >= 2  # the log was requested again after the drop
 
 
+@pytest.mark.harness_only("a manual kubelet ends 50 Pods at once; the watches are counted by the API server")
 def test_fifty_tasks_share_one_watch(manual_cluster: Cluster, store: Store) -> None:
     cluster = manual_cluster
     settings = settings_for(cluster)
@@ -143,6 +147,7 @@ def test_fifty_tasks_share_one_watch(manual_cluster: Cluster, store: Store) -> N
     assert {h.name for h in handles} == {job_name(f"many-{n}", 1) for n in range(50)}
 
 
+@pytest.mark.harness_only("the API server's watch is silenced on purpose")
 def test_a_silent_watch_is_re_established(manual_cluster: Cluster, store: Store) -> None:
     """The connection stays open but nothing comes (no events, no bookmarks): the read timeout notices."""
     cluster = manual_cluster
@@ -160,6 +165,7 @@ def test_a_silent_watch_is_re_established(manual_cluster: Cluster, store: Store)
     assert len(cluster.calls_of("watch", "pods")) >= 2
 
 
+@pytest.mark.harness_only("injects 5xx answers to list and watch")
 def test_api_server_errors_on_the_watch_are_survived(manual_cluster: Cluster, store: Store) -> None:
     cluster = manual_cluster
     backend = KubernetesBackend(settings_for(cluster), store)
@@ -178,6 +184,7 @@ def test_api_server_errors_on_the_watch_are_survived(manual_cluster: Cluster, st
 
 
 @pytest.mark.usefixtures("prefect_server")
+@pytest.mark.harness_only("a manual kubelet keeps the Pod Pending")
 def test_cancel_while_the_pod_is_still_pending(manual_cluster: Cluster, api: Api, store: Store) -> None:
     block = f"k8s-{uuid.uuid4().hex[:8]}"
     settings = settings_for(manual_cluster, api)
@@ -199,7 +206,7 @@ def test_cancel_while_the_pod_is_still_pending(manual_cluster: Cluster, api: Api
 
 @pytest.mark.usefixtures("prefect_server")
 def test_cancel_while_the_files_wait_for_collection_keeps_the_reported_status(
-        cluster: Cluster, api: Api, store: Store) -> None:
+        cluster: Target, api: Api, store: Store) -> None:
     """The agent reported COMPLETED and holds its Pod for collection: a cancel now removes the Job; the
     task keeps the status its agent reported (it did complete), and nothing is left running."""
     cluster.create_secret("keruta-api-token", {"token": api.token})

@@ -1,4 +1,5 @@
-"""render, doctor and deployments/: what an operator uses, against the harness cluster."""
+"""render, doctor and deployments/: what an operator uses, against the harness cluster or a real one
+(tests/targets.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import uuid
 from pathlib import Path
 
+import javaproperties
 import pytest
 import yaml
 from keruta_harness.cluster import Cluster
@@ -14,15 +16,16 @@ from keruta_harness.validate import validate_all
 from keruta_prefect.backends.kubernetes.doctor import PERMISSIONS, SECRET_PERMISSION
 from keruta_prefect.cli import main
 from tests.conftest import Api
+from tests.targets import Target, harness_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = ROOT / "deployments"
 
 
-def properties_for(tmp_path: Path, cluster: Cluster, **extra: str) -> Path:
+def properties_for(tmp_path: Path, cluster: Target, **extra: str) -> Path:
+    """The cluster's properties (its kubeconfig; on a real cluster, its namespace, image…) and ``extra``."""
     path = tmp_path / "application.properties"
-    lines = [f"keruta.kubernetes.config-path={cluster.kubeconfig()}", *(f"{k}={v}" for k, v in extra.items())]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(javaproperties.dumps(cluster.properties(**extra), timestamp=False))
     return path
 
 
@@ -51,31 +54,34 @@ def test_render_rejects_a_bad_task_file_with_one_line(tmp_path: Path, capsys: py
 
 
 def test_render_server_dry_run_asks_the_cluster_and_creates_nothing(
-        tmp_path: Path, manual_cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, cluster: Target, capsys: pytest.CaptureFixture[str]) -> None:
     path = task_file(tmp_path, {"id": "dry", "script": "ls"})
-    props = properties_for(tmp_path, manual_cluster)
+    props = properties_for(tmp_path, cluster)
     assert main(["render", "--task-file", str(path), "--properties", str(props), "--server-dry-run"]) == 0
-    assert "✓ the cluster accepts Job default/" in capsys.readouterr().err
-    assert manual_cluster.jobs() == []
-    [create] = manual_cluster.calls_of("create", "jobs")
-    assert create.name.startswith("keruta-dry-")
+    assert f"✓ the cluster accepts Job {cluster.namespace}/" in capsys.readouterr().err
+    assert cluster.jobs() == []
+    if harness := harness_of(cluster):
+        [create] = harness.calls_of("create", "jobs")
+        assert create.name.startswith("keruta-dry-")
 
 
-def test_doctor_passes_on_a_prepared_cluster(tmp_path: Path, manual_cluster: Cluster,
+def test_doctor_passes_on_a_prepared_cluster(tmp_path: Path, cluster: Target,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    manual_cluster.create_secret("keruta-api-token", {"token": "t"})
-    props = properties_for(tmp_path, manual_cluster, **{"keruta.kubernetes.default-image": "keruta-agent:0.1.0"})
+    cluster.create_secret("keruta-api-token", {"token": "t"})
+    props = properties_for(tmp_path, cluster, **{"keruta.kubernetes.default-image": "keruta-agent:0.1.0"})
     assert main(["doctor", "--properties", str(props)]) == 0
     out = capsys.readouterr().out
-    assert "✓ cluster reachable at http://127.0.0.1:" in out
-    assert "✓ namespace default exists and accepts agent Jobs" in out
-    assert "✓ may watch pods in default" in out and "✓ may get pods/log in default" in out
+    namespace = cluster.namespace
+    assert f"✓ cluster reachable at {cluster.url} " in out
+    assert f"✓ namespace {namespace} exists and accepts agent Jobs" in out
+    assert f"✓ may watch pods in {namespace}" in out and f"✓ may get pods/log in {namespace}" in out
     assert "✓ Secret keruta-api-token has the key token" in out
     assert "✓ default image keruta-agent:0.1.0 looks valid" in out
     assert out.rstrip().endswith(f"{len(PERMISSIONS) + 5} passed, 0 failed")
-    assert manual_cluster.jobs() == []  # the namespace check was a dry run
+    assert cluster.jobs() == []  # the namespace check was a dry run
 
 
+@pytest.mark.harness_only("the RBAC denials are injected (a real cluster would need a second user)")
 def test_doctor_names_each_problem_and_its_fix(tmp_path: Path, manual_cluster: Cluster,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     manual_cluster.deny("pods", "watch")
@@ -93,12 +99,12 @@ def test_doctor_names_each_problem_and_its_fix(tmp_path: Path, manual_cluster: C
 
 
 def test_doctor_on_a_missing_namespace_and_an_unreachable_cluster(
-        tmp_path: Path, manual_cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
-    props = properties_for(tmp_path, manual_cluster)
+        tmp_path: Path, cluster: Target, capsys: pytest.CaptureFixture[str]) -> None:
+    props = properties_for(tmp_path, cluster)
     assert main(["doctor", "--properties", str(props), "--namespace", "nowhere"]) == 1
     assert "✗ namespace nowhere does not exist" in capsys.readouterr().out
     kubeconfig = tmp_path / "dead.json"
-    kubeconfig.write_text(manual_cluster.kubeconfig().read_text().replace(manual_cluster.url, "http://127.0.0.1:9"))
+    kubeconfig.write_text(cluster.kubeconfig().read_text().replace(cluster.url, "http://127.0.0.1:9"))
     dead = tmp_path / "dead.properties"
     dead.write_text(f"keruta.kubernetes.config-path={kubeconfig}\n")
     assert main(["doctor", "--properties", str(dead)]) == 1
@@ -130,6 +136,7 @@ def test_the_role_grants_exactly_the_backends_permissions() -> None:
 
 
 @pytest.mark.usefixtures("prefect_server")
+@pytest.mark.harness_only("compares the Role with every request the API server recorded")
 def test_the_role_matches_the_calls_the_backend_really_makes(tmp_path: Path, cluster: Cluster, api: Api,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Run what the backend does (a repository task with a volume, a reattach, a cancel, doctor) and

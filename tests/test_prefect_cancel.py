@@ -8,18 +8,17 @@ import threading
 import uuid
 
 import pytest
-from keruta_harness.cluster import Cluster
 
 from keruta_prefect.blocks import seed
 from keruta_prefect.manifest import job_name
-from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
 from tests.conftest import Api
+from tests.targets import Target, harness_of
 
 
 @pytest.mark.usefixtures("prefect_server")
 def test_cancelling_the_flow_run_deletes_its_job_and_marks_the_task_cancelled(
-        cluster: Cluster, api: Api, store: Store) -> None:
+        cluster: Target, api: Api, store: Store) -> None:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.runner import Runner
@@ -29,7 +28,7 @@ def test_cancelling_the_flow_run_deletes_its_job_and_marks_the_task_cancelled(
 
     cluster.create_secret("keruta-api-token", {"token": api.token})
     block = f"cancel-{uuid.uuid4().hex[:8]}"
-    seed(KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url, artifacts_mode="off"), name=block)
+    seed(cluster.settings(api_url=api.url, artifacts_mode="off"), name=block)
     runner = Runner(name=f"keruta-{block}", query_seconds=1)
     runner.add_flow(keruta_task, name=block)
     loop_thread = threading.Thread(target=lambda: asyncio.run(runner.start()), daemon=True)
@@ -51,8 +50,8 @@ def test_cancelling_the_flow_run_deletes_its_job_and_marks_the_task_cancelled(
         with get_client(sync_client=True) as client:
             cluster.wait_for(lambda: client.read_flow_run(flow_run.id).state.is_cancelled(), timeout=60,
                              what="the flow run to be Cancelled")
-        deletes = cluster.calls_of("delete", "jobs")
-        assert [d.name for d in deletes] == [name]
+        if harness := harness_of(cluster):
+            assert [d.name for d in harness.calls_of("delete", "jobs")] == [name]
     finally:
         runner.stop()
         loop_thread.join(30)

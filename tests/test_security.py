@@ -9,24 +9,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-from keruta_harness.cluster import Cluster
 
 from keruta_prefect.blocks import seed
 from keruta_prefect.flows import keruta_task
-from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
 from tests.conftest import Api
+from tests.targets import Target
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_the_api_token_leaks_nowhere(cluster: Cluster, api: Api, store: Store, keruta_home: Path) -> None:
+def test_the_api_token_leaks_nowhere(cluster: Target, api: Api, store: Store, keruta_home: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 
     token = api.token
     cluster.create_secret("keruta-api-token", {"token": token})
     block = f"sec-{uuid.uuid4().hex[:8]}"
-    seed(KerutaSettings(config_path=str(cluster.kubeconfig()), api_url=api.url), name=block)
+    seed(cluster.settings(api_url=api.url), name=block)
     script = ('echo "env has token: $( [ -n "$KERUTA_API_TOKEN" ] && echo yes )"\n'
               'mkdir -p "$KERUTA_ARTIFACTS_DIR" && env | grep -v KERUTA_API_TOKEN > "$KERUTA_ARTIFACTS_DIR/env.txt"')
     state = keruta_task(task_spec={"id": "secret-run", "script": script}, backend="kubernetes",
