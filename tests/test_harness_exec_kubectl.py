@@ -22,6 +22,8 @@ from keruta_harness import exec as exec_
 from keruta_harness import spdy
 from keruta_harness.cluster import PODS, Cluster
 
+pytestmark = pytest.mark.harness_only("the harness's exec transports, held to kubectl")
+
 
 @dataclass(frozen=True)
 class Kubectl:
