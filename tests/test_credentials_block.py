@@ -112,14 +112,37 @@ def test_the_settings_block_form_has_the_field_with_its_key() -> None:
     assert schema["property"] == KEY and schema["examples"] == ["kubernetes-credentials/my-cluster"]
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_a_second_connection_set_in_the_ui_is_one_line_when_the_settings_are_read() -> None:
+    """The Prefect UI saves what its form holds (the server checks types only): the rule holds when read."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import BlockDocumentUpdate
+
+    from keruta_prefect.blocks import load_settings
+
+    name = unique("ui")
+    seed(KerutaSettings(credentials_block="prod"), name=name)
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name(name, KerutaKubernetesSettings.get_block_type_slug())
+        client.update_block_document(document.id, BlockDocumentUpdate(data={"config_path": "/etc/kubeconfig"}))
+    with pytest.raises(SettingsError) as raised:
+        load_settings(name)
+    assert str(raised.value).startswith(
+        f"block keruta-kubernetes-settings/{name}: credentials_block='prod': keruta.kubernetes.config-path="
+        "'/etc/kubeconfig' is a second cluster connection; keep one"), str(raised.value)
+
+
 # --- against the harness ----------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("prefect_server")
 def test_a_task_runs_on_the_cluster_of_a_credentials_block(cluster: Cluster, api: Api, store: Store) -> None:
+    from keruta_prefect.backends.kubernetes.client import connection
+
     cluster.create_secret("keruta-api-token", {"token": api.token})
-    block = unique("k8s")
-    seed(KerutaSettings(credentials_block=save_credentials(cluster), api_url=api.url,
-                        default_image="keruta-agent:test", artifacts_mode="off"), name=block)
+    block, value = unique("k8s"), save_credentials(cluster)
+    settings = KerutaSettings(credentials_block=value, api_url=api.url, default_image="keruta-agent:test",
+                              artifacts_mode="off")
+    seed(settings, name=block)
     state = keruta_task(task_spec={"id": "cb-ok", "script": "echo through the block"}, backend="kubernetes",
                         settings_block=block, return_state=True)
     try:
@@ -131,7 +154,8 @@ def test_a_task_runs_on_the_cluster_of_a_credentials_block(cluster: Cluster, api
     assert [r.message for r in store.logs("cb-ok") if r.source.startswith("agent-")] == ["through the block"]
     [job] = cluster.jobs()
     assert job["metadata"]["labels"]["keruta.io/task-id"] == "cb-ok"
-    assert cluster.calls_of("watch", "pods") or cluster.calls_of("list", "pods")
+    api_client, used = connection(settings)  # the client the flow used (one per connection and process)
+    assert (api_client.configuration.host, used) == (cluster.url, f"credentials block {value!r} (context harness)")
 
 
 @pytest.mark.usefixtures("prefect_server")
