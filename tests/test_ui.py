@@ -88,6 +88,7 @@ def test_the_settings_block_form_shows_every_admin_field_with_its_description(
         ("Enabled", "Kubernetes integration on or off"),
         ("Config Path", "kubeconfig file"),
         ("In Cluster", "use the Pod's service account"),
+        ("Credentials Block", "keruta.kubernetes.credentials-block"),
         ("Default Namespace", "keruta.kubernetes.default-namespace"),
         ("Default Image", "keruta.kubernetes.default-image"),
         ("Default Pvc Storage Size", "keruta.kubernetes.default-pvc-storage-size"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,22 @@ from keruta_prefect.cli.options import (
     task_file,
 )
 from keruta_prefect.contract import Env
-from keruta_prefect.settings import settings_markdown_table, settings_properties_file, settings_to_properties
+from keruta_prefect.settings import (
+    KerutaSettings,
+    settings_markdown_table,
+    settings_properties_file,
+    settings_to_properties,
+)
+
+
+def prefect_for_connection(settings: KerutaSettings) -> contextlib.AbstractContextManager[object]:
+    """A credentials block (keruta.kubernetes.credentials-block) is read from Prefect: its temporary server
+    gets the CLI's startup time, as for the commands that always use Prefect."""
+    if not (settings.enabled and settings.credentials_block):
+        return contextlib.nullcontext()
+    from keruta_prefect.cli import _prefect_defaults
+
+    return _prefect_defaults()
 
 
 def cmd_settings_show(args: argparse.Namespace) -> int:
@@ -100,7 +116,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         from keruta_prefect.backends.kubernetes.api import Conflict, KubeError, KubeUnavailable, dry_run_create
         from keruta_prefect.backends.kubernetes.client import api_client
 
-        api = api_client(settings)
+        with prefect_for_connection(settings):
+            api = api_client(settings)
         for doc in documents:
             namespace, name = doc["metadata"]["namespace"], doc["metadata"]["name"]
             try:
@@ -131,7 +148,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                              f"with `keruta-prefect blocks seed --name {args.settings_block}`")
         settings = stored
     emit = None if args.json else (lambda check: print(check.line(), flush=True))
-    checks = run_checks(settings, args.namespace, emit=emit)
+    with prefect_for_connection(settings):
+        checks = run_checks(settings, args.namespace, emit=emit)
     failed = sum(not c.ok for c in checks)
     if args.json:
         print(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))

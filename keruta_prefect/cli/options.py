@@ -48,14 +48,19 @@ def limit_option(name: str) -> str | None:
     return name
 
 
-def check_stored_settings(settings_block: str, properties: str | None = None) -> None:
-    """Before a flow starts: the task database opens, and the settings block (seeded on first use) is valid."""
+def check_stored_settings(settings_block: str, properties: str | None = None, *, backend: str = "local") -> None:
+    """Before a flow starts: the task database opens, the settings block (seeded on first use) is valid, and
+    on the Kubernetes backend the credentials block it names (keruta.kubernetes.credentials-block) exists."""
     from keruta_prefect.blocks import load_settings
     from keruta_prefect.store import get_store
 
     block_option("--settings-block", settings_block)
     get_store()
-    load_settings(settings_block, properties=properties)
+    settings = load_settings(settings_block, properties=properties)
+    if backend == "kubernetes" and settings.enabled and settings.credentials_block:
+        from keruta_prefect.backends.kubernetes.connection import load_cluster_config
+
+        load_cluster_config(settings.credentials_block)
 
 
 def settings_from(path: str | None) -> KerutaSettings:

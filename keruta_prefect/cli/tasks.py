@@ -33,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.properties:
         settings_from(args.properties)
         os.environ["KERUTA_PROPERTIES"] = str(Path(args.properties).resolve())
-    check_stored_settings(args.settings_block, args.properties)
+    check_stored_settings(args.settings_block, args.properties, backend=args.backend)
 
     from keruta_prefect.flows import KerutaTaskFailed, keruta_task
 
@@ -118,7 +118,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     """One pass of keruta-dispatch in this process (the deployment runs it on a schedule)."""
     at_least_one(max_tasks=args.max_tasks, concurrency=args.concurrency)
     limit = limit_option(args.concurrency_limit)
-    check_stored_settings(args.settings_block)
+    check_stored_settings(args.settings_block, backend=args.backend)
     from keruta_prefect.pipelines import keruta_dispatch
 
     print(f"dispatching up to {args.max_tasks} PENDING tasks on the {args.backend} backend…", file=sys.stderr)
@@ -151,7 +151,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if not isinstance(children, list):
         raise TaskSpecError(f"{args.file}: children={str(children)[:60]!r}: expected a list of task specs or ids")
     check_pipeline(data.get("parent"), children)  # fail fast, before Prefect starts
-    check_stored_settings(args.settings_block)
+    check_stored_settings(args.settings_block, backend=args.backend)
     print(f"running a pipeline of {len(children) + (1 if data.get('parent') else 0)} tasks, "
           f"{args.concurrency} at a time, on the {args.backend} backend…", file=sys.stderr)
     state = keruta_pipeline(parent=data.get("parent"), children=children, concurrency=args.concurrency,

@@ -12,12 +12,14 @@ README table and the parser can never disagree.
 
 from keruta_prefect.settings.docs import settings_markdown_table, settings_properties_file
 from keruta_prefect.settings.model import (
+    CREDENTIALS_BLOCK_TYPES,
     ArtifactSettings,
     ClusterSettings,
     JobSettings,
     KerutaSettings,
     LocalSettings,
     TaskSettings,
+    credentials_block_ref,
     keruta_home,
 )
 from keruta_prefect.settings.properties import (
@@ -40,6 +42,7 @@ from keruta_prefect.settings.values import (
 )
 
 __all__ = [
+    "CREDENTIALS_BLOCK_TYPES",
     "FIELD_TO_KEY",
     "PROPERTY_KEYS",
     "AccessMode",
@@ -55,6 +58,7 @@ __all__ = [
     "StrList",
     "StrMap",
     "TaskSettings",
+    "credentials_block_ref",
     "keruta_home",
     "load_properties_file",
     "parse_properties",

@@ -34,6 +34,8 @@ def settings_properties_file() -> str:
         if group != section:
             out += ["", f"# --- {group} ---"]
             section = group
-        description = (KerutaSettings.model_fields[field].description or "").rsplit(" (`", 1)[0]
-        out += [f"# {description}", f"{key}={defaults[key]}"]
+        info = KerutaSettings.model_fields[field]
+        description = (info.description or "").rsplit(" (`", 1)[0]
+        out += [f"# {description}", *(f"# e.g. {key}={example}" for example in info.examples or []),
+                f"{key}={defaults[key]}"]
     return "\n".join(out) + "\n"

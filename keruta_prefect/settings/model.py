@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from keruta_prefect.contract import DEFAULT_ARTIFACTS_DIR
 from keruta_prefect.settings.values import (
@@ -19,9 +19,45 @@ from keruta_prefect.settings.values import (
     StrMap,
     setting,
 )
-from keruta_prefect.validation import check_dns_label, check_image, check_quantity
+from keruta_prefect.validation import check_block_name, check_dns_label, check_image, check_quantity
 
 K = "keruta.kubernetes."
+# The prefect-kubernetes block types a credentials block may be (their Prefect slugs); a bare name is the first.
+CREDENTIALS_BLOCK_TYPES = ("kubernetes-credentials", "kubernetes-cluster-config")
+# The ways to name the cluster connection, by field; at most one is given (a kubeconfig is the path and/or context).
+_CONNECTION_SOURCES = {"config_path": "kubeconfig", "context": "kubeconfig", "in_cluster": "in-cluster",
+                       "credentials_block": "block"}
+
+
+def credentials_block_ref(value: str) -> tuple[str, str]:
+    """``kubernetes-credentials/NAME``, ``kubernetes-cluster-config/NAME`` or ``NAME`` (= the first) as
+    (block type slug, block document name); ValueError naming the forms."""
+    slug, _, name = value.rpartition("/")
+    slug = slug or CREDENTIALS_BLOCK_TYPES[0]
+    try:
+        check_block_name(name)
+    except ValueError:
+        slug = ""
+    if slug not in CREDENTIALS_BLOCK_TYPES:
+        raise ValueError(f"must be {CREDENTIALS_BLOCK_TYPES[0]}/NAME, {CREDENTIALS_BLOCK_TYPES[1]}/NAME or NAME "
+                         "(a prefect-kubernetes block; NAME: lowercase letters, digits and '-')")
+    return slug, name
+
+
+def connection_conflict(field: str, value: object, others: dict[str, Any]) -> str | None:
+    """Why ``field`` set to ``value`` cannot go with the other connection settings already set, or None.
+
+    Pure: ``others`` are the other fields' values (pydantic's ``info.data``: the fields before this one
+    while the model is built, all the others on assignment)."""
+    if not value:
+        return None
+    mine = _CONNECTION_SOURCES[field]
+    for other, source in _CONNECTION_SOURCES.items():
+        if other != field and source != mine and others.get(other):
+            shown = "true" if others[other] is True else repr(others[other])
+            return (f"{K}{other.replace('_', '-')}={shown} is a second cluster connection; keep one (a kubeconfig "
+                    "and its context, in-cluster, or a credentials block)")
+    return None
 
 
 class ClusterSettings(BaseModel):
@@ -33,6 +69,13 @@ class ClusterSettings(BaseModel):
     )
     in_cluster: bool = setting(K + "in-cluster", "use the Pod's service account instead of a kubeconfig", False)
     context: OptionalStr = setting(K + "context", "kubeconfig context; empty means the current one", None)
+    credentials_block: OptionalStr = setting(
+        K + "credentials-block",
+        "prefect-kubernetes block as the cluster connection: [kubernetes-credentials/]NAME or "
+        "kubernetes-cluster-config/NAME; empty: none",
+        None,
+        examples=["kubernetes-credentials/my-cluster"],
+    )
     default_namespace: str = setting(K + "default-namespace", "namespace for Jobs of tasks that name none", "default")
     api_url: str = setting(K + "api-url", "keruta API base URL as agent Pods reach it", "http://keruta-api:8080")
     api_port: int = setting(K + "api-port", "port `keruta-prefect api` listens on", 8080, ge=1, le=65535)
@@ -51,6 +94,22 @@ class ClusterSettings(BaseModel):
     @classmethod
     def _namespace(cls, value: str) -> str:
         return check_dns_label(value)
+
+    @field_validator("credentials_block")
+    @classmethod
+    def _credentials_block(cls, value: str | None) -> str | None:
+        if value is not None:
+            credentials_block_ref(value)
+        return value
+
+    @field_validator("config_path", "in_cluster", "context", "credentials_block", mode="after")
+    @classmethod
+    def _one_connection(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None
+        conflict = connection_conflict(info.field_name, value, dict(info.data))
+        if conflict:
+            raise ValueError(conflict)
+        return value
 
     @field_validator("default_image")
     @classmethod

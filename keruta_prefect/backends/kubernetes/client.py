@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Hashable
 
 import kubernetes.client
-import kubernetes.config
 from kubernetes.config.config_exception import ConfigException
 
 from keruta_prefect.backends.base import BackendError
+from keruta_prefect.backends.kubernetes.connection import source_of
 from keruta_prefect.settings import KerutaSettings
 
 # Connections one ApiClient keeps open to the API server: many tasks in one process share the client
 # (their watches, log streams and requests run at once).
 POOL_SIZE = 64
-_clients: dict[tuple[bool, str | None, str | None], kubernetes.client.ApiClient] = {}
+_clients: dict[tuple[Hashable, ...], tuple[kubernetes.client.ApiClient, str]] = {}
 _lock = threading.Lock()
 # For pods/exec only: kubernetes.stream.stream() swaps call_api on the ApiClient it is given for the length
 # of the call. A client of its own keeps the shared client's concurrent requests (watches, logs) off the
@@ -28,29 +29,28 @@ def disabled_message() -> str:
 
 def api_client(settings: KerutaSettings) -> kubernetes.client.ApiClient:
     """The ApiClient for the settings' cluster connection; one per process and connection."""
+    return connection(settings)[0]
+
+
+def connection(settings: KerutaSettings) -> tuple[kubernetes.client.ApiClient, str]:
+    """The ApiClient for the settings' cluster connection and what it was made from, in words (e.g.
+    "credentials block 'prod' (context admin@prod)"). BackendError when disabled or the connection cannot be
+    loaded; SettingsError when the credentials block it names is missing or invalid."""
     if not settings.enabled:
         raise BackendError(disabled_message())
-    key = (settings.in_cluster, settings.config_path, settings.context)
+    source = source_of(settings)  # with a credentials block: a request to Prefect, outside the lock
     with _lock:
-        found = _clients.get(key)
+        found = _clients.get(source.key)
         if found is not None:
             return found
         configuration = kubernetes.client.Configuration()
         try:
-            if settings.in_cluster:
-                kubernetes.config.load_incluster_config(client_configuration=configuration)
-            else:
-                kubernetes.config.load_kube_config(config_file=settings.config_path, context=settings.context,
-                                                   client_configuration=configuration)
-        except (ConfigException, OSError, TypeError) as exc:
-            where = "the in-cluster service account" if settings.in_cluster else (
-                f"kubeconfig {settings.config_path or '$KUBECONFIG or ~/.kube/config'}"
-                + (f" (context {settings.context})" if settings.context else ""))
-            raise BackendError(f"cannot load the cluster connection from {where}: {exc}") from exc
+            used = source.load(configuration)
+        except (ConfigException, OSError, TypeError, ValueError) as exc:
+            raise BackendError(f"cannot load the cluster connection from {source.where}: {exc}") from exc
         configuration.connection_pool_maxsize = POOL_SIZE
-        client = kubernetes.client.ApiClient(configuration)
-        _clients[key] = client
-        return client
+        _clients[source.key] = (kubernetes.client.ApiClient(configuration), used)
+        return _clients[source.key]
 
 
 def exec_client(api: kubernetes.client.ApiClient) -> tuple[kubernetes.client.ApiClient, threading.Lock]:

@@ -14,7 +14,7 @@ import kubernetes.client
 
 from keruta_prefect.backends.base import BackendError
 from keruta_prefect.backends.kubernetes.api import Forbidden, KubeError, NotFound, dry_run_create, request
-from keruta_prefect.backends.kubernetes.client import api_client
+from keruta_prefect.backends.kubernetes.client import connection
 from keruta_prefect.manifest import build_job
 from keruta_prefect.models import RunContext, Task
 from keruta_prefect.settings import KerutaSettings
@@ -59,19 +59,22 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
             emit(check)
 
     try:
-        api = api_client(settings)
+        api, used = connection(settings)
     except BackendError as exc:
-        add(Check(False, str(exc), "set keruta.kubernetes.config-path / context, or in-cluster=true in a Pod"))
+        add(Check(False, str(exc), "set keruta.kubernetes.config-path / context, in-cluster=true in a Pod, or "
+                  "credentials-block (a prefect-kubernetes block)"))
         return checks
     try:
         version = request(kubernetes.client.VersionApi(api).get_code, what="read the cluster's version")
-        add(Check(True, f"cluster reachable at {api.configuration.host} (Kubernetes {version.get('gitVersion')})"))
+        add(Check(True, f"cluster reachable at {api.configuration.host} (Kubernetes {version.get('gitVersion')}); "
+                  f"connection: {used}"))
     except (KubeError, ValueError) as exc:
         raw = exc.__cause__ or exc  # the HTTP answer's reason, or the transport error's innermost reason
         cause = getattr(raw, "reason", None) or raw
         text = str(cause).split(": ", 1)[-1] if ": " in str(cause) else str(cause)
-        add(Check(False, f"cannot reach the cluster at {api.configuration.host}: {text[:200]}",
-                  "check the kubeconfig (keruta.kubernetes.config-path, context) and the network"))
+        add(Check(False, f"cannot reach the cluster at {api.configuration.host}: {text[:200]}; connection: {used}",
+                  "check the kubeconfig (keruta.kubernetes.config-path and context, or the one in "
+                  "keruta.kubernetes.credentials-block) and the network"))
         return checks
 
     sample = build_job(Task(id="keruta-doctor", title="doctor"), settings, RunContext())
