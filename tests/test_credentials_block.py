@@ -159,6 +159,7 @@ def test_a_task_runs_on_the_cluster_of_a_credentials_block(cluster: Cluster, api
 
 
 @pytest.mark.usefixtures("prefect_server")
+@pytest.mark.harness_only("a quiet harness cluster (nothing runs) whose URL and requests the test reads")
 def test_doctor_and_render_use_a_cluster_config_block_and_say_so(
         tmp_path: Path, manual_cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
     manual_cluster.create_secret("keruta-api-token", {"token": "t"})
@@ -178,6 +179,7 @@ def test_doctor_and_render_use_a_cluster_config_block_and_say_so(
 
 
 @pytest.mark.usefixtures("prefect_server")
+@pytest.mark.harness_only("a quiet harness cluster (nothing runs) whose URL and requests the test reads")
 def test_a_block_whose_cluster_does_not_answer_is_what_doctor_reports_for_a_kubeconfig(
         tmp_path: Path, manual_cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
     dead = tmp_path / "dead.json"
@@ -190,6 +192,7 @@ def test_a_block_whose_cluster_does_not_answer_is_what_doctor_reports_for_a_kube
 
 
 @pytest.mark.usefixtures("prefect_server")
+@pytest.mark.harness_only("a quiet harness cluster (nothing runs) whose URL and requests the test reads")
 def test_an_edit_of_the_block_applies_to_the_next_client(manual_cluster: Cluster, tmp_path: Path) -> None:
     """The block is read each time a backend is built (not cached by name): an edit made in the Prefect UI
     is used from the next flow run; the same content keeps the same client."""
@@ -263,6 +266,7 @@ def test_a_task_run_with_a_missing_block_is_one_line_and_exit_2(tmp_path: Path, 
     assert err.startswith(f"keruta-prefect: {KEY}='no-such-block': no block kubernetes-credentials/no-such-block"), err
 
 
+@pytest.mark.harness_only("a quiet harness cluster (nothing runs) whose URL and requests the test reads")
 def test_credentials_without_a_cluster_config_fall_back_as_prefect_kubernetes_does(
         manual_cluster: Cluster, tmp_path: Path, user_env: dict[str, str]) -> None:
     """No in-cluster service account here, so the default kubeconfig ($KUBECONFIG): the harness."""
@@ -278,6 +282,7 @@ def test_credentials_without_a_cluster_config_fall_back_as_prefect_kubernetes_do
                          "~/.kube/config (context harness))"), line
 
 
+@pytest.mark.harness_only("a quiet harness cluster (nothing runs) whose URL and requests the test reads")
 def test_doctor_json_names_the_connection(manual_cluster: Cluster, tmp_path: Path, user_env: dict[str, str]) -> None:
     value = save_credentials(manual_cluster)
     result = cli(user_env, "doctor", "--json", "--properties", str(properties(tmp_path, **{KEY: value})))
