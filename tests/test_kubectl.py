@@ -8,6 +8,7 @@ a missing binary is a failure here, not a skip.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -142,6 +143,54 @@ def test_the_deployment_files_apply_and_reapply(kubectl: Kubectl) -> None:
     assert account["metadata"]["labels"] == {"team": "a"}
     assert "team" in account["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
     assert "keruta-runner" in kubectl("-n", "keruta", "get", "roles").stdout
+
+
+DEPLOYMENT = """apiVersion: apps/v1
+kind: Deployment
+metadata: {name: two, namespace: default}
+spec:
+  selector: {matchLabels: {app: two}}
+  template:
+    metadata: {labels: {app: two}}
+    spec:
+      containers:
+      - {name: a, image: "busybox:1.36", ports: [{containerPort: 80}], env: [{name: X, value: "1"}]}
+      - {name: b, image: "busybox:1.36", ports: [{containerPort: 81}]}
+"""
+
+
+def test_writes_are_what_an_api_server_makes_of_them(kubectl: Kubectl, tmp_path: Path) -> None:
+    """Patches merge lists by their keys, dry runs store nothing whatever the verb, binary protobuf bodies
+    arrive whole, and every kind is validated."""
+    (tmp_path / "d.yaml").write_text(DEPLOYMENT)
+    kubectl("apply", "-f", str(tmp_path / "d.yaml"))
+    (tmp_path / "d.yaml").write_text(DEPLOYMENT.replace('b, image: "busybox:1.36"', 'b, image: "busybox:1.37"'))
+    assert kubectl("apply", "-f", str(tmp_path / "d.yaml")).stdout.strip() == "deployment.apps/two configured"
+    stored = json.loads(kubectl("get", "deploy", "two", "-o", "json").stdout)
+    assert stored["spec"]["template"]["spec"]["containers"] == [
+        {"name": "a", "image": "busybox:1.36", "ports": [{"containerPort": 80}], "env": [{"name": "X", "value": "1"}]},
+        {"name": "b", "image": "busybox:1.37", "ports": [{"containerPort": 81}]}]
+    assert "$setElementOrder" not in json.dumps(stored)
+
+    blob = os.urandom(4096)
+    (tmp_path / "blob").write_bytes(blob)
+    kubectl("create", "secret", "generic", "bin", "--from-file=b=" + str(tmp_path / "blob"), "--type=x/y")
+    secret = json.loads(kubectl("get", "secret", "bin", "-o", "json").stdout)
+    assert (base64.b64decode(secret["data"]["b"]), secret["type"]) == (blob, "x/y")
+
+    assert "(server dry run)" in kubectl("create", "namespace", "dry", "--dry-run=server").stdout
+    assert "(server dry run)" in kubectl("label", "secret", "bin", "a=b", "--dry-run=server").stdout
+    assert "(server dry run)" in kubectl("delete", "secret", "bin", "--dry-run=server").stdout
+    assert "dry" not in kubectl("get", "namespaces", "-o", "name").stdout
+    assert json.loads(kubectl("get", "secret", "bin", "-o", "json").stdout)["metadata"].get("labels") is None
+    kubectl("label", "namespace", "default", "team=a")
+    assert kubectl("get", "namespaces", "-l", "team=a", "-o", "name").stdout.split() == ["namespace/default"]
+
+    (tmp_path / "role.yaml").write_text("apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: r}\n"
+                                        "rules: [{apiGroups: [''], resourcez: [pods], verbs: [get]}]\n")
+    refused = kubectl("apply", "-f", str(tmp_path / "role.yaml"), check=False)
+    assert refused.returncode == 1 and "resourcez" in refused.stderr
+    assert "restartPolicy" in kubectl("explain", "pod.spec.restartPolicy").stdout
 
 
 def test_server_dry_run_and_strict_validation(kubectl: Kubectl, tmp_path: Path, keruta_home: Path,

@@ -21,6 +21,7 @@ TARGET_NEUTRAL = [
     "tests/test_operator_tools.py::test_render_server_dry_run_asks_the_cluster_and_creates_nothing",
     "tests/test_operator_tools.py::test_doctor_passes_on_a_prepared_cluster",
     "tests/test_k8s_default_paths.py::test_a_wait_after_the_container_ended_returns_at_once_with_the_whole_log",
+    "tests/test_credentials_block.py::test_a_task_runs_on_the_cluster_of_a_credentials_block",
 ]
 HARNESS_ONLY = "tests/test_exec_collect.py::test_exec_forbidden_names_the_missing_permission"
 
@@ -81,3 +82,15 @@ def test_the_environment_contract(tmp_path: Path) -> None:
     assert moved is not None and (moved.api_host, moved.api_port) == ("127.0.0.1", 9000)
     with pytest.raises(ValueError, match="set KUBECONFIG"):
         real_target_from({"KERUTA_E2E_PROPERTIES": str(properties)})
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--namespace", "Bad_NS!"], "--namespace 'Bad_NS!': a namespace is a DNS label"),
+    (["--kubeconfig", "/proc/nope/kubeconfig"], "python -m keruta_harness: cannot write /proc/nope"),
+    (["--root", "/dev/null"], "python -m keruta_harness: cannot write /dev/null"),
+])
+def test_the_test_cluster_refuses_bad_arguments_in_one_line(args: list[str], line: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "keruta_harness", *args], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and line in done.stderr.strip().splitlines()[-1], done.stderr
+    assert "Traceback" not in done.stderr

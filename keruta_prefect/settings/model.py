@@ -32,8 +32,8 @@ _CONNECTION_SOURCES = {"config_path": "kubeconfig", "context": "kubeconfig", "in
 def credentials_block_ref(value: str) -> tuple[str, str]:
     """``kubernetes-credentials/NAME``, ``kubernetes-cluster-config/NAME`` or ``NAME`` (= the first) as
     (block type slug, block document name); ValueError naming the forms."""
-    slug, _, name = value.rpartition("/")
-    slug = slug or CREDENTIALS_BLOCK_TYPES[0]
+    slug, sep, name = value.rpartition("/")
+    slug = slug or ("" if sep else CREDENTIALS_BLOCK_TYPES[0])  # "/NAME" names no type
     try:
         check_block_name(name)
     except ValueError:

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
 from .cluster import Cluster
+
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def write_kubeconfig(cluster: Cluster, path: Path, namespace: str) -> Path:
@@ -48,7 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-validate", action="store_true",
                         help="do not validate Jobs and PVCs with kubernetes-validate")
     args = parser.parse_args(argv)
+    for namespace in args.namespace:
+        if not DNS_LABEL.fullmatch(namespace):
+            parser.error(f"--namespace {namespace!r}: a namespace is a DNS label (lowercase letters, digits and "
+                         "'-', at most 63)")
     root = args.root or Path(tempfile.mkdtemp(prefix="keruta-harness-"))
+    try:  # before anything starts: a root or a kubeconfig path it cannot write is one line
+        root.mkdir(parents=True, exist_ok=True)
+        target = (args.kubeconfig or root / "kubeconfig").expanduser().resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = target.with_name(f".{target.name}.probe")
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        print(f"python -m keruta_harness: cannot write {exc.filename or root}: {exc.strerror}", file=sys.stderr)
+        return 2
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())

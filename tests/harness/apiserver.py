@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import re
 import shutil
 import uuid
@@ -19,9 +20,10 @@ import aiohttp.web
 import attrs
 import kmock
 import kubernetes_validate
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import discovery, protobuf, tables
-from .common import JOBS, KINDS, NAMESPACES, Call, error, now_iso
+from . import discovery, patches, protobuf, tables
+from .common import JOBS, KINDS, NAMESPACES, PODS, RESOURCES, Call, error, now_iso
 from .controller import JobController
 from .faults import Faults
 from .kubelet import Kubelet
@@ -29,7 +31,8 @@ from .store import Store
 from .validate import quantity_problems, versions
 from .watch import ListWatch
 
-VALIDATED = {"jobs", "persistentvolumeclaims"}
+# Every kind with a schema is validated strictly when written through the API (Pods the controller makes are not).
+VALIDATED = {k.plural for k in discovery.CATALOGUE if k.definition and k.plural != "selfsubjectaccessreviews"}
 VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 VERSION = {"major": "1", "minor": "33", "gitVersion": "v1.33.0-harness", "gitCommit": "0" * 40,
            "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24.0",
@@ -52,18 +55,23 @@ class Emulator(kmock.KubernetesEmulator):
         # collection): hand it a path it parses as the cluster-scoped resource, and put the scope back below.
         found = NAMESPACE_PATH.fullmatch(raw.path)
         if found is not None:
-            raw = raw.clone(rel_url=raw.rel_url.with_path(f"/api/v1/namespaces/{CLUSTER_SCOPE}/namespaces"
-                                                          f"{found[1] or ''}"))
+            path = f"/api/v1/namespaces/{CLUSTER_SCOPE}/namespaces{found[1] or ''}"
+            raw = raw.clone(rel_url=raw.rel_url.with_path(path).with_query(raw.rel_url.query))
+        if raw.headers.get("Content-Type", "").startswith(protobuf.CONTENT_TYPE):
+            # kubectl's typed clients (create namespace/secret, auth can-i) send protobuf; kmock reads every body
+            # as UTF-8 text, so it gets the JSON the body encodes instead.
+            headers = {k: v for k, v in raw.headers.items() if k.lower() != "content-length"}
+            raw = raw.clone(headers=CIMultiDictProxy(CIMultiDict({**headers, "Content-Type": "application/json"})))
+            try:
+                body = json.dumps(protobuf.decode(await raw.read())).encode()
+            except protobuf.Unsupported as exc:
+                return error(415, "UnsupportedMediaType", str(exc))
+            raw._read_bytes = body  # what aiohttp's read(), text() and json() return from now on
         return await super().__call__(raw)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.namespace == CLUSTER_SCOPE:
             request = attrs.evolve(request, namespace=None)
-        if request.headers.get("Content-Type", "").startswith(protobuf.CONTENT_TYPE):
-            try:  # kubectl's typed clients (create namespace/secret, auth can-i) send protobuf
-                request = attrs.evolve(request, data=protobuf.decode(request.body))
-            except protobuf.Unsupported as exc:
-                return error(415, "UnsupportedMediaType", str(exc))
         return await self.api.handle(request, super()._handle)
 
 
@@ -115,7 +123,8 @@ class ApiServer:
             return refused
         if call.resource == "selfsubjectaccessreviews":
             return self._access_review(request)
-        if request.namespace and self.store.get(NAMESPACES, None, request.namespace) is None:
+        if call.verb == "create" and request.namespace and \
+                self.store.get(NAMESPACES, None, request.namespace) is None:
             return error(404, "NotFound", f'namespaces "{request.namespace}" not found')
         if call.verb == "get" and request.subresource is None:
             return self._get(request, call.name or "")
@@ -129,13 +138,58 @@ class ApiServer:
             return await self._create(request)
         if call.verb == "delete" and call.name is not None:
             return await self._delete(request)
-        if call.verb in ("patch", "update"):
-            response = await fallback(request)
-            if response.status < 300:
-                await self.store.commit(resource, request.namespace, call.name or "", "MODIFIED")
-                return aiohttp.web.json_response(self.store.get(resource, request.namespace, call.name or ""))
-            return response
+        if call.verb in ("patch", "update") and request.subresource in (None, "status") and call.name:
+            return await self._write(request, call.verb, call.name)
+        if call.verb == "delete":  # a collection
+            return error(405, "MethodNotAllowed", "deletecollection is not served by the harness cluster; delete "
+                                                  "each object")
+        if request.subresource is not None or call.verb in ("patch", "update"):
+            return error(404, "NotFound", "the server could not find the requested resource")
         return await fallback(request)
+
+    async def _write(self, request: kmock.Request, verb: str, name: str) -> aiohttp.web.Response:
+        """PATCH (every content type the API server takes, patches.py) and PUT, on the object or its status;
+        dryRun=All answers without storing."""
+        assert request.resource is not None
+        resource, namespace = request.resource, request.namespace
+        current = self.store.get(resource, namespace, name)
+        plural = resource.plural or ""
+        if current is None:
+            group = f".{resource.group}" if resource.group else ""
+            return error(404, "NotFound", f'{plural}{group} "{name}" not found')
+        kind = discovery.kind_of(resource.group or "", plural)
+        if verb == "update":
+            if not isinstance(request.data, dict):
+                return error(400, "BadRequest", "the body of the request was in an unknown format")
+            new = copy.deepcopy(request.data)
+            sent = (new.get("metadata") or {}).get("resourceVersion")
+            if sent and sent != current["metadata"].get("resourceVersion"):
+                return error(409, "Conflict", f'Operation cannot be fulfilled on {plural} "{name}": the object has '
+                                              "been modified; please apply your changes to the latest version and "
+                                              "try again")
+        else:
+            try:
+                new = patches.apply(current, request.data, request.headers.get("Content-Type", ""),
+                                    kind.definition if kind else "")
+            except patches.PatchError as exc:
+                reason = {415: "UnsupportedMediaType", 422: "Invalid"}.get(exc.status, "BadRequest")
+                return error(exc.status, reason, str(exc))
+        has_status = kind is not None and any(sub == "status" for sub, _ in kind.subresources)
+        if request.subresource == "status":  # only the status changes
+            new = {**current, "status": new.get("status", current.get("status"))}
+        elif has_status and "status" in current:  # and never through the object itself
+            new["status"] = current["status"]
+        meta = new.setdefault("metadata", {})
+        for key in ("name", "namespace", "uid", "creationTimestamp", "resourceVersion"):
+            if key in current["metadata"]:
+                meta[key] = current["metadata"][key]
+        invalid = await self._invalid(new, resource)
+        if invalid is not None:
+            return invalid
+        if request.params.get("dryRun") == "All":
+            return aiohttp.web.json_response(new)
+        await self.store.replace(resource, namespace, name, new)
+        return aiohttp.web.json_response(self.store.get(resource, namespace, name))
 
     def _get(self, request: kmock.Request, name: str) -> aiohttp.web.Response:
         """One object, as itself or (for `kubectl get`) as a Table row."""
@@ -253,8 +307,23 @@ class ApiServer:
                                            "batch.kubernetes.io/controller-uid": uid, "controller-uid": uid,
                                            "batch.kubernetes.io/job-name": meta.get("name", ""),
                                            "job-name": meta.get("name", "")}
+        if plural == "pods":  # a Pod made directly (not by the Job controller): the kubelet runs it too
+            obj.setdefault("status", {"phase": "Pending"})
         created = await self.store.put(request.resource, obj)
+        if plural == "pods":
+            self.kubelet.admit(created)
         return aiohttp.web.json_response(created, status=201)
+
+    async def _empty_namespace(self, namespace: str) -> None:
+        for resource in RESOURCES:
+            for obj in self.store.items(resource, namespace):
+                name = obj["metadata"]["name"]
+                if resource == JOBS:
+                    await self.controller.delete_job(namespace, name, "Background")
+                elif resource == PODS:
+                    self.store.spawn(self.kubelet.delete_pod(namespace, name))
+                else:
+                    await self.store.remove(resource, namespace, name)
 
     async def _delete(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         assert request.resource is not None
@@ -264,7 +333,11 @@ class ApiServer:
             group = f".{request.resource.group}" if request.resource.group else ""
             return error(404, "NotFound", f'{request.resource.plural}{group} "{name}" not found')
         body = request.data if isinstance(request.data, dict) else {}
+        if request.params.get("dryRun") == "All" or "All" in (body.get("dryRun") or []):
+            return aiohttp.web.json_response(current, status=200)
         policy = body.get("propagationPolicy") or request.params.get("propagationPolicy") or "Background"
+        if request.resource.plural == "namespaces":  # what the namespace controller does: its objects go first
+            await self._empty_namespace(name)
         if request.resource.plural == "jobs":
             await self.controller.delete_job(namespace, name, policy)
             if policy == "Foreground":  # marked, and still there until its Pods are gone

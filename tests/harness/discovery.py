@@ -182,16 +182,39 @@ def aggregated_content_type(version: str) -> str:
 
 
 # --- OpenAPI v3 ------------------------------------------------------------------------------------------
+def _openapi_types(node: Any) -> Any:
+    """JSON Schema's type lists (["string", "null"]) as OpenAPI 3.0 says them: one type and `nullable`
+    (["integer", "string"] is an IntOrString); kubectl explain parses nothing else."""
+    if isinstance(node, list):
+        return [_openapi_types(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _openapi_types(value) for key, value in node.items()}
+    kinds = out.get("type")
+    if isinstance(kinds, list):
+        real = [k for k in kinds if k != "null"]
+        del out["type"]
+        if "null" in kinds:
+            out["nullable"] = True
+        if len(real) == 1:
+            out["type"] = real[0]
+        elif set(real) == {"integer", "string"}:
+            out["x-kubernetes-int-or-string"] = True
+    return out
+
+
 @functools.cache
-def _definitions() -> dict[str, Any]:
+def definitions() -> dict[str, Any]:
+    """Kubernetes' schemas (the version the harness says it is), as OpenAPI v3 components."""
     root = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{OPENAPI_VERSION}.0-local"
     text = (root / "_definitions.json").read_text()
-    return json.loads(text.replace('"#/$defs/', '"#/components/schemas/'))["$defs"]
+    defs: dict[str, Any] = json.loads(text.replace('"#/$defs/', '"#/components/schemas/'))["$defs"]
+    return {name: _openapi_types(schema) for name, schema in defs.items()}
 
 
 def _closure(names: list[str]) -> dict[str, Any]:
     """The named schemas and every schema they refer to, as OpenAPI components."""
-    defs, out, todo = _definitions(), {}, list(names)
+    defs, out, todo = definitions(), {}, list(names)
     while todo:
         name = todo.pop()
         if name in out or name not in defs:

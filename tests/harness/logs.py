@@ -45,6 +45,8 @@ class Logs:
         if "waiting" in state or not state:
             reason = (state.get("waiting") or {}).get("reason", "ContainerCreating")
             return error(400, "BadRequest", f'container "{container}" in pod "{name}" is waiting to start: {reason}')
+        if request.params.get("previous", "").lower() in ("true", "1"):  # the harness restarts no container
+            return error(400, "BadRequest", f'previous terminated container "{container}" in pod "{name}" not found')
         follow = request.params.get("follow", "").lower() in ("true", "1")
         stamps = request.params.get("timestamps", "").lower() in ("true", "1")
         since = request.params.get("sinceTime")

@@ -129,6 +129,12 @@ class Store:
         await self.commit(resource, namespace, name, "MODIFIED")
         return self.get(resource, namespace, name)
 
+    async def replace(self, resource: kmock.resource, namespace: str | None, name: str,
+                      obj: dict[str, Any]) -> None:
+        """The object's new content, whole (PUT, or a patch the API server applied)."""
+        self._objects()[(resource, namespace, name)].create(obj)
+        await self.commit(resource, namespace, name, "MODIFIED")
+
     async def remove(self, resource: kmock.resource, namespace: str | None, name: str) -> None:
         key = (resource, namespace, name)
         if key in self._objects() and not self._objects()[key].deleted:
