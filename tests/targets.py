@@ -30,7 +30,6 @@ import base64
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, FilePath
 
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.settings.properties import load_properties_file, parse_properties
+from tests.waiting import eventually
 
 PROPERTIES_ENV = "KERUTA_E2E_PROPERTIES"
 
@@ -363,13 +363,7 @@ class RealCluster:
         return self.git.add(name, files)
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
+        return eventually(predicate, what=what, timeout=timeout)
 
     def wait_for_pod(self, job: str, namespace: str | None = None, running: bool = False) -> dict[str, Any]:
         def found() -> dict[str, Any] | None:
