@@ -187,7 +187,14 @@ def test_a_block_whose_cluster_does_not_answer_is_what_doctor_reports_for_a_kube
     assert main(["doctor", "--properties", str(properties(tmp_path, **{KEY: value}))]) == 1
     out = capsys.readouterr().out
     assert out.startswith("✗ cannot reach the cluster at http://127.0.0.1:9: "), out
-    assert f"; connection: credentials block {value!r} (context harness)\n    fix: " in out
+    assert f"; connection: credentials block {value!r} (context harness)\n    fix: edit the block {value!r} " in out
+    # a context the block's kubeconfig does not have (edited in the UI): the block is what to mend
+    value = unique("lost")
+    KubernetesClusterConfig(config=json.loads(manual_cluster.kubeconfig().read_text()), context_name="gone").save(value)
+    value = f"kubernetes-cluster-config/{value}"
+    assert main(["doctor", "--properties", str(properties(tmp_path, **{KEY: value}))]) == 1
+    out = capsys.readouterr().out
+    assert f"\n    fix: edit the block {value!r} (its kubeconfig and context name: Prefect UI → Blocks)" in out, out
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -58,11 +58,13 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
         if emit is not None:
             emit(check)
 
+    block = settings.credentials_block
+    fix_block = f"edit the block {block!r} (its kubeconfig and context name: Prefect UI → Blocks)" if block else ""
     try:
         api, used = connection(settings)
     except BackendError as exc:
-        add(Check(False, str(exc), "set keruta.kubernetes.config-path / context, in-cluster=true in a Pod, or "
-                  "credentials-block (a prefect-kubernetes block)"))
+        add(Check(False, str(exc), fix_block or "set keruta.kubernetes.config-path / context, in-cluster=true in a "
+                  "Pod, or credentials-block (a prefect-kubernetes block)"))
         return checks
     try:
         version = request(kubernetes.client.VersionApi(api).get_code, what="read the cluster's version")
@@ -73,8 +75,8 @@ def run_checks(settings: KerutaSettings, namespace: str | None = None,
         cause = getattr(raw, "reason", None) or raw
         text = str(cause).split(": ", 1)[-1] if ": " in str(cause) else str(cause)
         add(Check(False, f"cannot reach the cluster at {api.configuration.host}: {text[:200]}; connection: {used}",
-                  "check the kubeconfig (keruta.kubernetes.config-path and context, or the one in "
-                  "keruta.kubernetes.credentials-block) and the network"))
+                  f"{fix_block} and check the network" if block else
+                  "check the kubeconfig (keruta.kubernetes.config-path and context) and the network"))
         return checks
 
     sample = build_job(Task(id="keruta-doctor", title="doctor"), settings, RunContext())
