@@ -21,7 +21,6 @@ TARGET_NEUTRAL = [
     "tests/test_operator_tools.py::test_render_server_dry_run_asks_the_cluster_and_creates_nothing",
     "tests/test_operator_tools.py::test_doctor_passes_on_a_prepared_cluster",
     "tests/test_k8s_default_paths.py::test_a_wait_after_the_container_ended_returns_at_once_with_the_whole_log",
-    "tests/test_credentials_block.py::test_a_task_runs_on_the_cluster_of_a_credentials_block",
 ]
 HARNESS_ONLY = "tests/test_exec_collect.py::test_exec_forbidden_names_the_missing_permission"
 
