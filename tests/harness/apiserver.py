@@ -23,7 +23,7 @@ import kubernetes_validate
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import discovery, patches, protobuf, tables
-from .common import JOBS, KINDS, NAMESPACES, PODS, RESOURCES, Call, error, now_iso
+from .common import JOBS, KINDS, NAMESPACES, PODS, RESOURCES, Call, error, not_found, now_iso
 from .controller import JobController
 from .faults import Faults
 from .kubelet import Kubelet
@@ -155,8 +155,7 @@ class ApiServer:
         current = self.store.get(resource, namespace, name)
         plural = resource.plural or ""
         if current is None:
-            group = f".{resource.group}" if resource.group else ""
-            return error(404, "NotFound", f'{plural}{group} "{name}" not found')
+            return not_found(resource, name)
         kind = discovery.kind_of(resource.group or "", plural)
         if verb == "update":
             if not isinstance(request.data, dict):
@@ -196,8 +195,7 @@ class ApiServer:
         assert request.resource is not None
         found = self.store.get(request.resource, request.namespace, name)
         if found is None:
-            group = f".{request.resource.group}" if request.resource.group else ""
-            return error(404, "NotFound", f'{request.resource.plural}{group} "{name}" not found')
+            return not_found(request.resource, name)
         version = tables.wants_table(request.headers.get("Accept", ""))
         if version is not None:
             return aiohttp.web.json_response(tables.table(request.resource.plural or "", [found], version,
@@ -330,8 +328,7 @@ class ApiServer:
         namespace, name = request.namespace or "", request.name or ""
         current = self.store.get(request.resource, request.namespace, name)
         if current is None:
-            group = f".{request.resource.group}" if request.resource.group else ""
-            return error(404, "NotFound", f'{request.resource.plural}{group} "{name}" not found')
+            return not_found(request.resource, name)
         body = request.data if isinstance(request.data, dict) else {}
         if request.params.get("dryRun") == "All" or "All" in (body.get("dryRun") or []):
             return aiohttp.web.json_response(current, status=200)

@@ -39,7 +39,7 @@ from typing import Any
 import kmock
 
 from .apiserver import ApiServer, Emulator
-from .common import JOBS, NAMESPACES, PODS, PVCS, RESOURCES, SECRETS, Call, Stream, job_pods, now_iso
+from .common import JOBS, NAMESPACES, PODS, PVCS, RESOURCES, SECRETS, Call, Stream, job_pods, namespace_object, now_iso
 from .controller import JobController
 from .exec import Exec
 from .faults import Fault, Faults
@@ -84,8 +84,7 @@ class Cluster:
         await self.server.__aenter__()
         self.url = str(self.server.url).rstrip("/")
         for namespace in sorted(self.api.namespaces):
-            await self.put(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace},
-                                         "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+            await self.put(NAMESPACES, namespace_object(namespace))
 
     def stop(self) -> None:
         async def _stop() -> None:
@@ -181,8 +180,7 @@ class Cluster:
                                      "metadata": {"name": name, "namespace": namespace}, "data": encoded}))
 
     def create_namespace(self, name: str) -> None:
-        self.call(self.put(NAMESPACES, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
-                                        "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}))
+        self.call(self.put(NAMESPACES, namespace_object(name)))
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout

@@ -77,6 +77,18 @@ def error(code: int, reason: str, message: str) -> aiohttp.web.Response:
     return aiohttp.web.json_response(status_body(code, reason, message), status=code)
 
 
+def not_found(resource: kmock.resource, name: str) -> aiohttp.web.Response:
+    """The API server's 404 for an object: `jobs.batch "NAME" not found`."""
+    group = f".{resource.group}" if resource.group else ""
+    return error(404, "NotFound", f'{resource.plural}{group} "{name}" not found')
+
+
+def namespace_object(name: str) -> dict[str, Any]:
+    """A Namespace as the API server stores it (its finalizer and phase defaulted)."""
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+
+
 def raw_request(request: kmock.Request) -> aiohttp.web.BaseRequest:
     """aiohttp's own request under kmock's (streams, WebSockets and the transport need it)."""
     raw = request._raw_request

@@ -21,6 +21,8 @@ from typing import Any
 
 import kubernetes_validate
 
+from .protobuf import field
+
 OPENAPI_VERSION = "1.33"  # the Kubernetes version the harness says it is (apiserver.VERSION)
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
@@ -77,6 +79,7 @@ CATALOGUE: tuple[Kind, ...] = (
     Kind("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview", namespaced=False,
          verbs=("create",), definition="io.k8s.api.authorization.v1.SelfSubjectAccessReview"),
 )
+SUBRESOURCE_KINDS = {"log": "Pod", "exec": "PodExecOptions"}  # what they answer; `status` answers the kind itself
 BY_PLURAL = {(k.group, k.plural): k for k in CATALOGUE}
 
 
@@ -127,7 +130,7 @@ def api_resource_list(group_version: str) -> dict[str, Any] | None:
                           **({"shortNames": list(kind.short)} if kind.short else {}),
                           **({"categories": list(kind.categories)} if kind.categories else {})})
         for sub, verbs in kind.subresources:
-            sub_kind = {"log": "Pod", "exec": "PodExecOptions"}.get(sub, kind.kind)
+            sub_kind = SUBRESOURCE_KINDS.get(sub, kind.kind)
             resources.append({"name": f"{kind.plural}/{sub}", "singularName": "", "namespaced": kind.namespaced,
                               "kind": sub_kind, "verbs": list(verbs)})
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}
@@ -168,7 +171,7 @@ def aggregated(legacy_core: bool, version: str) -> dict[str, Any]:
                 entry["subresources"] = [
                     {"subresource": sub, "verbs": list(verbs),
                      "responseKind": {"group": kind.group, "version": kind.version,
-                                      "kind": {"log": "Pod", "exec": "PodExecOptions"}.get(sub, kind.kind)}}
+                                      "kind": SUBRESOURCE_KINDS.get(sub, kind.kind)}}
                     for sub, verbs in kind.subresources]
             resources.append(entry)
         items.append({"metadata": {"name": group, "creationTimestamp": None},
@@ -301,8 +304,6 @@ OPENAPI_V2_CONTENT_TYPE = "application/com.github.proto-openapi.spec.v2.v1.0+pro
 
 
 def _v2_operation(kind: Kind, action: str, params: tuple[str, ...]) -> bytes:
-    from .protobuf import field
-
     gvk = f"group: \"{kind.group}\"\nkind: {kind.kind}\nversion: {kind.version}\n"
     # Parameter → NonBodyParameter (2) → QueryParameterSubSchema (3): in = 2, name = 4, type = 6
     parameters = b"".join(
@@ -315,8 +316,6 @@ def _v2_operation(kind: Kind, action: str, params: tuple[str, ...]) -> bytes:
 
 @functools.cache
 def openapi_v2_protobuf() -> bytes:
-    from .protobuf import field
-
     paths = b""
     writes = ("dryRun", "fieldManager", "fieldValidation", "pretty")
     for kind in CATALOGUE:

@@ -138,5 +138,4 @@ def _ordered(items: list[Any], order: list[Any], key: str | None) -> list[Any]:
     def ident(item: Any) -> Any:
         return item.get(key) if key and isinstance(item, dict) else item
     wanted = [o.get(key) if key and isinstance(o, dict) else o for o in order]
-    ranked = sorted(items, key=lambda item: wanted.index(ident(item)) if ident(item) in wanted else len(wanted))
-    return ranked
+    return sorted(items, key=lambda item: wanted.index(ident(item)) if ident(item) in wanted else len(wanted))
