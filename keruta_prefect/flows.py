@@ -111,6 +111,7 @@ def launch_agent(backend: Backend, store: Store, task: Task, ctx: RunContext) ->
     run = store.start_run(TaskRunRow(
         task_id=task.id, flow_run_id=ctx.flow_run_id, backend=backend.name, attempt=ctx.attempt,
         job_name=handle.name, namespace=handle.namespace, job_uid=handle.uid, pid=handle.pid,
+        resources=handle.resources.model_dump(by_alias=True, exclude_none=True) if handle.resources else None,
     ))
     assert run.id is not None
     return handle, run.id

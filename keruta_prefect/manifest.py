@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from keruta_prefect.contract import DEFAULT_WORK_DIR, ArtifactsMode, Env, ExitCode
-from keruta_prefect.models import RunContext, Task
+from keruta_prefect.models import Resources, RunContext, Task, overlay
 from keruta_prefect.settings import KerutaSettings
 
 TRUNCATION_MARKER = "…[truncated; full text: GET /api/v1/tasks/{id}]"
@@ -156,12 +156,19 @@ def labels(task: Task, ctx: RunContext) -> dict[str, str]:
     return result
 
 
-def _resources(task: Task, settings: KerutaSettings) -> dict[str, dict[str, str]]:
-    own = task.resources
-    requests = {"cpu": (own and own.cpu_request) or settings.default_cpu_request,
-                "memory": (own and own.memory_request) or settings.default_memory_request}
-    limits = {"cpu": (own and own.cpu_limit) or settings.default_cpu_limit,
-              "memory": (own and own.memory_limit) or settings.default_memory_limit}
+def attempt_resources(task: Task, settings: KerutaSettings, ctx: RunContext) -> Resources:
+    """The requests and limits an attempt's agent container gets: the attempt's own (a retry changed them),
+    else the task's, else the settings' defaults, field by field."""
+    own = overlay(task.resources, ctx.resources) or Resources()
+    return Resources(cpu_request=own.cpu_request or settings.default_cpu_request,
+                     memory_request=own.memory_request or settings.default_memory_request,
+                     cpu_limit=own.cpu_limit or settings.default_cpu_limit,
+                     memory_limit=own.memory_limit or settings.default_memory_limit)
+
+
+def _resources(given: Resources) -> dict[str, dict[str, str]]:
+    requests = {"cpu": given.cpu_request, "memory": given.memory_request}
+    limits = {"cpu": given.cpu_limit, "memory": given.memory_limit}
     out = {}
     if any(requests.values()):
         out["requests"] = {k: v for k, v in requests.items() if v}
@@ -217,7 +224,7 @@ def build_job(task: Task, settings: KerutaSettings, ctx: RunContext) -> dict[str
             {"name": "artifacts", "mountPath": settings.artifacts_dir},
         ],
     }
-    resources = _resources(task, settings)
+    resources = _resources(attempt_resources(task, settings, ctx))
     if resources:
         container["resources"] = resources
 

@@ -58,6 +58,9 @@ class RunContext(BaseModel):
     attempt: int = 1
     root_task_id: str | None = None  # the root of the task's tree (tasks of a tree share a volume)
     has_children: bool = False  # the task is a parent: its volume outlives it for its children
+    # This attempt's resources where they differ from the task's own (a retry after OOMKilled raises the
+    # memory): a field set here wins over the task's.
+    resources: Resources | None = None
 
 
 class InvalidTransition(PermanentError, ValueError):
@@ -122,6 +125,29 @@ class Resources(Camel):
     @classmethod
     def _quantity(cls, value: str | None) -> str | None:
         return None if value is None else check_quantity(value)
+
+
+def overlay(base: Resources | None, override: Resources | None) -> Resources | None:
+    """``base`` with every field ``override`` sets replaced (None when both are None)."""
+    if override is None:
+        return base
+    if base is None:
+        return override
+    return base.model_copy(update=override.model_dump(exclude_none=True))
+
+
+class Usage(Camel):
+    """What one attempt's script used, as its agent measured it and sent with its final status
+    (``usage`` in the status report, camelCase; an agent that does not measure sends none). Fields it
+    does not know are ignored: a newer agent's final report is never refused for what it measured."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    cpu_seconds: float | None = Field(default=None, ge=0)  # user + system CPU of the script's processes
+    peak_memory_bytes: int | None = Field(default=None, ge=0)  # the most memory it held at once
+    wall_seconds: float | None = Field(default=None, ge=0)  # from the script's start to its end
+    log_bytes: int | None = Field(default=None, ge=0)  # bytes of output the script wrote
+    source: str | None = Field(default=None, max_length=32)  # how it was measured: "cgroup" or "rusage"
 
 
 def _utcnow() -> datetime:
@@ -258,6 +284,8 @@ class TaskResult(BaseModel):
     log_lines: int = 0
     artifacts: list[ArtifactInfo] = Field(default_factory=list)
     artifacts_note: str | None = None
+    resources: Resources | None = None  # the requests and limits the attempt ran with (defaults included)
+    usage: Usage | None = None  # what the attempt's script used, as its agent measured it
 
     @property
     def ok(self) -> bool:
@@ -277,4 +305,5 @@ class ArtifactInfo(BaseModel):
     location: str
 
 
+RunContext.model_rebuild()
 TaskResult.model_rebuild()

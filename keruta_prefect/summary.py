@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
-from keruta_prefect.models import ArtifactInfo, Task, TaskResult
+from keruta_prefect.models import ArtifactInfo, Resources, Task, TaskResult, Usage
 from keruta_prefect.store import Store
 
 TAIL_LINES = 20  # lines of the task's log in the summary
@@ -30,6 +30,8 @@ def recorded_result(store: Store, task_id: str) -> TaskResult:
         job_name=run.job_name if run else None, namespace=run.namespace if run else None,
         started_at=_utc(run.started_at) if run else None, finished_at=_utc(run.finished_at) if run else None,
         log_lines=store.count_logs(task_id), artifacts=files, artifacts_note=run.artifacts_note if run else None,
+        resources=Resources.model_validate(run.resources) if run and run.resources else None,
+        usage=Usage.model_validate(run.usage) if run and run.usage else None,
     )
 
 

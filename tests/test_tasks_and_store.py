@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
+from sqlmodel import create_engine
 
 from keruta_prefect.manifest import task_env, truncate_utf8
 from keruta_prefect.models import (
@@ -16,7 +18,8 @@ from keruta_prefect.models import (
     parse_task_spec,
 )
 from keruta_prefect.settings import KerutaSettings
-from keruta_prefect.store import LogLine, Store, TaskExists, TaskNotFound
+from keruta_prefect.store import LogLine, Store, TaskExists, TaskNotFound, TaskRunRow
+from keruta_prefect.store.database import _engines, add_missing_columns
 
 S = TaskStatus
 
@@ -175,3 +178,32 @@ def test_task_env_is_the_originals_mapping() -> None:
     assert len(env["KERUTA_TASK_DESCRIPTION"].encode()) <= 256
     assert env["KERUTA_TASK_DESCRIPTION"].endswith("full text: GET /api/v1/tasks/env]")
     assert "T" in env["KERUTA_TASK_CREATED_AT"] and "KERUTA_API_TOKEN" not in env
+
+
+def test_a_database_an_earlier_version_created_gains_the_new_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+    """The run columns added later (resources, usage) are added to an existing database on start; the
+    task and run stored before are still there, unchanged."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = Store(url)
+    old.create_task(Task(id="kept", title="stored before the upgrade"))
+    old.start_run(TaskRunRow(task_id="kept", attempt=1, job_name="keruta-kept-1"))
+    old.engine.dispose()
+    _engines.clear()
+    with sqlite3.connect(tmp_path / "old.db") as db:  # the table as the earlier version created it
+        db.execute("ALTER TABLE keruta_task_runs DROP COLUMN usage")
+        db.execute("ALTER TABLE keruta_task_runs DROP COLUMN resources")
+    probe = create_engine(url)
+    assert sorted(add_missing_columns(probe)) == ["keruta_task_runs.resources", "keruta_task_runs.usage"]
+    assert add_missing_columns(probe) == []  # twice is nothing
+    with probe.begin() as conn:  # as the earlier version left it again: now the store's start must add them
+        conn.exec_driver_sql("ALTER TABLE keruta_task_runs DROP COLUMN usage")
+        conn.exec_driver_sql("ALTER TABLE keruta_task_runs DROP COLUMN resources")
+    probe.dispose()
+    upgraded = Store(url)
+    assert upgraded.get_task("kept").title == "stored before the upgrade"
+    [run] = upgraded.runs("kept")
+    assert (run.job_name, run.resources, run.usage) == ("keruta-kept-1", None, None)
+    upgraded.update_run(run.id or 0, usage={"cpuSeconds": 1.5})
+    assert upgraded.runs("kept")[0].usage == {"cpuSeconds": 1.5}

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from keruta_prefect.artifacts import CollectResult
 from keruta_prefect.errors import PermanentError, TransientError
-from keruta_prefect.models import RunContext, Task
+from keruta_prefect.models import Resources, RunContext, Task
 from keruta_prefect.outcomes import AgentReport, Outcome
 from keruta_prefect.store import Store
 
@@ -39,6 +39,7 @@ class RunHandle(BaseModel):
     namespace: str | None = None
     uid: str | None = None
     pid: int | None = None
+    resources: Resources | None = None  # the requests and limits the backend gave the attempt
 
 
 LogSink = Callable[[str, str], None]  # (level, message)

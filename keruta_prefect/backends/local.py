@@ -23,7 +23,7 @@ from keruta_prefect.artifacts import CollectResult, attempt_dir, collect_with_ta
 from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle, agent_report
 from keruta_prefect.logfeed import FEED, FedLine
 from keruta_prefect.manifest import task_env
-from keruta_prefect.models import Task
+from keruta_prefect.models import Task, overlay
 from keruta_prefect.outcomes import AgentExit, outcome_of
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
@@ -83,7 +83,7 @@ class LocalBackend:
             agent_log.close()
         _procs[f"{task.id}/{ctx.attempt}"] = (proc, server.url)
         return RunHandle(backend=self.name, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
-                         name=work_dir.name, pid=proc.pid)
+                         name=work_dir.name, pid=proc.pid, resources=overlay(task.resources, ctx.resources))
 
     @staticmethod
     def _artifacts_dir(work_dir: Path) -> Path:

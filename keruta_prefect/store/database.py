@@ -8,7 +8,9 @@ import re
 import threading
 from typing import Any
 
-from sqlalchemy import Engine, event
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy import Column, Engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlmodel import SQLModel, create_engine
@@ -75,10 +77,36 @@ def get_engine(url: str | None = None) -> Engine:
             try:
                 engine = _make_engine(url)
                 SQLModel.metadata.create_all(engine)
+                add_missing_columns(engine)
             except (ArgumentError, ValueError, ImportError, DBAPIError) as exc:
                 raise database_error(exc, url) from exc
             _engines[url] = engine
         return engine
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Bring a database an earlier version created up to the tables of this one: columns added since are
+    added (every column added after a release is nullable, so the rows already stored stay as they
+    were). Nothing is ever dropped or changed. The ``table.column`` names added."""
+    existing = inspect(engine)
+    missing = [(table, column) for table in SQLModel.metadata.sorted_tables if existing.has_table(table.name)
+               for column in table.columns
+               if column.name not in {c["name"] for c in existing.get_columns(table.name)}]
+    if not missing:
+        return []
+    for table, column in missing:
+        if not column.nullable:
+            raise RuntimeError(f"column {table.name}.{column.name} was added as NOT NULL: an existing database "
+                               "cannot take it; make it nullable")
+        try:
+            with engine.begin() as conn:
+                Operations(MigrationContext.configure(conn)).add_column(
+                    table.name, Column(column.name, column.type, nullable=True))
+        except DBAPIError:
+            # another process (a second worker starting at the same moment) added it first: fine
+            if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                raise
+    return [f"{table.name}.{column.name}" for table, column in missing]
 
 
 def _make_engine(url: str) -> Engine:

@@ -78,6 +78,9 @@ class TaskRunRow(SQLModel, table=True):
     job_uid: str | None = None
     pid: int | None = None
     artifacts_note: str | None = Field(default=None, sa_column=Column(Text))
+    # The requests and limits the attempt ran with (Resources, camelCase), as its backend applied them.
+    resources: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # Usage, as the agent sent it
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
 

@@ -22,6 +22,7 @@ from keruta_prefect.manifest import (
     LABEL_FLOW_RUN,
     LABEL_TASK,
     SELECTOR,
+    attempt_resources,
     build_job,
     build_pvc,
     label_value,
@@ -49,7 +50,8 @@ def launch(kube: Kube, task: Task, ctx: RunContext) -> RunHandle:
     except Conflict:
         created = existing_job(kube, namespace, name, task, ctx)
     return RunHandle(backend=BACKEND_NAME, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
-                     name=name, namespace=namespace, uid=created["metadata"].get("uid"))
+                     name=name, namespace=namespace, uid=created["metadata"].get("uid"),
+                     resources=attempt_resources(task, kube.settings, ctx))
 
 
 def existing_job(kube: Kube, namespace: str, name: str, task: Task, ctx: RunContext) -> dict[str, Any]:
