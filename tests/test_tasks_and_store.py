@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
-from sqlmodel import create_engine
 
 from keruta_prefect.manifest import task_env, truncate_utf8
 from keruta_prefect.models import (
@@ -180,27 +178,23 @@ def test_task_env_is_the_originals_mapping() -> None:
     assert "T" in env["KERUTA_TASK_CREATED_AT"] and "KERUTA_API_TOKEN" not in env
 
 
-def test_a_database_an_earlier_version_created_gains_the_new_columns_and_keeps_its_rows(tmp_path: Path) -> None:
+def test_a_database_an_earlier_version_created_gains_the_new_columns_and_keeps_its_rows(any_store: Store) -> None:
     """The run columns added later (resources, usage) are added to an existing database on start; the
-    task and run stored before are still there, unchanged."""
-    import sqlite3
+    task and run stored before are still there, unchanged (SQLite and PostgreSQL)."""
+    url = any_store.engine.url.render_as_string(hide_password=False)
+    any_store.create_task(Task(id="kept", title="stored before the upgrade"))
+    any_store.start_run(TaskRunRow(task_id="kept", attempt=1, job_name="keruta-kept-1"))
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    old = Store(url)
-    old.create_task(Task(id="kept", title="stored before the upgrade"))
-    old.start_run(TaskRunRow(task_id="kept", attempt=1, job_name="keruta-kept-1"))
-    old.engine.dispose()
-    _engines.clear()
-    with sqlite3.connect(tmp_path / "old.db") as db:  # the table as the earlier version created it
-        db.execute("ALTER TABLE keruta_task_runs DROP COLUMN usage")
-        db.execute("ALTER TABLE keruta_task_runs DROP COLUMN resources")
-    probe = create_engine(url)
-    assert sorted(add_missing_columns(probe)) == ["keruta_task_runs.resources", "keruta_task_runs.usage"]
-    assert add_missing_columns(probe) == []  # twice is nothing
-    with probe.begin() as conn:  # as the earlier version left it again: now the store's start must add them
-        conn.exec_driver_sql("ALTER TABLE keruta_task_runs DROP COLUMN usage")
-        conn.exec_driver_sql("ALTER TABLE keruta_task_runs DROP COLUMN resources")
-    probe.dispose()
+    def as_the_earlier_version_left_it() -> None:
+        with any_store.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE keruta_task_runs DROP COLUMN usage")
+            conn.exec_driver_sql("ALTER TABLE keruta_task_runs DROP COLUMN resources")
+
+    as_the_earlier_version_left_it()
+    assert sorted(add_missing_columns(any_store.engine)) == ["keruta_task_runs.resources", "keruta_task_runs.usage"]
+    assert add_missing_columns(any_store.engine) == []  # twice is nothing
+    as_the_earlier_version_left_it()  # …and now the store's own start must add them
+    _engines.pop(url).dispose()
     upgraded = Store(url)
     assert upgraded.get_task("kept").title == "stored before the upgrade"
     [run] = upgraded.runs("kept")
