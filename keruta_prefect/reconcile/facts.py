@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prefect.client.schemas.objects import StateType
+
 from keruta_prefect import contract
 from keruta_prefect.backends.base import BackendError
 from keruta_prefect.backends.local import agent_processes
@@ -26,6 +28,8 @@ from keruta_prefect.validation import exception_line
 if TYPE_CHECKING:
     from keruta_prefect.backends.kubernetes.context import Kube
 
+# A flow run without a state yet is being created: as good as Pending (alive).
+NO_STATE = StateType.PENDING.value
 FLOW_RUN_BATCH = 200  # ids per read_flow_runs request (the Prefect API's default page)
 KERUTA_TASK_FLOW = "keruta-task"
 
@@ -74,7 +78,7 @@ def flow_run_states(ids: Iterable[str]) -> dict[str, str]:
             chunk = wanted[start:start + FLOW_RUN_BATCH]
             for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)),
                                              limit=len(chunk)):
-                states[str(run.id)] = run.state.type.value if run.state is not None else "PENDING"
+                states[str(run.id)] = run.state.type.value if run.state is not None else NO_STATE
     return states
 
 
@@ -88,8 +92,6 @@ def live_task_flow_runs() -> list[tuple[str, str, dict[str, Any]]]:
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
-    from prefect.client.schemas.objects import StateType
-
     final = [StateType(value) for value in FINAL_STATES]
     found: list[tuple[str, str, dict[str, Any]]] = []
     with get_client(sync_client=True) as client:
@@ -98,7 +100,7 @@ def live_task_flow_runs() -> list[tuple[str, str, dict[str, Any]]]:
                 flow_filter=FlowFilter(name=FlowFilterName(any_=[KERUTA_TASK_FLOW])),
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=final))),
                 limit=FLOW_RUN_BATCH, offset=len(found))
-            found.extend((str(r.id), r.state.type.value if r.state else "PENDING", r.parameters or {}) for r in page)
+            found.extend((str(r.id), r.state.type.value if r.state else NO_STATE, r.parameters or {}) for r in page)
             if len(page) < FLOW_RUN_BATCH:
                 return found
 
