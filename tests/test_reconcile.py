@@ -233,6 +233,29 @@ def test_a_dry_run_changes_nothing_and_the_cli_prints_the_report_as_json(
     assert store.claim_of("c") is None
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_the_flow_publishes_its_report_as_a_table_artifact(store: Store) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from keruta_prefect.blocks import seed
+    from keruta_prefect.reconcile.flow import ARTIFACT_KEY, keruta_reconcile
+
+    store.create_task(Task.model_validate({"id": "f", "script": "true"}), claimed_by=str(uuid.uuid4()))
+    block = f"rf-{uuid.uuid4().hex[:8]}"
+    seed(LOCAL.model_copy(update={"reconcile_grace_seconds": 0}), name=block)
+    state = keruta_reconcile(settings_block=block, return_state=True)
+    report = state.result()
+    assert [(a.kind, a.name, a.outcome) for a in report.actions] == [("release-claim", "f", "done")]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    [artifact] = [a for a in found if a.key == ARTIFACT_KEY]
+    assert artifact.type == "table"
+    [row] = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert (row["action"], row["name"], row["outcome"]) == ("release-claim", "f", "done")
+
+
 def test_a_bad_flag_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["reconcile", "--dry-runn"])
