@@ -27,21 +27,25 @@ def root_of(store: Store, task: Task) -> str:
     return current.id
 
 
-def tree_done(store: Store, root: str) -> bool:
-    """Is every task of the tree rooted at ``root`` in a final status?"""
-    pending, seen = [root], set()
+def tree_tasks(store: Store, root: str) -> list[Task]:
+    """The stored tasks of the tree rooted at ``root`` (the root first, if stored)."""
+    pending, seen, found = [root], set[str](), list[Task]()
     while pending:
         current = pending.pop()
         if current in seen:
             continue
         seen.add(current)
         try:
-            if not store.get_task(current).status.terminal:
-                return False
+            found.append(store.get_task(current))
         except LookupError:
             pass
         pending.extend(child.id for child in store.children(current))
-    return True
+    return found
+
+
+def tree_done(store: Store, root: str) -> bool:
+    """Is every task of the tree rooted at ``root`` in a final status?"""
+    return all(task.status.terminal for task in tree_tasks(store, root))
 
 
 def release_volume(store: Store, runner: Backend, settings: KerutaSettings, task: Task, root: str) -> str | None:

@@ -72,7 +72,8 @@ def test_deploy_all_then_a_worker_runs_task_dispatch_and_pipeline_deployments(
 
     prefect("work-pool", "create", "keruta-process", "--type", "process", "--overwrite", env=env, cwd=checkout)
     out = prefect("--no-prompt", "deploy", "--all", env=env, cwd=checkout)
-    for name in ("keruta-task/default", "keruta-pipeline/default", "keruta-dispatch/default"):
+    for name in ("keruta-task/default", "keruta-pipeline/default", "keruta-dispatch/default",
+                 "keruta-reconcile/default"):
         assert f"Deployment '{name}' successfully created" in " ".join(out.split()), out
     log = request.getfixturevalue("worker")
 
@@ -106,6 +107,9 @@ def test_deploy_all_then_a_worker_runs_task_dispatch_and_pipeline_deployments(
         [schedule] = client.read_deployment_schedules(dispatch.id)
         assert schedule.slug == "processing-delay"
         assert schedule.schedule.interval == timedelta(seconds=2)  # type: ignore[union-attr]
+        reconciler = client.read_deployment_by_name("keruta-reconcile/default")
+        [schedule] = client.read_deployment_schedules(reconciler.id)
+        assert (schedule.slug, schedule.schedule.interval) == ("reconcile", timedelta(minutes=5))  # type: ignore[union-attr]
 
     # 3. A pipeline: a parent, then two children.
     parent = {"id": f"rt-parent-{uuid.uuid4().hex[:6]}", "script": "echo parent"}
@@ -115,6 +119,15 @@ def test_deploy_all_then_a_worker_runs_task_dispatch_and_pipeline_deployments(
     for task_id in [parent["id"]] + [c["id"] for c in children]:
         assert store.get_task(task_id).status == TaskStatus.COMPLETED
         assert store.get_task(task_id).parent_id == (None if task_id == parent["id"] else parent["id"])
+
+    # 4. The reconciler, on the worker: nothing of the tasks above is touched (all ended, within the grace period).
+    prefect("deployment", "run", "keruta-reconcile/default", "--watch", env=env, cwd=checkout)
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    with get_client(sync_client=True) as client:
+        wanted = ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=["keruta-reconcile"]))
+        assert client.read_latest_artifacts(artifact_filter=wanted), "the reconciler published no report"
+    assert all(store.get_task(f"rt-pending-{i}").status == TaskStatus.COMPLETED for i in range(2))
 
 
 def test_the_kubernetes_work_pool_variant_deploys_with_module_entrypoints(env: dict[str, str], tmp_path: Path) -> None:
@@ -126,6 +139,8 @@ def test_the_kubernetes_work_pool_variant_deploys_with_module_entrypoints(env: d
     variant = ROOT / "deployments" / "prefect" / "kubernetes.yaml"
     prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(variant), env=env, cwd=tmp_path)
     with get_client(sync_client=True) as client:
+        reconciler = client.read_deployment_by_name("keruta-reconcile/kubernetes")
+        assert reconciler.entrypoint == "keruta_prefect.reconcile.flow.keruta_reconcile"
         for name in ("keruta-task/kubernetes", "keruta-pipeline/kubernetes", "keruta-dispatch/kubernetes"):
             deployment = client.read_deployment_by_name(name)
             assert deployment.work_pool_name == "keruta-kubernetes"

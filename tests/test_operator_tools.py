@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import javaproperties
@@ -163,6 +164,19 @@ def test_the_role_matches_the_calls_the_backend_really_makes(tmp_path: Path, clu
     backend.launch(long_task, RunContext(flow_run_id="rbac-run", attempt=1))
     backend.launch(long_task, RunContext(flow_run_id="rbac-run", attempt=1))  # 409: reattach reads the Job
     assert stop_flow_run_agents("rbac-run", block, backend="kubernetes") == ["r2"]
+    # The reconciler: an orphan Pod (its Job deleted with Orphan propagation) and the finished Job of r1.
+    import kubernetes.client
+
+    from keruta_prefect.reconcile import reconcile
+
+    handle = backend.launch(store.create_task(Task.model_validate({"id": "r3", "script": "sleep 60"})),
+                            RunContext(flow_run_id="rbac-gone", attempt=1))
+    cluster.wait_for_pod(handle.name)
+    kubernetes.client.BatchV1Api(backend.api).delete_namespaced_job(handle.name, cluster.namespace,
+                                                                    propagation_policy="Orphan")
+    cluster.wait_for(lambda: cluster.job(handle.name) is None, what="r3's Job to go, its Pod left")
+    later = datetime.now(UTC) + timedelta(seconds=settings.reconcile_grace_seconds + 1)
+    assert {a.kind for a in reconcile(settings, store, now=later).actions} >= {"delete-job", "delete-pod"}
     assert main(["doctor", "--settings-block", block]) == 0
     capsys.readouterr()
 

@@ -10,10 +10,12 @@ from keruta_prefect.settings import (
     JobSettings,
     KerutaSettings,
     LocalSettings,
+    ReconcileSettings,
     TaskSettings,
 )
 
-SECTIONS: list[type[BaseModel]] = [ClusterSettings, JobSettings, TaskSettings, ArtifactSettings, LocalSettings]
+SECTIONS: list[type[BaseModel]] = [ClusterSettings, JobSettings, TaskSettings, ArtifactSettings, LocalSettings,
+                                 ReconcileSettings]
 
 
 def test_the_fields_are_the_sections_fields_in_section_order() -> None:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from keruta_prefect import contract
 from keruta_prefect.api import ApiServer, create_app
@@ -211,6 +212,46 @@ def session_processes(session_id: int) -> list[int]:
         fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] != "Z" and int(fields[3]) == session_id:
             found.append(int(entry.name))
+    return found
+
+
+class AgentProcess(NamedTuple):
+    """A keruta agent running on this machine, as its command line says (see LocalBackend.launch)."""
+
+    pid: int
+    task_id: str
+    work_dir: Path
+    started: float  # seconds since the epoch
+
+
+def agent_processes(work_root: Path) -> list[AgentProcess]:
+    """The keruta agents whose work directory is under ``work_root`` (from /proc; none without it)."""
+    proc_root, root = Path("/proc"), work_root.resolve()
+    try:
+        boot = next(float(line.split()[1]) for line in (proc_root / "stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration):  # pragma: no cover - not Linux
+        return []
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = []
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if "keruta_prefect.agent" not in args or "--work-dir" not in args or "--task-id" not in args:
+            continue
+        option = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+        work_dir = Path(option["--work-dir"])
+        if root not in work_dir.resolve().parents:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue
+        found.append(AgentProcess(int(entry.name), option["--task-id"], work_dir, boot + int(fields[19]) / ticks))
     return found
 
 

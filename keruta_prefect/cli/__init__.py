@@ -34,7 +34,7 @@ def _uses_prefect(args: argparse.Namespace) -> bool:
         return bool(args.settings_block and not args.properties)
     if args.command == "api":
         return not os.environ.get(Env.API_TOKEN)
-    return args.command in ("run", "blocks", "dispatch", "pipeline")
+    return args.command in ("run", "blocks", "dispatch", "pipeline", "reconcile")
 
 
 @contextlib.contextmanager

@@ -156,3 +156,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print(f"{len(checks) - failed} passed, {failed} failed")
     return EXIT_OK if failed == 0 else EXIT_TASK_FAILED
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """One keruta-reconcile pass here: the report as a table (or JSON); exit 1 if an action failed."""
+    block_option("--settings-block", args.settings_block)
+    if args.properties:
+        settings_from(args.properties)
+    from keruta_prefect.blocks import load_settings
+    from keruta_prefect.reconcile import reconcile
+    from keruta_prefect.store import get_store
+
+    store = get_store()
+    report = reconcile(load_settings(args.settings_block, properties=args.properties), store, dry_run=args.dry_run)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        for line in report.lines():
+            print(line)
+    return EXIT_TASK_FAILED if report.failed else EXIT_OK

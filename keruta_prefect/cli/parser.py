@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     tadd.add_argument("--json", action="store_true")
     tadd.set_defaults(func=tasks.cmd_tasks_add)
 
+    sweep = sub.add_parser("reconcile", help="delete what keruta started that no live flow run owns any more, "
+                           "mark lost tasks, release dead claims (one keruta-reconcile pass here)")
+    sweep.add_argument("--dry-run", action="store_true", help="say what would be done; change nothing")
+    sweep.add_argument("--settings-block", default="default")
+    sweep.add_argument("--properties", help="application.properties used if the settings block does not exist yet")
+    sweep.add_argument("--json", action="store_true", help="print the report as JSON")
+    sweep.set_defaults(func=operate.cmd_reconcile)
+
     for name, func, text in (
             ("dispatch", tasks.cmd_dispatch, "one keruta-dispatch pass here: claim PENDING tasks, run them"),
             ("pipeline", tasks.cmd_pipeline, "a parent and children (a JSON file) through keruta-pipeline")):

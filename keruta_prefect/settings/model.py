@@ -281,11 +281,28 @@ class LocalSettings(BaseModel):
         return Path(self.local_work_root) if self.local_work_root else keruta_home() / "work"
 
 
+class ReconcileSettings(BaseModel):
+    """The reconciler (keruta-reconcile): what it leaves alone, and what it does with a lost task."""
+
+    reconcile_grace_seconds: int = setting(
+        "keruta.reconcile.grace-seconds",
+        "seconds a Job, Pod, volume, agent or work directory is left alone after it was created (its run "
+        "may not be recorded yet)",
+        300, ge=0,
+    )
+    reconcile_lost_tasks: Literal["fail", "requeue"] = setting(
+        "keruta.reconcile.lost-tasks",
+        "a task whose attempt has no live Job, agent or flow run: fail (FAILED, reason LOST) or requeue (PENDING "
+        "again, within keruta.task.max-attempts)",
+        "fail",
+    )
+
+
 # pydantic orders the fields of a class with several bases from the last base to the first: the sections are
 # listed in reverse, so that the fields (the Prefect block's form, `settings show`, the README table, the
 # properties file) are in the order of the sections above. Every validator of the sections has a name of its
 # own: pydantic keeps one validator per name (tests/test_settings_sections.py checks both).
-class KerutaSettings(LocalSettings, ArtifactSettings, TaskSettings, JobSettings, ClusterSettings):
+class KerutaSettings(ReconcileSettings, LocalSettings, ArtifactSettings, TaskSettings, JobSettings, ClusterSettings):
     """Everything keruta-prefect needs to build and run agent Jobs. Secrets live elsewhere."""
 
     model_config = ConfigDict(validate_assignment=True, extra="forbid")

@@ -76,6 +76,19 @@ class ClaimQueries(StoreBase):
                 raise TaskNotFound(task_id)
             return row.claimed_by
 
+    def release_claim(self, task_id: str, holder: str) -> bool:
+        """Clear the claim on a PENDING task if ``holder`` still holds it (a compare-and-set, for the
+        reconciler); whether it was released."""
+        with self.session() as s:
+            row = self._locked(s, task_id)
+            if row.status != TaskStatus.PENDING.value or row.claimed_by != holder:
+                return False
+            row.claimed_by = None
+            row.updated_at = utcnow()
+            s.add(row)
+            s.commit()
+            return True
+
     def pending(self, limit: int = 100) -> list[tuple[Task, str | None]]:
         """PENDING tasks by priority (highest first), then age, with who holds each claim."""
         with self.session(read=True) as s:

@@ -40,6 +40,12 @@ class RunQueries(StoreBase):
             query = select(TaskRunRow).where(TaskRunRow.flow_run_id == flow_run_id, TaskRunRow.finished_at == None)  # noqa: E711
             return list(s.exec(query.order_by(col(TaskRunRow.id))))
 
+    def all_unfinished_runs(self) -> list[TaskRunRow]:
+        """Every attempt not recorded as ended, of any flow run (for the reconciler)."""
+        with self.session(read=True) as s:
+            query = select(TaskRunRow).where(TaskRunRow.finished_at == None)  # noqa: E711
+            return list(s.exec(query.order_by(col(TaskRunRow.id))))
+
     def runs(self, task_id: str) -> list[TaskRunRow]:
         with self.session(read=True) as s:
             return list(s.exec(select(TaskRunRow).where(TaskRunRow.task_id == task_id).order_by(col(TaskRunRow.id))))

@@ -51,6 +51,11 @@ class TaskQueries(StoreBase):
             query = query.order_by(col(TaskRow.priority).desc(), col(TaskRow.created_at)).offset(offset).limit(limit)
             return [row.to_task() for row in s.exec(query)]
 
+    def namespaces(self) -> set[str]:
+        """Every namespace a stored task names (for the reconciler: where its Jobs may be)."""
+        with self.session(read=True) as s:
+            return {n for n in s.exec(select(TaskRow.namespace).distinct()) if n}
+
     def set_status(
         self,
         task_id: str,

@@ -28,9 +28,11 @@ PERMISSIONS: list[tuple[str, str, str | None, str]] = [
     ("batch", "jobs", None, "delete"),
     ("", "pods", None, "list"),
     ("", "pods", None, "watch"),
+    ("", "pods", None, "delete"),  # the reconciler: a Pod whose Job is gone
     ("", "pods", "log", "get"),
     ("", "pods", "exec", "create"),  # artifact collection (keruta.artifacts.mode=exec)
     ("", "persistentvolumeclaims", None, "create"),
+    ("", "persistentvolumeclaims", None, "list"),  # the reconciler: volumes of finished task trees
     ("", "persistentvolumeclaims", None, "delete"),
 ]
 # The doctor's own look at the token Secret (restricted to that one Secret in the Role).

@@ -77,13 +77,53 @@ def ensure_pvc(kube: Kube, namespace: str, pvc: dict[str, Any]) -> None:
 
 def release_volume(kube: Kube, task: Task, root_task_id: str) -> str:
     """Delete the PersistentVolumeClaim the task tree shares (absent already is fine); its name."""
-    namespace, name = namespace_of(task, kube.settings), pvc_name(root_task_id)
+    name = pvc_name(root_task_id)
+    delete_pvc(kube, namespace_of(task, kube.settings), name)
+    return name
+
+
+def delete_pvc(kube: Kube, namespace: str, name: str, uid: str | None = None) -> None:
+    """Delete a PersistentVolumeClaim (only the one of ``uid``, if given); absent already is fine."""
     try:
         request(kube.core.delete_namespaced_persistent_volume_claim, name, namespace,
-                what=f"delete PersistentVolumeClaim {name}")
+                **({"body": _delete_options(uid)} if uid else {}), what=f"delete PersistentVolumeClaim {name}")
     except NotFound:
         pass
-    return name
+
+
+def delete_pod(kube: Kube, namespace: str, name: str, uid: str | None = None) -> None:
+    """Delete a Pod (only the one of ``uid``, if given); absent already is fine."""
+    try:
+        request(kube.core.delete_namespaced_pod, name, namespace, body=_delete_options(uid),
+                what=f"delete Pod {name} in namespace {namespace}")
+    except NotFound:
+        pass
+
+
+def _delete_options(uid: str | None, propagation: str | None = None) -> kubernetes.client.V1DeleteOptions:
+    """Delete options; with ``uid``, a precondition: an object recreated under the name since it was read is
+    left alone (Conflict)."""
+    return kubernetes.client.V1DeleteOptions(
+        propagation_policy=propagation,
+        preconditions=kubernetes.client.V1Preconditions(uid=uid) if uid else None)
+
+
+LABELLED_KINDS = ("Job", "Pod", "PersistentVolumeClaim")
+
+
+def labelled_objects(kube: Kube, namespace: str) -> list[dict[str, Any]]:
+    """keruta-prefect's Jobs, Pods and PersistentVolumeClaims in ``namespace`` (by its labels), each with its
+    ``kind``; a namespace that does not exist has none."""
+    lists = ((kube.batch.list_namespaced_job, "Job"), (kube.core.list_namespaced_pod, "Pod"),
+             (kube.core.list_namespaced_persistent_volume_claim, "PersistentVolumeClaim"))
+    found: list[dict[str, Any]] = []
+    for call, kind in lists:
+        try:
+            body = request(call, namespace, label_selector=SELECTOR, what=f"list {kind}s in namespace {namespace}")
+        except NotFound:
+            return []
+        found.extend({**item, "kind": kind} for item in body.get("items") or [])
+    return found
 
 
 def read_job(kube: Kube, handle: RunHandle) -> tuple[dict[str, Any] | None, bool]:
@@ -96,11 +136,12 @@ def read_job(kube: Kube, handle: RunHandle) -> tuple[dict[str, Any] | None, bool
 
 
 def delete_job(kube: Kube, handle: RunHandle, propagation: Literal["Foreground", "Background"],
-               what: str | None = None) -> None:
-    """Delete the attempt's Job (and, by ``propagation``, its Pods); absent already is fine."""
+               what: str | None = None, uid: str | None = None) -> None:
+    """Delete the attempt's Job (and, by ``propagation``, its Pods); absent already is fine. With ``uid``,
+    only that Job (one recreated under the name since it was read is left alone: Conflict)."""
     try:
         request(kube.batch.delete_namespaced_job, handle.name, handle.namespace or "",
-                body=kubernetes.client.V1DeleteOptions(propagation_policy=propagation),
+                body=_delete_options(uid, propagation),
                 what=what or f"delete Job {handle.name}")
     except NotFound:
         pass
