@@ -9,7 +9,7 @@ from sqlmodel import col, select
 
 from keruta_prefect.models import ArtifactInfo
 from keruta_prefect.store.base import StoreBase
-from keruta_prefect.store.tables import ArtifactRow, TaskRunRow
+from keruta_prefect.store.tables import ArtifactRow, TaskRow, TaskRunRow
 
 
 class RunQueries(StoreBase):
@@ -24,12 +24,21 @@ class RunQueries(StoreBase):
             return run
 
     def update_run(self, run_id: int, **changes: Any) -> TaskRunRow:
+        """Change a run. A run being finished (``finished_at``) takes the usage its agent reported, which
+        waited on the task (TaskRow.usage: the agent may report before the run was written), in the same
+        transaction; a usage given in ``changes`` wins."""
         with self.session() as s:
             run = s.get(TaskRunRow, run_id)
             if run is None:
                 raise LookupError(f"task run {run_id} not found")
             for key, value in changes.items():
                 setattr(run, key, value)
+            if changes.get("finished_at") is not None and "usage" not in changes:
+                task = s.exec(select(TaskRow).where(TaskRow.id == run.task_id).with_for_update()).first()
+                if task is not None and task.usage is not None:
+                    run.usage = task.usage if run.usage is None else run.usage
+                    task.usage = None
+                    s.add(task)
             s.add(run)
             s.commit()
             s.refresh(run)
