@@ -5,10 +5,11 @@ rusage and its process tree in /proc), sends it with its final status, the API k
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -267,3 +268,169 @@ def test_a_refused_status_keeps_no_usage(api: Api, store: Store) -> None:
     late = _put_status(api, "done", {"status": "FAILED", "usage": {**GOOD, "cpuSeconds": 99.0}})
     assert late.status_code == 409 and _task_usage(store, "done") is None
     assert store.runs("done")[0].usage is not None and store.runs("done")[0].usage["cpuSeconds"] == 1.5
+
+
+# --- through the flow: `run --json`, the summary and the event, the local memory limit -------------------------
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """The `keruta.task.*` events the summary emits (still emitted to Prefect)."""
+    import keruta_prefect.summary as summary
+
+    seen: list[dict[str, object]] = []
+    original = summary.emit_event
+
+    def recording(**kwargs: object) -> object:
+        seen.append(kwargs)
+        return original(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(summary, "emit_event", recording)
+    return seen
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_cli_run_json_of_a_task_that_allocates_200mb_reports_its_usage(
+        store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str], events: list[dict[str, object]]) -> None:
+    from keruta_prefect.cli import main
+    from tests.test_flow_local import markdown_artifact
+
+    spec = tmp_path / "big.json"
+    script = f"echo allocating\npython3 -c {_quote(ALLOCATE_200MB)}"
+    spec.write_text(json.dumps({"id": "cli-200mb", "script": script}))
+    assert main(["run", "--task-file", str(spec), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "COMPLETED"
+    assert result["usage"]["peak_memory_bytes"] >= 200 * MiB, result["usage"]
+    assert result["usage"]["cpu_seconds"] > 0 and result["usage"]["wall_seconds"] > 0
+    assert result["usage"]["source"] == "rusage" and result["usage"]["log_bytes"] == len(b"allocating\n")
+    [run] = store.runs("cli-200mb")
+    assert Usage.model_validate(run.usage).peak_memory_bytes == result["usage"]["peak_memory_bytes"]
+    summary = markdown_artifact("keruta-cli-200mb")
+    assert "| peak memory | " in summary and "— no request or limit |" in summary and "| CPU used | " in summary
+    [event] = events
+    payload = event["payload"]
+    assert isinstance(payload, dict)
+    assert payload["usage"] == result["usage"] and payload["resources"] is None
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_local_task_over_its_memory_limit_is_oomkilled_with_what_it_used_and_asked_for(
+        store: Store, events: list[dict[str, object]]) -> None:
+    from keruta_prefect.flows import KerutaTaskFailed, keruta_task
+    from tests.test_flow_local import markdown_artifact
+
+    script = f"python3 -c {_quote(HOLD.format(mib=200, then='time.sleep(600)'))}"
+    state = keruta_task(task_spec={"id": "local-oom", "script": script,
+                                   "resources": {"memoryRequest": "64Mi", "memoryLimit": "100Mi"}},
+                        return_state=True)
+    with pytest.raises(KerutaTaskFailed) as info:
+        state.result()
+    result = info.value.result
+    assert (result.status, result.reason, result.exit_code) == ("FAILED", "OOMKilled", 1)
+    assert "memory limit of 100.0 MiB" in (result.message or "")
+    assert result.resources is not None and result.resources.memory_limit == "100Mi"
+    assert result.usage is not None and (result.usage.peak_memory_bytes or 0) > 100 * MiB
+    [run] = store.runs("local-oom")
+    assert run.resources == {"memoryRequest": "64Mi", "memoryLimit": "100Mi"} and run.reason == "OOMKilled"
+    summary = markdown_artifact("keruta-local-oom")
+    assert "— request 64Mi (" in summary and ", limit 100Mi (" in summary
+    [event] = events
+    assert event["event"] == "keruta.task.failed"
+    payload = event["payload"]
+    assert isinstance(payload, dict)
+    assert payload["resources"] == {"memory_request": "64Mi", "memory_limit": "100Mi"}
+    assert payload["usage"]["peak_memory_bytes"] == result.usage.peak_memory_bytes  # type: ignore[index]
+
+
+def test_summary_rows_say_used_against_requested() -> None:
+    from keruta_prefect.models import Resources, TaskResult
+    from keruta_prefect.summary import usage_rows
+
+    result = TaskResult(task_id="t", status=TaskStatus.COMPLETED, attempt=1, backend="kubernetes",
+                        resources=Resources(cpu_request="500m", cpu_limit="2", memory_request="256Mi",
+                                            memory_limit="1Gi"),
+                        usage=Usage(cpu_seconds=4.0, peak_memory_bytes=128 * MiB, wall_seconds=10.0, log_bytes=42,
+                                    source="cgroup"))
+    assert usage_rows(result) == [
+        "| CPU used | 4.00s, 0.40 cores on average — request 500m (80 %), limit 2 (20 %) |",
+        "| peak memory | 128.0 MiB — request 256Mi (50 %), limit 1Gi (12 %) |",
+        "| wall time | 10.0s |",
+        "| output | 42 bytes |",
+        "| measured by | cgroup |",
+    ]
+    assert usage_rows(result.model_copy(update={"usage": None})) == [
+        "| used | not measured (the agent reported no usage) |"]
+
+
+# --- `keruta-prefect tasks usage` -------------------------------------------------------------------------------
+
+def _ran(store: Store, task_id: str, *, peak: int | None, resources: dict[str, str] | None,
+         ended: datetime, attempt: int = 1) -> None:
+    if attempt == 1:
+        make(store, task_id, "true")
+    run = store.start_run(TaskRunRow(task_id=task_id, attempt=attempt, status="COMPLETED", resources=resources))
+    assert run.id is not None
+    usage = None if peak is None else {"cpuSeconds": 1.5, "peakMemoryBytes": peak, "wallSeconds": 3.0,
+                                       "source": "rusage"}
+    store.update_run(run.id, finished_at=ended, usage=usage)
+
+
+def test_tasks_usage_lists_each_tasks_last_run_and_flags_what_does_not_fit(
+        store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    from keruta_prefect.cli import main
+
+    now = datetime.now(UTC)
+    _ran(store, "wasteful", peak=10 * MiB, resources={"memoryRequest": "256Mi", "memoryLimit": "1Gi"},
+         ended=now - timedelta(minutes=5))
+    _ran(store, "tight", peak=250 * MiB, resources={"memoryRequest": "128Mi", "memoryLimit": "256Mi"},
+         ended=now - timedelta(minutes=4))
+    _ran(store, "fits", peak=200 * MiB, resources={"memoryRequest": "256Mi", "memoryLimit": "1Gi"},
+         ended=now - timedelta(minutes=3))
+    _ran(store, "only-limit", peak=20 * MiB, resources={"memoryLimit": "100Mi"}, ended=now - timedelta(minutes=2))
+    _ran(store, "unmeasured", peak=None, resources=None, ended=now - timedelta(minutes=1))
+    _ran(store, "old", peak=10 * MiB, resources={"memoryRequest": "1Gi"}, ended=now - timedelta(days=3))
+    _ran(store, "fits", peak=900 * MiB, resources={"memoryRequest": "512Mi", "memoryLimit": "1Gi"},
+         ended=now, attempt=2)  # its last run is the one shown
+
+    assert main(["tasks", "usage", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["task_id"], r["attempt"], r["flag"]) for r in rows] == [
+        ("fits", 2, None), ("unmeasured", 1, None), ("only-limit", 1, "LOW"), ("tight", 1, "HIGH"),
+        ("wasteful", 1, "LOW"), ("old", 1, "LOW")]
+    assert rows[0]["usage"] == {"cpu_seconds": 1.5, "peak_memory_bytes": 900 * MiB, "wall_seconds": 3.0,
+                                "source": "rusage"}
+    assert rows[0]["resources"] == {"memory_request": "512Mi", "memory_limit": "1Gi"}
+    assert rows[1]["usage"] is None
+
+    assert main(["tasks", "usage", "--since", "1h"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split("\t") == ["TASK", "STATUS", "ATTEMPT", "CPU_S", "WALL_S", "PEAK_MIB", "MEM_REQUEST",
+                                    "MEM_LIMIT", "FLAG"]
+    assert [line.split("\t")[0] for line in lines[1:]] == ["fits", "unmeasured", "only-limit", "tight", "wasteful"]
+    assert lines[4].split("\t") == ["tight", "COMPLETED", "1", "1.50", "3.0", "250.0", "128Mi", "256Mi", "HIGH"]
+    assert lines[2].split("\t")[3:] == ["-", "-", "-", "-", "-", "-"]
+
+    since = (now - timedelta(minutes=3, seconds=30)).isoformat()
+    assert main(["tasks", "usage", "--since", since, "--json"]) == 0
+    assert [r["task_id"] for r in json.loads(capsys.readouterr().out)] == ["fits", "unmeasured", "only-limit"]
+
+
+@pytest.mark.parametrize("since", ["yesterday", "5 minutes", "-1h", "2026-13-01", ""])
+def test_tasks_usage_with_a_bad_since_is_one_line_and_exit_2(
+        store: Store, capsys: pytest.CaptureFixture[str], since: str) -> None:
+    from keruta_prefect.cli import main
+
+    assert main(["tasks", "usage", f"--since={since}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"keruta-prefect: --since={since!r}: expected a duration (90s, 30m, 12h, 7d, 2w) or an ISO date "
+                   "or date-time (2026-01-31, 2026-01-31T12:00:00Z)\n")
+
+
+def test_tasks_usage_help_says_what_the_flags_compare_to(capsys: pytest.CaptureFixture[str]) -> None:
+    from keruta_prefect.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tasks", "usage", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "LOW when the peak is under 25% of the memory request (of the limit if it has no request)" in text
+    assert "HIGH when the peak is over 90% of the memory limit (of the request if it has no limit)" in text

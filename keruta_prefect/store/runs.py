@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
 from keruta_prefect.models import ArtifactInfo
 from keruta_prefect.store.base import StoreBase
@@ -52,6 +53,16 @@ class RunQueries(StoreBase):
     def runs(self, task_id: str) -> list[TaskRunRow]:
         with self.session(read=True) as s:
             return list(s.exec(select(TaskRunRow).where(TaskRunRow.task_id == task_id).order_by(col(TaskRunRow.id))))
+
+    def last_runs(self, since: datetime | None = None, limit: int = 100) -> list[TaskRunRow]:
+        """Each task's last run, if it has finished (at or after ``since``), most recently finished first."""
+        with self.session(read=True) as s:
+            last = select(func.max(TaskRunRow.id)).group_by(col(TaskRunRow.task_id))
+            query = select(TaskRunRow).where(col(TaskRunRow.id).in_(last), col(TaskRunRow.finished_at).is_not(None))
+            if since is not None:
+                query = query.where(col(TaskRunRow.finished_at) >= since)
+            return list(s.exec(query.order_by(col(TaskRunRow.finished_at).desc(), col(TaskRunRow.id).desc())
+                               .limit(limit)))
 
     # --- artifacts ---------------------------------------------------------------------------------
     def add_artifacts(self, task_id: str, run_id: int | None, items: Sequence[ArtifactInfo]) -> None:
