@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from keruta_prefect.contract import UsageSource
 from keruta_prefect.models import Task, TaskStatus, Usage
 from keruta_prefect.store import Store, TaskRunRow
 from tests.conftest import Api, run_agent
+from tests.targets import Target
 from tests.waiting import eventually
 
 MiB = 2**20
@@ -434,3 +436,29 @@ def test_tasks_usage_help_says_what_the_flags_compare_to(capsys: pytest.CaptureF
     text = " ".join(capsys.readouterr().out.split())
     assert "LOW when the peak is under 25% of the memory request (of the limit if it has no request)" in text
     assert "HIGH when the peak is over 90% of the memory limit (of the request if it has no limit)" in text
+
+
+# --- on the Kubernetes harness (the kubelet runs the agent as a local process: the rusage path) -----------------
+
+@pytest.mark.usefixtures("prefect_server")
+def test_on_kubernetes_a_task_that_allocates_200mb_reports_its_usage_and_the_resources_it_ran_with(
+        cluster: Target, api: Api, store: Store, events: list[dict[str, object]]) -> None:
+    from keruta_prefect.blocks import seed
+    from keruta_prefect.flows import keruta_task
+
+    cluster.create_secret("keruta-api-token", {"token": api.token})
+    block = f"k8s-usage-{os.getpid()}"
+    seed(cluster.settings(api_url=api.url, artifacts_mode="off"), name=block)
+    script = f"echo allocating\npython3 -c {_quote(ALLOCATE_200MB)}"
+    result = keruta_task(task_spec={"id": "k-200mb", "script": script, "resources": {"memoryLimit": "512Mi"}},
+                         backend="kubernetes", settings_block=block)
+    assert (result.status, result.backend) == ("COMPLETED", "kubernetes")
+    assert result.usage is not None and (result.usage.peak_memory_bytes or 0) >= 200 * MiB, result.usage
+    assert (result.usage.cpu_seconds or 0) > 0
+    # The requests and limits the Job's container got: the task's limit, the settings' defaults for the rest.
+    assert result.resources is not None
+    assert (result.resources.memory_limit, result.resources.memory_request) == ("512Mi", "128Mi")
+    [run] = store.runs("k-200mb")
+    assert run.usage is not None and run.resources is not None and run.resources["memoryLimit"] == "512Mi"
+    [event] = events
+    assert event["payload"]["usage"]["peak_memory_bytes"] == result.usage.peak_memory_bytes  # type: ignore[index]
