@@ -188,6 +188,17 @@ def test_a_script_that_went_over_the_limit_between_two_samples_is_oomkilled_too(
     assert store.get_task("quick-oom").error_code == "OOMKilled"
 
 
+def test_a_small_script_under_a_limit_below_the_agents_own_memory_completes(
+        api: Api, store: Store, tmp_path: Path) -> None:
+    """Linux starts a child's ru_maxrss at its parent's memory (the agent's, some tens of MB): that is not
+    the script's, and never makes it OOMKilled."""
+    make(store, "small", "echo small")
+    done = run_agent(api, "small", tmp_path / "w", env={"KERUTA_MEMORY_LIMIT": str(16 * MiB)})
+    assert done.returncode == 0, done.stderr
+    peak = Usage.model_validate(_task_usage(store, "small")).peak_memory_bytes
+    assert store.get_task("small").status == "COMPLETED" and peak is not None and peak < 16 * MiB
+
+
 def test_a_bad_memory_limit_is_one_line_and_exit_2(api: Api, store: Store, tmp_path: Path) -> None:
     make(store, "bad-limit", "echo hi")
     done = run_agent(api, "bad-limit", tmp_path / "w", env={"KERUTA_MEMORY_LIMIT": "256Mi"})

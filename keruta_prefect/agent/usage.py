@@ -15,7 +15,8 @@ Two ways to measure, chosen once per script by :func:`container_cgroup`:
   largest *single* process, so the script's process tree is also sampled in ``/proc`` while it runs
   (:data:`SAMPLE_SECONDS`) and the peak is the larger of ``ru_maxrss`` and the largest sum of the tree's
   RSS: a tree of processes is measured as a tree. The agent runs one script per process, so its children's
-  figures are the script's.
+  figures are the script's. (Linux starts a child's ``ru_maxrss`` at the RSS of the process that forked it,
+  the agent: ``ru_maxrss`` counts only when it is above the agent's own, else the samples alone say.)
 
 A memory limit (``KERUTA_MEMORY_LIMIT``, bytes; the local backend's, which has no cgroup) is enforced as a
 cgroup would: when the tree's RSS goes over it the tree is killed (SIGKILL), and a script whose peak went over
@@ -152,6 +153,10 @@ def _children_cpu_and_maxrss() -> tuple[float, int]:
     return usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024  # ru_maxrss: KiB on Linux
 
 
+def _own_maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class ScriptMeter:
     """Measures one script: :meth:`begin` before it starts, :meth:`watch` once it runs (its process id),
     :meth:`add_output` for each chunk it writes, :meth:`finish` after it ended."""
@@ -178,7 +183,10 @@ class ScriptMeter:
     def begin(self) -> None:
         self.cgroup = container_cgroup(self._cgroup_root, self.proc)
         self._cpu_usec = read_cpu_usec(self.cgroup) if self.cgroup is not None else None
-        self._rusage = _children_cpu_and_maxrss()
+        cpu, maxrss = _children_cpu_and_maxrss()
+        # A child's ru_maxrss starts at its parent's high-water mark (Linux records the memory it leaves at
+        # exec, the agent's own): only above both it says something about the script.
+        self._rusage = (cpu, max(maxrss, _own_maxrss()))
         self._started = time.monotonic()
 
     def watch(self, pid: int) -> None:
@@ -212,8 +220,8 @@ class ScriptMeter:
             self._thread.join()
         cpu_before, maxrss_before = self._rusage
         cpu_after, maxrss_after = _children_cpu_and_maxrss()
-        # ru_maxrss is a high-water mark over every child this process ever had: it says something about
-        # this script only when the script raised it.
+        # ru_maxrss is a high-water mark over every child this process ever had (and the agent's own memory
+        # at the fork): it says something about this script only when the script raised it above them.
         peak = max(self.sampled_peak, maxrss_after if maxrss_after > maxrss_before else 0)
         cpu, source = max(0.0, cpu_after - cpu_before), UsageSource.RUSAGE
         if self.cgroup is not None:
