@@ -185,7 +185,34 @@ def test_a_script_that_went_over_the_limit_between_two_samples_is_oomkilled_too(
     make(store, "quick-oom", f"{sys.executable} -c {_quote(ALLOCATE_200MB)}")
     done = run_agent(api, "quick-oom", tmp_path / "w", env={"KERUTA_MEMORY_LIMIT": str(100 * MiB)})
     assert done.returncode == 1, done.stderr
-    assert store.get_task("quick-oom").error_code == "OOMKilled"
+    task = store.get_task("quick-oom")  # (a sample may have caught it while it allocated: killed, then)
+    assert task.error_code == "OOMKilled" and "script went over its memory limit of 100.0 MiB" in (task.message or "")
+
+
+def test_a_peak_no_sample_saw_still_counts_against_the_limit(tmp_path: Path) -> None:
+    """The script allocates after the only sample (the first, at its start) and ends: ru_maxrss says it went
+    over, so it is over the limit although it was never killed. (In a fresh interpreter, as the agent is: the
+    test runner's own memory would hide a child's ru_maxrss.)"""
+    gate = tmp_path / "go"
+    wait_then_allocate = (f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+                          f"{ALLOCATE_200MB}")
+    measure = f"""
+import pathlib, subprocess, sys
+from keruta_prefect.agent.usage import ScriptMeter
+meter = ScriptMeter({100 * MiB}, interval=3600)  # no sample after the first
+meter.begin()
+proc = subprocess.Popen([sys.executable, "-c", {wait_then_allocate!r}], process_group=0)
+meter.watch(proc.pid)
+pathlib.Path({str(gate)!r}).touch()
+assert proc.wait(timeout=60) == 0
+measured = meter.finish()
+print(meter.sampled_peak, measured.peak_memory_bytes, meter.killed, meter.over_limit)
+"""
+    done = subprocess.run([sys.executable, "-c", measure], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    sampled, peak, killed, over = done.stdout.split()
+    assert int(sampled) < 100 * MiB and int(peak) >= 200 * MiB
+    assert (killed, over) == ("False", "True")
 
 
 def test_a_small_script_under_a_limit_below_the_agents_own_memory_completes(

@@ -182,8 +182,9 @@ def execute(path: Path, *, cwd: Path, env: dict[str, str], shipper: LogShipper, 
     measured = meter.finish()
     if meter.over_limit and not terminated.is_set():
         assert memory_limit is not None
+        how = "and was killed" if meter.killed else "(it ended before it was killed; a container would have been)"
         message = (f"script went over its memory limit of {mebibytes(memory_limit)} ({memory_limit} bytes) with "
-                   f"{mebibytes(measured.peak_memory_bytes)} ({measured.peak_memory_bytes} bytes) and was killed")
+                   f"{mebibytes(measured.peak_memory_bytes)} ({measured.peak_memory_bytes} bytes) {how}")
         shipper.emit("ERROR", message)
         end = ScriptEnd(TaskStatus.FAILED, Reason.OOM_KILLED.value, message)
     else:
