@@ -153,7 +153,15 @@ def _children_cpu_and_maxrss() -> tuple[float, int]:
     return usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024  # ru_maxrss: KiB on Linux
 
 
-def _own_maxrss() -> int:
+def own_high_water(proc: Path = PROC) -> int:
+    """The most memory this process has held (VmHWM): where the ru_maxrss of a child it forks starts. Not
+    its own ru_maxrss, which starts at its parent's memory in turn (a flow process' hundreds of MB)."""
+    try:
+        for line in (proc / "self" / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -186,7 +194,7 @@ class ScriptMeter:
         cpu, maxrss = _children_cpu_and_maxrss()
         # A child's ru_maxrss starts at its parent's high-water mark (Linux records the memory it leaves at
         # exec, the agent's own): only above both it says something about the script.
-        self._rusage = (cpu, max(maxrss, _own_maxrss()))
+        self._rusage = (cpu, max(maxrss, own_high_water()))
         self._started = time.monotonic()
 
     def watch(self, pid: int) -> None:
