@@ -25,6 +25,7 @@ from urllib.parse import quote
 import httpx
 
 from keruta_prefect.backoff import SYSTEM_CLOCK, Backoff, Clock
+from keruta_prefect.contract import UsageKey
 from keruta_prefect.errors import TransientError
 
 # Pauses between the tries of one request: 0.1 s doubling to 5 s, each spread over [0.5, 1.5) of itself so
@@ -141,8 +142,12 @@ class KerutaClient:
         return script
 
     def set_status(self, task_id: str, status: str, *, message: str | None = None, progress: int | None = None,
-                   error_code: str | None = None, retry_seconds: float | None = None) -> dict[str, Any]:
-        body = {"status": status, "message": message, "progress": progress, "errorCode": error_code}
+                   error_code: str | None = None, retry_seconds: float | None = None,
+                   usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``usage``: what the script used (contract.UsageKey), with the final status; the original API ignores it."""
+        body: dict[str, Any] = {"status": status, "message": message, "progress": progress, "errorCode": error_code}
+        if usage is not None:
+            body[UsageKey.FIELD] = usage
         what = f"report {status} for {task_id}"
         return _object(self.request("PUT", f"{_task_path(task_id)}/status", json=body, what=what,
                                     retry_seconds=retry_seconds), what)

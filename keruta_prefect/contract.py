@@ -112,6 +112,9 @@ class Env:
     ECHO = "KERUTA_ECHO"
     API_RETRY_SECONDS = "KERUTA_API_RETRY_SECONDS"
     DEBUG = "KERUTA_DEBUG"  # 1/true/yes/on: an internal error's traceback goes to stderr too
+    # Bytes. Set by the local backend only (it has no cgroup): the agent kills the script's process tree when
+    # its RSS goes over it and reports FAILED with Reason.OOM_KILLED. Kubernetes never sets it (the cgroup does).
+    MEMORY_LIMIT = "KERUTA_MEMORY_LIMIT"
     # given to the clone init container
     REPOSITORY_URL = "KERUTA_REPOSITORY_URL"
     REPOSITORY_REF = "KERUTA_REPOSITORY_REF"
@@ -132,6 +135,25 @@ class ArtifactsMode(StrEnum):
     EXEC = "exec"  # the agent holds its container; the flow copies the files out (pods/exec)
     UPLOAD = "upload"  # the agent uploads them to the keruta API before its final report
     OFF = "off"
+
+
+class UsageKey:
+    """The keys of ``usage``, what the agent measured of its script, sent with its final status
+    (``PUT /api/v1/tasks/{id}/status``; the original API ignores it). camelCase, as models.Usage reads them."""
+
+    FIELD = "usage"  # the status report's field that carries them
+    CPU_SECONDS = "cpuSeconds"  # user + system CPU
+    PEAK_MEMORY_BYTES = "peakMemoryBytes"  # the most memory held at once
+    WALL_SECONDS = "wallSeconds"  # from the script's start to its end
+    LOG_BYTES = "logBytes"  # bytes the script wrote to stdout and stderr
+    SOURCE = "source"  # how it was measured: a UsageSource
+
+
+class UsageSource(StrEnum):
+    """How the agent measured its script (``usage.source``)."""
+
+    CGROUP = "cgroup"  # cgroup v2 of the agent's own container (its figures include the agent itself)
+    RUSAGE = "rusage"  # getrusage(RUSAGE_CHILDREN) and samples of the script's process tree in /proc
 
 
 DEFAULT_WORK_DIR = "/work"  # the agent's work directory when neither Env.WORK_DIR nor a flag names one

@@ -143,9 +143,10 @@ class Usage(Camel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    cpu_seconds: float | None = Field(default=None, ge=0)  # user + system CPU of the script's processes
+    # finite: a JSON column cannot hold Infinity (PostgreSQL refuses it)
+    cpu_seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # user + system CPU of its processes
     peak_memory_bytes: int | None = Field(default=None, ge=0)  # the most memory it held at once
-    wall_seconds: float | None = Field(default=None, ge=0)  # from the script's start to its end
+    wall_seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # from the script's start to its end
     log_bytes: int | None = Field(default=None, ge=0)  # bytes of output the script wrote
     source: str | None = Field(default=None, max_length=32)  # how it was measured: "cgroup" or "rusage"
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
 from keruta_prefect.models import ArtifactInfo, Resources, Task, TaskResult, Usage
 from keruta_prefect.store import Store
+from keruta_prefect.validation import parse_quantity
 
 TAIL_LINES = 20  # lines of the task's log in the summary
 CELL_CHARS = 300  # longest text in one cell of the summary table
@@ -60,6 +62,7 @@ def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
         f"| backend | {result.backend} ({where}), attempt {result.attempt} |",
         f"| duration | {duration} |",
         f"| log lines | {result.log_lines} |",
+        *usage_rows(result),
         f"| artifacts | {len(result.artifacts)} files, {sum(a.size for a in result.artifacts)} bytes"
         + (f" — {_cell(result.artifacts_note)}" if result.artifacts_note else "") + " |",
         "",
@@ -78,8 +81,58 @@ def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
         resource={"prefect.resource.id": f"keruta.task.{task.id}", "prefect.resource.name": task.title or task.id,
                   "keruta.task.id": task.id},
         payload={"status": result.status.value, "reason": result.reason, "exit_code": result.exit_code,
-                 "message": result.message, "attempt": result.attempt},
+                 "message": result.message, "attempt": result.attempt, **usage_payload(result)},
     )
+
+
+def usage_payload(result: TaskResult) -> dict[str, Any]:
+    """What the attempt used and the requests and limits it ran with, for the event (snake_case, as in
+    TaskResult's JSON; None when not measured or not known)."""
+    return {"usage": result.usage.model_dump(mode="json", exclude_none=True) if result.usage else None,
+            "resources": result.resources.model_dump(mode="json", exclude_none=True) if result.resources else None}
+
+
+def usage_rows(result: TaskResult) -> list[str]:
+    """The summary's rows of what the attempt used against what it asked for: CPU (seconds, and the
+    average in cores against the CPU request and limit), peak memory against the memory request and limit,
+    wall time, bytes of output. One row saying so when the agent measured nothing (killed by the kernel,
+    an older agent)."""
+    usage, given = result.usage, result.resources or Resources()
+    if usage is None:
+        return ["| used | not measured (the agent reported no usage) |"]
+    rows = []
+    if usage.cpu_seconds is not None:
+        cores = usage.cpu_seconds / usage.wall_seconds if usage.wall_seconds else None
+        average = f", {cores:.2f} cores on average" if cores is not None else ""
+        rows.append(f"| CPU used | {usage.cpu_seconds:.2f}s{average}"
+                    f"{_against(cores, given.cpu_request, given.cpu_limit)} |")
+    if usage.peak_memory_bytes is not None:
+        rows.append(f"| peak memory | {_mib(usage.peak_memory_bytes)}"
+                    f"{_against(usage.peak_memory_bytes, given.memory_request, given.memory_limit)} |")
+    if usage.wall_seconds is not None:
+        rows.append(f"| wall time | {usage.wall_seconds:.1f}s |")
+    if usage.log_bytes is not None:
+        rows.append(f"| output | {usage.log_bytes} bytes |")
+    return rows + ([f"| measured by | {usage.source} |"] if usage.source else [])
+
+
+def _against(used: float | None, request: str | None, limit: str | None) -> str:
+    """" — request 256Mi (83 %), limit 512Mi (41 %)": ``used`` in the quantities' unit (bytes, cores)."""
+    parts = []
+    for name, quantity in (("request", request), ("limit", limit)):
+        if quantity:
+            share = ""
+            if used is not None:
+                try:
+                    share = f" ({100 * used / parse_quantity(quantity):.0f} %)"
+                except (ValueError, ZeroDivisionError):
+                    share = ""
+            parts.append(f"{name} {quantity}{share}")
+    return f" — {', '.join(parts)}" if parts else " — no request or limit"
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
 
 
 def _cell(text: str) -> str:

@@ -79,6 +79,16 @@ def parse_seconds(name: str, value: str | None, *, zero: bool = False) -> float 
     return number
 
 
+def parse_bytes(name: str, value: str | None) -> int | None:
+    """A positive whole number of bytes; None if not given."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if not text.isdigit() or int(text) <= 0:
+        raise UsageError(f"{name}={value!r}: expected a whole number of bytes greater than zero")
+    return int(text)
+
+
 def parse_flag(name: str, value: str | None) -> bool:
     text = (value or "").strip().lower()
     if text not in _TRUE + _FALSE:
@@ -182,6 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                    zero=True) or 0.0,
         upload=mode == ArtifactsMode.UPLOAD,
         debug=args.debug,
+        memory_limit=parse_bytes(Env.MEMORY_LIMIT, os.environ.get(Env.MEMORY_LIMIT)),
     )
     check_directory(work_name if work else "--work-dir", config.work_dir, create=True)
     check_directory(artifacts_name if artifacts else "--artifacts-dir", config.artifacts_dir, create=True)

@@ -1,9 +1,11 @@
 """Running the task's script: write it, start it in its own process group, pump its output into the
-shipper line by line, stop it on timeout or SIGTERM, and say how it ended (:class:`ScriptEnd`)."""
+shipper line by line, stop it on timeout or SIGTERM (or over its memory limit), measure what it used
+(:mod:`.usage`), and say how it ended (:class:`ScriptEnd`)."""
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import logging
 import os
 import signal
@@ -12,12 +14,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Protocol
 
 from keruta_prefect.agent.batches import MAX_LINE_BYTES
 from keruta_prefect.agent.shipper import LogShipper
+from keruta_prefect.agent.usage import ScriptMeter, mebibytes
 from keruta_prefect.contract import Reason, TaskStatus, script_exit_reason, script_killed_reason
 
 log = logging.getLogger("keruta.agent")
@@ -29,7 +31,7 @@ KILLED_DRAIN_SECONDS = 5.0  # after the process group was killed, the readers en
 READ_CHUNK = 1 << 16  # bytes read at a time when a pipe is drained after a reader's failure
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ScriptEnd:
     """How the script ended. ``status`` None: the agent got SIGTERM and reports no final status (whoever
     stopped it decides); otherwise the status the agent reports, with ``error_code`` and ``message``."""
@@ -37,6 +39,7 @@ class ScriptEnd:
     status: TaskStatus | None
     error_code: str | None
     message: str
+    usage: dict[str, Any] | None = None  # what the script used (contract.UsageKey), sent with the final status
 
     @property
     def terminated(self) -> bool:
@@ -55,7 +58,30 @@ def write_script(path: Path, content: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IRUSR)
 
 
-def read_lines(stream: IO[bytes]) -> Iterator[str]:
+class ByteStream(Protocol):
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class CountedStream:
+    """A pipe whose bytes are counted as they are read (the script's output, for its usage)."""
+
+    def __init__(self, stream: IO[bytes], meter: ScriptMeter) -> None:
+        self.stream, self.meter = stream, meter
+
+    def readline(self, size: int = -1, /) -> bytes:
+        return self._counted(self.stream.readline(size))
+
+    def read(self, size: int = -1, /) -> bytes:
+        return self._counted(self.stream.read(size))
+
+    def _counted(self, data: bytes) -> bytes:
+        self.meter.add_output(len(data))
+        return data
+
+
+def read_lines(stream: ByteStream) -> Iterator[str]:
     """Decoded lines of a byte stream: UTF-8 decoded incrementally (invalid bytes and NUL → U+FFFD, as a
     database's text column cannot hold NUL), lines longer than MAX_LINE_BYTES split into pieces, the final
     unterminated line included. A line of exactly MAX_LINE_BYTES is one piece, not a piece and an empty line."""
@@ -85,7 +111,7 @@ def read_lines(stream: IO[bytes]) -> Iterator[str]:
                 just_split = True
 
 
-def pump(stream: IO[bytes], shipper: LogShipper, echo: bool) -> None:
+def pump(stream: ByteStream, shipper: LogShipper, echo: bool) -> None:
     """Ship every line of one of the script's streams at INFO: a program's stderr carries progress and
     diagnostics as much as errors; whether the task failed is said by its exit code (and the agent's own
     ERROR line). Keeps reading whatever happens, so the script never blocks on a full pipe."""
@@ -106,8 +132,12 @@ def pump(stream: IO[bytes], shipper: LogShipper, echo: bool) -> None:
 
 
 def execute(path: Path, *, cwd: Path, env: dict[str, str], shipper: LogShipper, timeout: float | None,
-            grace_seconds: float, terminated: threading.Event, echo: bool) -> ScriptEnd:
-    """Run the script to its end (or until ``timeout`` or ``terminated``); its output goes to ``shipper``."""
+            grace_seconds: float, terminated: threading.Event, echo: bool,
+            memory_limit: int | None = None) -> ScriptEnd:
+    """Run the script to its end (or until ``timeout``, ``terminated``, or its process tree's RSS over
+    ``memory_limit`` bytes); its output goes to ``shipper``; what it used goes with its end."""
+    meter = ScriptMeter(memory_limit)
+    meter.begin()
     try:
         proc = subprocess.Popen(
             [str(path)], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
@@ -121,7 +151,8 @@ def execute(path: Path, *, cwd: Path, env: dict[str, str], shipper: LogShipper, 
         shipper.emit("ERROR", message)
         return ScriptEnd(TaskStatus.FAILED, Reason.SCRIPT_NOT_RUNNABLE.value, message)
     assert proc.stdout is not None and proc.stderr is not None
-    readers = [threading.Thread(target=pump, args=(stream, shipper, echo), daemon=True)
+    meter.watch(proc.pid)
+    readers = [threading.Thread(target=pump, args=(CountedStream(stream, meter), shipper, echo), daemon=True)
                for stream in (proc.stdout, proc.stderr)]
     for reader in readers:
         reader.start()
@@ -148,8 +179,18 @@ def execute(path: Path, *, cwd: Path, env: dict[str, str], shipper: LogShipper, 
         kill_group(proc.pid, signal.SIGKILL)
         for reader in readers:
             reader.join(timeout=KILLED_DRAIN_SECONDS)
-    return _ending(proc.returncode, time.monotonic() - started, shipper, timeout if timed_out else None,
-                   terminated.is_set())
+    measured = meter.finish()
+    if meter.over_limit and not terminated.is_set():
+        assert memory_limit is not None
+        how = "and was killed" if meter.killed else "(it ended before it was killed; a container would have been)"
+        message = (f"script went over its memory limit of {mebibytes(memory_limit)} ({memory_limit} bytes) with "
+                   f"{mebibytes(measured.peak_memory_bytes)} ({measured.peak_memory_bytes} bytes) {how}")
+        shipper.emit("ERROR", message)
+        end = ScriptEnd(TaskStatus.FAILED, Reason.OOM_KILLED.value, message)
+    else:
+        end = _ending(proc.returncode, time.monotonic() - started, shipper, timeout if timed_out else None,
+                      terminated.is_set())
+    return dataclasses.replace(end, usage=measured.as_report())
 
 
 def _ending(code: int, elapsed: float, shipper: LogShipper, timed_out_after: float | None,

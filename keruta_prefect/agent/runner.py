@@ -72,6 +72,7 @@ class AgentConfig:
     hold_seconds: float = 0.0  # after the final report, wait this long for the files to be collected
     upload: bool = False  # push the artifacts directory to the keruta API before the final report
     debug: bool = False  # an internal error's traceback goes to stderr too
+    memory_limit: int | None = None  # bytes: the script's tree is killed over it (Env.MEMORY_LIMIT)
 
 
 def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -> int:
@@ -109,7 +110,8 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
     else:
         end = execute(path, cwd=config.work_dir, env=_script_env(config, script), shipper=shipper,
                       timeout=config.timeout or task.get("timeoutSeconds") or None,
-                      grace_seconds=config.grace_seconds, terminated=terminated, echo=echo)
+                      grace_seconds=config.grace_seconds, terminated=terminated, echo=echo,
+                      memory_limit=config.memory_limit)
 
     if config.upload and not end.terminated:
         upload_artifacts(config, client, shipper)
@@ -134,7 +136,7 @@ def run_task(config: AgentConfig, client: KerutaClient, *, echo: bool = False) -
         # CANCELLED here would also make an evicted task's replacement Pod fail on IN_PROGRESS.)
         return exit_code
     try:
-        client.set_status(task_id, end.status, message=end.message, error_code=end.error_code)
+        client.set_status(task_id, end.status, message=end.message, error_code=end.error_code, usage=end.usage)
     except ApiRejected as exc:
         if not exc.permanent:
             # e.g. the flow already marked the task CANCELLED (409): that word stands, ours is dropped.

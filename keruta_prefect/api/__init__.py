@@ -7,6 +7,7 @@ loopback (the local backend embeds one); `keruta-prefect api` runs it in the for
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -35,6 +36,7 @@ from keruta_prefect.models import (
     Task,
     TaskSpecError,
     TaskStatus,
+    Usage,
     parse_task_spec,
 )
 from keruta_prefect.store import LogLine, Store, TaskExists, TaskNotFound
@@ -44,6 +46,7 @@ MAX_LOG_MESSAGE = 64 * 1024
 MAX_LOG_BATCH = 5000
 MAX_BODY = 16 * 2**20  # JSON bodies; artifact uploads are capped by the artifact settings instead
 _UPLOAD_PATH = re.compile(r"^/api/v1/tasks/[^/]+/artifacts$")
+log = logging.getLogger("keruta.api")
 
 
 # Text a database can keep: PostgreSQL refuses NUL in text (a 500 on every retry, which an agent would read
@@ -56,6 +59,23 @@ class StatusUpdate(BaseModel):
     message: StoredText | None = Field(None, max_length=65536)
     progress: int | None = Field(None, ge=0, le=100)
     errorCode: StoredText | None = Field(None, max_length=128)
+    # What the script used (models.Usage), with the final status. Taken as it comes and checked apart
+    # (usage_of): a bad one is ignored and logged, never a reason to refuse the final status.
+    usage: Any = None
+
+
+def usage_of(task_id: str, value: Any) -> dict[str, Any] | None:
+    """The usage of a status report as it is stored (camelCase, only what was measured); None when there
+    is none, or it is not a usage (logged: the report itself stands)."""
+    if value is None:
+        return None
+    try:
+        usage = Usage.model_validate(value)
+    except ValidationError as exc:
+        shown = repr(value) if len(repr(value)) <= 120 else repr(value)[:115] + "…"
+        log.warning("task %s: usage=%s ignored: %s", task_id, shown, one_line(exc))
+        return None
+    return usage.model_dump(mode="json", by_alias=True, exclude_none=True) or None
 
 
 class LogIn(BaseModel):
@@ -167,7 +187,8 @@ def create_app(
     @app.put("/api/v1/tasks/{task_id}/status", dependencies=auth)
     def put_status(task_id: str, update: StatusUpdate) -> dict[str, Any]:
         task = store.set_status(
-            task_id, update.status, message=update.message, progress=update.progress, error_code=update.errorCode
+            task_id, update.status, message=update.message, progress=update.progress, error_code=update.errorCode,
+            usage=usage_of(task_id, update.usage),
         )
         return _task_json(task)
 

@@ -28,6 +28,7 @@ from keruta_prefect.models import Task, overlay
 from keruta_prefect.outcomes import AgentExit, outcome_of
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store
+from keruta_prefect.validation import parse_byte_size
 
 EXIT_POLL_SECONDS = 0.02  # how often wait() looks whether the agent process has ended (lines come at once)
 _embedded: dict[str, tuple[ApiServer, str]] = {}
@@ -68,6 +69,10 @@ class LocalBackend:
         env.update(task_env(task, self.settings))
         env.update({contract.Env.API_URL: server.url, contract.Env.API_TOKEN: token})
         env.update(task.additional_env)
+        resources = overlay(task.resources, ctx.resources)
+        env.pop(contract.Env.MEMORY_LIMIT, None)  # only the attempt's own limit, enforced by the agent (no cgroup)
+        if resources is not None and resources.memory_limit:
+            env[contract.Env.MEMORY_LIMIT] = str(parse_byte_size(resources.memory_limit))
         command = [
             sys.executable, "-m", "keruta_prefect.agent", "run",
             "--task-id", task.id, "--api-url", server.url,
@@ -84,7 +89,7 @@ class LocalBackend:
             agent_log.close()
         _procs[f"{task.id}/{ctx.attempt}"] = (proc, server.url)
         return RunHandle(backend=self.name, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
-                         name=work_dir.name, pid=proc.pid, resources=overlay(task.resources, ctx.resources))
+                         name=work_dir.name, pid=proc.pid, resources=resources)
 
     @staticmethod
     def _artifacts_dir(work_dir: Path) -> Path:

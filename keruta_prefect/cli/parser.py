@@ -86,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     tadd.add_argument("--task-file", required=True)
     tadd.add_argument("--json", action="store_true")
     tadd.set_defaults(func=tasks.cmd_tasks_add)
+    low, high = f"{tasks.LOW_SHARE:.0%}", f"{tasks.HIGH_SHARE:.0%}"
+    tusage = tsub.add_parser(
+        "usage", help="what each task's last run used against its requests and limits",
+        description="Each task's last finished run: CPU seconds, wall seconds, peak memory, and the memory "
+                    f"request and limit it ran with. FLAG: LOW when the peak is under {low} of the memory "
+                    f"request (of the limit if it has no request): it asks for more than it uses; HIGH when the "
+                    f"peak is over {high} of the memory limit (of the request if it has no limit): it is close to "
+                    "being OOMKilled.")
+    tusage.add_argument("--since", help="only runs that ended since: a duration back from now (90s, 30m, 12h, 7d, "
+                                        "2w) or an ISO date or date-time (2026-01-31T12:00:00Z)")
+    tusage.add_argument("--limit", type=int, default=100, help="at most this many tasks, most recent first")
+    tusage.add_argument("--json", action="store_true")
+    tusage.set_defaults(func=tasks.cmd_tasks_usage)
 
     sweep = sub.add_parser("reconcile", help="delete what keruta started that no live flow run owns any more, "
                            "mark lost tasks, release dead claims (one keruta-reconcile pass here)")

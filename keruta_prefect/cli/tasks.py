@@ -1,12 +1,15 @@
-"""Commands that run and list tasks: run, tasks list/logs/add, dispatch, pipeline."""
+"""Commands that run and list tasks: run, tasks list/logs/add/usage, dispatch, pipeline."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from keruta_prefect.cli.options import (
     EXIT_OK,
@@ -24,7 +27,7 @@ from keruta_prefect.cli.options import (
 from keruta_prefect.contract import TaskStatus
 from keruta_prefect.models import TaskSpecError
 from keruta_prefect.settings import SettingsError
-from keruta_prefect.validation import single_line
+from keruta_prefect.validation import parse_byte_size, single_line
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -112,6 +115,81 @@ def cmd_tasks_list(args: argparse.Namespace) -> int:
         for t in tasks:
             print(f"{t.id}\t{t.status}\t{t.priority}\t{t.title}")
     return EXIT_OK
+
+
+# `tasks usage`: a task's peak memory is flagged LOW under this share of its memory request (of its limit when it
+# has no request: it asks for more than it uses) and HIGH over this share of its memory limit (of its request
+# when it has no limit: it is close to being OOMKilled).
+LOW_SHARE, HIGH_SHARE = 0.25, 0.90
+_DURATION = re.compile(r"^(?P<amount>[0-9]+(\.[0-9]+)?)(?P<unit>[smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(value: str, now: datetime) -> datetime:
+    """--since: a duration back from ``now`` (90s, 30m, 12h, 7d, 2w) or an ISO date or date-time (UTC unless
+    it says otherwise). UsageError naming the value."""
+    text = value.strip()
+    match = _DURATION.match(text)
+    if match:
+        return now - timedelta(seconds=float(match["amount"]) * _UNITS[match["unit"]])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since={value!r}: expected a duration (90s, 30m, 12h, 7d, 2w) or an ISO date or "
+                         "date-time (2026-01-31, 2026-01-31T12:00:00Z)") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def memory_flag(peak: int | None, request: str | None, limit: str | None) -> str | None:
+    """"LOW" (peak under LOW_SHARE of the request, else of the limit), "HIGH" (over HIGH_SHARE of the limit,
+    else of the request), or None (fits, or nothing to compare)."""
+    if peak is None:
+        return None
+    low_base, high_base = request or limit, limit or request
+    if high_base and peak > HIGH_SHARE * parse_byte_size(high_base):
+        return "HIGH"
+    if low_base and peak < LOW_SHARE * parse_byte_size(low_base):
+        return "LOW"
+    return None
+
+
+def usage_row(run: Any) -> dict[str, Any]:
+    """One task's last run in `tasks usage --json` (snake_case, as TaskResult's JSON)."""
+    from keruta_prefect.models import Resources, Usage
+
+    usage = Usage.model_validate(run.usage) if run.usage else None
+    given = Resources.model_validate(run.resources) if run.resources else Resources()
+    peak = usage.peak_memory_bytes if usage else None
+    return {"task_id": run.task_id, "status": run.status, "attempt": run.attempt, "backend": run.backend,
+            "finished_at": run.finished_at.replace(tzinfo=run.finished_at.tzinfo or UTC).isoformat(),
+            "usage": usage.model_dump(mode="json", exclude_none=True) if usage else None,
+            "resources": given.model_dump(mode="json", exclude_none=True),
+            "flag": memory_flag(peak, given.memory_request, given.memory_limit)}
+
+
+def cmd_tasks_usage(args: argparse.Namespace) -> int:
+    """Each task's last finished run: what it used against its requests and limits, with the memory flags."""
+    from keruta_prefect.store import get_store
+
+    since = parse_since(args.since, datetime.now(UTC)) if args.since is not None else None
+    in_range("--limit", args.limit, 1, 100000)
+    rows = [usage_row(run) for run in get_store().last_runs(since, limit=args.limit)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print("\t".join(("TASK", "STATUS", "ATTEMPT", "CPU_S", "WALL_S", "PEAK_MIB", "MEM_REQUEST", "MEM_LIMIT", "FLAG")))
+    for row in rows:
+        usage, given = row["usage"] or {}, row["resources"]
+        peak = usage.get("peak_memory_bytes")
+        print("\t".join(str(cell) for cell in (
+            row["task_id"], row["status"], row["attempt"], _number(usage.get("cpu_seconds"), ".2f"),
+            _number(usage.get("wall_seconds"), ".1f"), _number(peak / 2**20 if peak is not None else None, ".1f"),
+            given.get("memory_request", "-"), given.get("memory_limit", "-"), row["flag"] or "-")))
+    return EXIT_OK
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:

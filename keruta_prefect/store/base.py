@@ -41,13 +41,15 @@ class StoreBase:
     @staticmethod
     def _move(row: TaskRow, status: TaskStatus, *, message: str | None = None, progress: int | None = None,
               error_code: str | None = None) -> None:
-        """The one place a task's status changes (InvalidTransition if not allowed)."""
+        """The one place a task's status changes (InvalidTransition if not allowed). A task that starts
+        (again) drops any usage an earlier attempt's agent reported and no run took (see TaskRow.usage)."""
         check_transition(TaskStatus(row.status), status)
         if row.status != status.value:
             row.status = status.value
             row.error_code = error_code
             if status in (TaskStatus.IN_PROGRESS, TaskStatus.PENDING, TaskStatus.RETRYING):
                 row.progress = None
+                row.usage = None
             if status == TaskStatus.PENDING:
                 row.claimed_by = None  # queued again: anyone may claim it
         elif error_code is not None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
 from keruta_prefect.models import ArtifactInfo
 from keruta_prefect.store.base import StoreBase
-from keruta_prefect.store.tables import ArtifactRow, TaskRunRow
+from keruta_prefect.store.tables import ArtifactRow, TaskRow, TaskRunRow
 
 
 class RunQueries(StoreBase):
@@ -24,12 +25,21 @@ class RunQueries(StoreBase):
             return run
 
     def update_run(self, run_id: int, **changes: Any) -> TaskRunRow:
+        """Change a run. A run being finished (``finished_at``) takes the usage its agent reported, which
+        waited on the task (TaskRow.usage: the agent may report before the run was written), in the same
+        transaction; a usage given in ``changes`` wins."""
         with self.session() as s:
             run = s.get(TaskRunRow, run_id)
             if run is None:
                 raise LookupError(f"task run {run_id} not found")
             for key, value in changes.items():
                 setattr(run, key, value)
+            if changes.get("finished_at") is not None and "usage" not in changes:
+                task = s.exec(select(TaskRow).where(TaskRow.id == run.task_id).with_for_update()).first()
+                if task is not None and task.usage is not None:
+                    run.usage = task.usage if run.usage is None else run.usage
+                    task.usage = None
+                    s.add(task)
             s.add(run)
             s.commit()
             s.refresh(run)
@@ -49,6 +59,16 @@ class RunQueries(StoreBase):
     def runs(self, task_id: str) -> list[TaskRunRow]:
         with self.session(read=True) as s:
             return list(s.exec(select(TaskRunRow).where(TaskRunRow.task_id == task_id).order_by(col(TaskRunRow.id))))
+
+    def last_runs(self, since: datetime | None = None, limit: int = 100) -> list[TaskRunRow]:
+        """Each task's last run, if it has finished (at or after ``since``), most recently finished first."""
+        with self.session(read=True) as s:
+            last = select(func.max(TaskRunRow.id)).group_by(col(TaskRunRow.task_id))
+            query = select(TaskRunRow).where(col(TaskRunRow.id).in_(last), col(TaskRunRow.finished_at).is_not(None))
+            if since is not None:
+                query = query.where(col(TaskRunRow.finished_at) >= since)
+            return list(s.exec(query.order_by(col(TaskRunRow.finished_at).desc(), col(TaskRunRow.id).desc())
+                               .limit(limit)))
 
     # --- artifacts ---------------------------------------------------------------------------------
     def add_artifacts(self, task_id: str, run_id: int | None, items: Sequence[ArtifactInfo]) -> None:

@@ -43,11 +43,15 @@ class TaskRow(SQLModel, table=True):
     message: str | None = Field(default=None, sa_column=Column(Text))
     error_code: str | None = None
     claimed_by: str | None = Field(default=None, max_length=128)  # the flow run that is to run it
+    # What the current attempt's agent reported its script used (models.Usage, camelCase), held here until the
+    # attempt's run is finished (RunQueries.update_run moves it there): the agent may report before the flow
+    # has written the run (it writes it when the backend's launch returns). Not part of Task.
+    usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
     def to_task(self) -> Task:
-        data = self.model_dump(exclude={"claimed_by"})
+        data = self.model_dump(exclude={"claimed_by", "usage"})
         for key in ("created_at", "updated_at"):
             if data[key].tzinfo is None:  # SQLite drops the zone; everything is stored in UTC
                 data[key] = data[key].replace(tzinfo=UTC)

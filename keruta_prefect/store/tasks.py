@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -64,12 +66,17 @@ class TaskQueries(StoreBase):
         message: str | None = None,
         progress: int | None = None,
         error_code: str | None = None,
+        usage: dict[str, Any] | None = None,
     ) -> Task:
         """Move a task to ``status`` (InvalidTransition if not allowed). The description is never touched:
-        the message is kept in its own column (the original overwrote the description with it)."""
+        the message is kept in its own column (the original overwrote the description with it). ``usage``
+        (models.Usage, camelCase: what the agent measured, with its final status) is kept with the task until
+        the attempt's run is finished, in the same transaction as the status: a refused status keeps none."""
         with self.session() as s:
             row = self._locked(s, task_id)
             self._move(row, status, message=message, progress=progress, error_code=error_code)
+            if usage is not None:
+                row.usage = usage
             s.add(row)
             s.commit()
             return row.to_task()

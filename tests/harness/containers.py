@@ -92,6 +92,8 @@ def process_env(env: dict[str, str], mounts: dict[str, Path], git_remotes: dict[
     and git told to fetch each remote URL from its local repository."""
     out = {k: localize(v, mounts) for k, v in env.items()}
     out["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    if os.environ.get("PYTHONPATH"):  # this Python's import path too: a work tree's agent, not the installed one
+        out.setdefault("PYTHONPATH", os.environ["PYTHONPATH"])
     for index, (url, path) in enumerate(git_remotes.items()):
         out[f"GIT_CONFIG_KEY_{index}"] = f"url.{path}.insteadOf"
         out[f"GIT_CONFIG_VALUE_{index}"] = url
