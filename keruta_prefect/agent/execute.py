@@ -170,6 +170,7 @@ def execute(path: Path, *, cwd: Path, env: dict[str, str], shipper: LogShipper, 
             pass
     if proc.poll() is None:
         stop(proc, grace_seconds)
+    meter.script_ended()
     # The script has ended; its children may still hold the pipes. Give the readers a moment to drain,
     # then end the whole process group so the pipes close and nothing blocks the final report.
     drain_deadline = time.monotonic() + DRAIN_SECONDS

@@ -53,7 +53,10 @@ class Measured:
     source: UsageSource
 
     def as_report(self) -> dict[str, Any]:
-        return {UsageKey.CPU_SECONDS: round(self.cpu_seconds, 3), UsageKey.PEAK_MEMORY_BYTES: self.peak_memory_bytes,
+        # A peak of 0 was not seen (the script ended before a sample, under the agent's own high-water mark):
+        # unknown, sent as null, never as "used nothing".
+        return {UsageKey.CPU_SECONDS: round(self.cpu_seconds, 3),
+                UsageKey.PEAK_MEMORY_BYTES: self.peak_memory_bytes or None,
                 UsageKey.WALL_SECONDS: round(self.wall_seconds, 3), UsageKey.LOG_BYTES: self.log_bytes,
                 UsageKey.SOURCE: self.source.value}
 
@@ -167,7 +170,8 @@ def own_high_water(proc: Path = PROC) -> int:
 
 class ScriptMeter:
     """Measures one script: :meth:`begin` before it starts, :meth:`watch` once it runs (its process id),
-    :meth:`add_output` for each chunk it writes, :meth:`finish` after it ended."""
+    :meth:`add_output` for each chunk it writes, :meth:`script_ended` when its process has ended, :meth:`finish`
+    after its output is drained."""
 
     def __init__(self, memory_limit: int | None = None, *, interval: float = SAMPLE_SECONDS,
                  cgroup_root: Path = CGROUP_ROOT, proc: Path = PROC) -> None:
@@ -183,6 +187,7 @@ class ScriptMeter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = 0.0
+        self._ended: float | None = None
         self._peak = 0
         self._pid = 0
         self._cpu_usec: int | None = None
@@ -216,13 +221,18 @@ class ScriptMeter:
             self.killed = True
             kill_tree(self._pid, members)
 
+    def script_ended(self) -> None:
+        """The script's process has ended: its wall time ends here, not after its output is drained."""
+        if self._ended is None:
+            self._ended = time.monotonic()
+
     def add_output(self, count: int) -> None:
         with self._lock:
             self._output += count
 
     def finish(self) -> Measured:
         """Stop sampling; what the script used from :meth:`begin` to now."""
-        wall = time.monotonic() - self._started
+        wall = (self._ended if self._ended is not None else time.monotonic()) - self._started
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
