@@ -4,13 +4,14 @@ flow run, and the `keruta.task.*` event."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
 from keruta_prefect.models import ArtifactInfo, Resources, Task, TaskResult, Usage
-from keruta_prefect.store import Store
+from keruta_prefect.store import Store, TaskRunRow
 
 TAIL_LINES = 20  # lines of the task's log in the summary
 CELL_CHARS = 300  # longest text in one cell of the summary table
@@ -62,6 +63,7 @@ def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
         f"| log lines | {result.log_lines} |",
         f"| artifacts | {len(result.artifacts)} files, {sum(a.size for a in result.artifacts)} bytes"
         + (f" — {_cell(result.artifacts_note)}" if result.artifacts_note else "") + " |",
+        *attempts_section(store.runs(task.id)),
         "",
         "## Log tail",
         "```",
@@ -80,6 +82,37 @@ def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
         payload={"status": result.status.value, "reason": result.reason, "exit_code": result.exit_code,
                  "message": result.message, "attempt": result.attempt},
     )
+
+
+def attempts_section(runs: Sequence[TaskRunRow]) -> list[str]:
+    """A task that took more than one attempt: a table of them, with what each changed from the one before
+    (the retry policy gave it more memory or a longer timeout); nothing for a single attempt."""
+    if len(runs) < 2:
+        return []
+    lines = ["", "## Attempts", "", "| attempt | ended | reason | memory request / limit | timeout | changed |",
+             "|---|---|---|---|---|---|"]
+    for before, run in zip([None, *runs], runs, strict=False):
+        own = run.resources or {}
+        memory = f"{own.get('memoryRequest') or '-'} / {own.get('memoryLimit') or '-'}"
+        changed = _changes(before, run) if before else "-"
+        lines.append(f"| {run.attempt} | {run.status} | {_cell(run.reason or '-')} | {memory} | "
+                     f"{_seconds(run.timeout_seconds)} | {changed} |")
+    return lines
+
+
+def _changes(before: TaskRunRow, run: TaskRunRow) -> str:
+    was, now = before.resources or {}, run.resources or {}
+    changed = [f"{name} {was.get(key) or '-'} → {now.get(key) or '-'}"
+               for key, name in (("memoryLimit", "memory limit"), ("memoryRequest", "memory request"),
+                                 ("cpuLimit", "CPU limit"), ("cpuRequest", "CPU request"))
+               if was.get(key) != now.get(key)]
+    if before.timeout_seconds != run.timeout_seconds:
+        changed.append(f"timeout {_seconds(before.timeout_seconds)} → {_seconds(run.timeout_seconds)}")
+    return "; ".join(changed) or "nothing"
+
+
+def _seconds(value: int | None) -> str:
+    return f"{value}s" if value else "-"
 
 
 def _cell(text: str) -> str:

@@ -3,12 +3,23 @@ flow applying it on the harness cluster and the local backend (an OOM retry that
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from keruta_prefect.blocks import seed
 from keruta_prefect.contract import TaskStatus
-from keruta_prefect.models import Resources
+from keruta_prefect.flows import RETRY_LOG_SOURCE, KerutaTaskFailed, keruta_task
+from keruta_prefect.manifest import job_name
+from keruta_prefect.models import Resources, TaskResult
 from keruta_prefect.retries import Action, Ended, decide, format_memory, memory_bytes, scale_memory
 from keruta_prefect.settings import KerutaSettings, SettingsError, settings_from_mapping
+from keruta_prefect.store import Store
+from tests.conftest import Api
+from tests.targets import Target
+from tests.test_flow_local import markdown_artifact
 
 F = TaskStatus.FAILED
 
@@ -140,3 +151,128 @@ def test_retry_settings_read_off_and_numbers() -> None:
     assert (settings.task_retry_oom_memory_factor, settings.task_retry_deadline_factor,
             settings.task_retry_max_memory) == ("off", 1.5, "4Gi")
     assert (DEFAULTS.task_retry_oom_memory_factor, DEFAULTS.task_retry_deadline_factor) == (2, "off")
+
+
+# --- the flow applies it: an OOM retry that completes, an eviction after it, a deadline retry --------------
+
+# A script of ~300 MB, every page written (bytes * n fills them). The first attempt (no first marker yet) holds
+# its memory until it is killed; with a second marker, the next attempt kills its agent (a system failure);
+# every later one ends at once. 256Mi cannot hold it, 512Mi can (its agent included).
+ALLOCATES_300_MB = """\
+import os, pathlib, threading
+markers = [pathlib.Path(path) for path in {markers!r}]
+phase = next((index for index, marker in enumerate(markers) if not marker.exists()), len(markers))
+if phase < len(markers):
+    markers[phase].touch()  # before allocating: the limit may end it while it allocates
+data = b"x" * (300 * 2**20)
+print("holding", len(data) // 2**20, "MB", flush=True)
+if phase == 0:
+    threading.Event().wait()  # held until the memory limit ends it
+if phase == 1 < len(markers):
+    os.kill(os.getppid(), 9)  # the agent is killed: a system failure
+print("done", flush=True)
+"""
+
+
+def oom_task(task_id: str, *markers: Path, **extra: object) -> dict[str, object]:
+    return {"id": task_id, "resources": {"memoryLimit": "256Mi"},
+            "script": {"content": ALLOCATES_300_MB.format(markers=[str(m) for m in markers]), "language": "python",
+                       "filename": "allocate.py"}, **extra}
+
+
+def retry_lines(store: Store, task_id: str) -> list[str]:
+    return [row.message for row in store.logs(task_id) if row.source == RETRY_LOG_SOURCE]
+
+
+def result_of(state: Any) -> TaskResult:
+    try:
+        return state.result()  # type: ignore[no-any-return]
+    except KerutaTaskFailed as exc:
+        return exc.result
+
+
+@pytest.mark.harness_only("the harness kubelet enforces the memory limit on local processes; the marker file is on "
+                          "this machine")
+@pytest.mark.usefixtures("prefect_server")
+def test_an_oom_killed_attempt_is_retried_with_twice_the_memory_and_completes_on_the_cluster(
+        cluster: Target, api: Api, store: Store, tmp_path: Path) -> None:
+    cluster.create_secret("keruta-api-token", {"token": api.token})
+    block = f"retry-{uuid.uuid4().hex[:8]}"
+    seed(cluster.settings(api_url=api.url, artifacts_mode="off"), name=block)
+    state = keruta_task(task_spec=oom_task("k-oom-retry", tmp_path / "first"), backend="kubernetes",
+                        settings_block=block, return_state=True)
+    result = result_of(state)
+    assert (result.status, result.attempt) == ("COMPLETED", 2), result
+    first, second = store.runs("k-oom-retry")
+    assert (first.status, first.reason, first.exit_code) == ("FAILED", "OOMKilled", 137)
+    assert first.resources == {"cpuRequest": "100m", "memoryRequest": "128Mi", "memoryLimit": "256Mi"}
+    assert second.resources == {"cpuRequest": "100m", "memoryRequest": "256Mi", "memoryLimit": "512Mi"}
+    assert result.resources is not None and result.resources.memory_limit == "512Mi"
+    [job] = [j for j in cluster.jobs() if j["metadata"]["name"] == job_name("k-oom-retry", 2)]
+    limits = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert limits == {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+    assert retry_lines(store, "k-oom-retry") == [
+        "attempt 1 OOMKilled at 256Mi → attempt 2 with 512Mi (request 128Mi → 256Mi)"]
+    summary = markdown_artifact("keruta-k-oom-retry")
+    assert "## Attempts" in summary
+    assert "| 1 | FAILED | OOMKilled | 128Mi / 256Mi |" in summary
+    assert "| 2 | COMPLETED | - | 256Mi / 512Mi | 3600s | memory limit 256Mi → 512Mi; memory request 128Mi → 256Mi |" \
+        in summary
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_an_oom_killed_attempt_is_retried_with_twice_the_memory_and_completes_locally(
+        store: Store, tmp_path: Path) -> None:
+    """Needs the agent to enforce the memory limit on the local backend (reporting errorCode OOMKilled)."""
+    state = keruta_task(task_spec=oom_task("l-oom-retry", tmp_path / "first", timeoutSeconds=60), return_state=True)
+    result = result_of(state)
+    first, *_ = store.runs("l-oom-retry")
+    assert first.reason == "OOMKilled", (first.reason, first.message)
+    assert (result.status, result.attempt) == ("COMPLETED", 2), result
+    assert result.resources is not None and result.resources.memory_limit == "512Mi"
+    assert retry_lines(store, "l-oom-retry") == ["attempt 1 OOMKilled at 256Mi → attempt 2 with 512Mi"]
+    assert "memory limit 256Mi → 512Mi" in markdown_artifact("keruta-l-oom-retry")
+
+
+@pytest.mark.harness_only("the harness kubelet enforces the memory limit on local processes; the marker files are "
+                          "on this machine")
+@pytest.mark.usefixtures("prefect_server")
+def test_a_system_failure_after_an_oom_retry_is_retried_as_it_was_with_the_raised_memory(
+        cluster: Target, api: Api, store: Store, tmp_path: Path) -> None:
+    cluster.create_secret("keruta-api-token", {"token": api.token})
+    block = f"retry-{uuid.uuid4().hex[:8]}"
+    seed(cluster.settings(api_url=api.url, artifacts_mode="off", default_memory_request=None), name=block)
+    task = oom_task("k-oom-then-killed", tmp_path / "first", tmp_path / "second")
+    result = keruta_task(task_spec=task, backend="kubernetes", settings_block=block)
+    assert (result.status, result.attempt) == ("COMPLETED", 3)
+    oom, killed, done = store.runs("k-oom-then-killed")
+    assert (oom.reason, killed.reason, done.status) == ("OOMKilled", "AGENT_KILLED", "COMPLETED")
+    # No memory request (the settings give none): the limit alone is raised, and kept by the unchanged retry.
+    assert oom.resources == {"cpuRequest": "100m", "memoryLimit": "256Mi"}
+    assert killed.resources == done.resources == {"cpuRequest": "100m", "memoryLimit": "512Mi"}
+    assert retry_lines(store, "k-oom-then-killed") == ["attempt 1 OOMKilled at 256Mi → attempt 2 with 512Mi",
+                                                       "attempt 2 AGENT_KILLED → attempt 3 unchanged"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_timed_out_attempt_is_retried_with_a_longer_timeout_when_the_setting_is_on(
+        store: Store, tmp_path: Path) -> None:
+    marker = tmp_path / "timed-out-once"
+    script = f'if [ ! -e "{marker}" ]; then touch "{marker}"; exec sleep 300; fi\necho in time'
+    block = f"retry-{uuid.uuid4().hex[:8]}"
+    seed(KerutaSettings(task_retry_deadline_factor=3), name=block)
+    result = keruta_task(task_spec={"id": "l-deadline", "script": script, "timeoutSeconds": 1},
+                         settings_block=block)
+    assert (result.status, result.attempt) == ("COMPLETED", 2)
+    first, second = store.runs("l-deadline")
+    assert (first.reason, first.timeout_seconds, second.timeout_seconds) == ("TIMEOUT", 1, 3)
+    assert retry_lines(store, "l-deadline") == ["attempt 1 TIMEOUT after 1s → attempt 2 with a timeout of 3s"]
+    assert "timeout 1s → 3s" in markdown_artifact("keruta-l-deadline")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_timed_out_attempt_is_not_retried_by_default(store: Store) -> None:
+    result = result_of(keruta_task(task_spec={"id": "l-deadline-off", "script": "exec sleep 300",
+                                              "timeoutSeconds": 1}, return_state=True))
+    assert (result.status, result.reason, result.attempt) == ("FAILED", "TIMEOUT", 1)
+    assert retry_lines(store, "l-deadline-off") == []
