@@ -15,7 +15,7 @@ from keruta_prefect.backends.base import RunHandle
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
 from keruta_prefect.contract import Reason
 from keruta_prefect.manifest import namespace_of
-from keruta_prefect.models import InvalidTransition, TaskSpecError, TaskStatus, parse_task_spec
+from keruta_prefect.models import InvalidTransition, Resources, TaskSpecError, TaskStatus, parse_task_spec
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import Store, TaskRunRow, get_store
 
@@ -23,7 +23,9 @@ from keruta_prefect.store import Store, TaskRunRow, get_store
 def handle_of(run: TaskRunRow) -> RunHandle:
     """The handle of a recorded attempt (enough to find it again from any process)."""
     return RunHandle(backend=run.backend, task_id=run.task_id, attempt=run.attempt, flow_run_id=run.flow_run_id,
-                     name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid)
+                     name=run.job_name or "", namespace=run.namespace, uid=run.job_uid, pid=run.pid,
+                     resources=Resources.model_validate(run.resources) if run.resources else None,
+                     timeout_seconds=run.timeout_seconds)
 
 
 def stop_flow_run_agents(flow_run_id: str, settings_block: str = DEFAULT_BLOCK,

@@ -2,8 +2,9 @@
 
 Each Prefect task is one step with one reason to retry:
 - launch / wait are retried (with backoff) only for :class:`TransientBackendError`;
-- a task that *failed* is never retried; an attempt that failed for a system reason
-  (``Outcome.retryable``: agent lost, API unreachable, Pod evicted…) gets a new attempt, up to
+- whether an attempt that ended gets a new one is the retry policy's (keruta_prefect.retries.decide): a
+  system failure (agent lost, API unreachable, Pod evicted…) a new attempt as it was, OOMKilled one with
+  more memory, a deadline (if set) one with a longer timeout; the script's own failure never; up to
   ``keruta.task.max-attempts``;
 - record-run is retried on database errors.
 """
@@ -33,7 +34,6 @@ from keruta_prefect.backends.base import (
     RunHandle,
     TransientBackendError,
 )
-from keruta_prefect.backoff import attempt_delay
 from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
 from keruta_prefect.cancel import handle_of, mark_cancelled, set_status_quietly, stop_flow_run_agents
 from keruta_prefect.claims import ClaimLease, claim_owner, claim_task
@@ -42,14 +42,17 @@ from keruta_prefect.errors import PermanentError, TransientError
 from keruta_prefect.limits import TASKS_LIMIT, SlotUnavailable, task_slot
 from keruta_prefect.models import (
     InvalidTransition,
+    Resources,
     Task,
     TaskResult,
     TaskStatus,
+    overlay,
     parse_task_spec,
 )
 from keruta_prefect.progress import ProgressReporter
+from keruta_prefect.retries import Decision, Ended, decide
 from keruta_prefect.settings import KerutaSettings
-from keruta_prefect.store import Store, TaskRunRow, get_store
+from keruta_prefect.store import LogLine, Store, TaskRunRow, get_store
 from keruta_prefect.summary import publish_summary, publish_unrecorded, recorded_result
 from keruta_prefect.trees import release_volume, root_of
 from keruta_prefect.validation import exception_line
@@ -112,6 +115,7 @@ def launch_agent(backend: Backend, store: Store, task: Task, ctx: RunContext) ->
         task_id=task.id, flow_run_id=ctx.flow_run_id, backend=backend.name, attempt=ctx.attempt,
         job_name=handle.name, namespace=handle.namespace, job_uid=handle.uid, pid=handle.pid,
         resources=handle.resources.model_dump(by_alias=True, exclude_none=True) if handle.resources else None,
+        timeout_seconds=handle.timeout_seconds,
     ))
     assert run.id is not None
     return handle, run.id
@@ -244,6 +248,9 @@ def run_attempts(runner: Backend, store: Store, settings: KerutaSettings, task_:
     # An attempt a crashed flow run left unfinished: watch it again rather than start a duplicate.
     unfinished = [run for run in previous if run.finished_at is None and run.backend == runner.name]
     used = 0
+    # What the next attempt changes from the task's own (the retry policy raised its memory or timeout).
+    resources: Resources | None = None
+    timeout: int | None = None
     while True:
         used += 1
         if unfinished:
@@ -260,17 +267,24 @@ def run_attempts(runner: Backend, store: Store, settings: KerutaSettings, task_:
         else:
             attempt += 1
             ctx = RunContext(flow_run_id=flow_run_id, attempt=attempt, root_task_id=root,
-                             has_children=bool(store.children(task_.id)))
+                             has_children=bool(store.children(task_.id)), resources=resources,
+                             timeout_seconds=timeout)
             handle, run_id = launch_agent(runner, store, task_, ctx)
             outcome = wait_or_stop(runner, store, handle, run_id, settings)
         collected = collect_artifacts(runner, handle, settings)
-        if outcome.retryable and used < settings.task_max_attempts:
-            # This attempt is over; the task lives on into the next one.
+        decision = decide(Ended(status=outcome.status, reason=outcome.reason, retryable=outcome.retryable,
+                                attempt=handle.attempt, used=used, resources=handle.resources,
+                                timeout_seconds=handle.timeout_seconds), settings)
+        tell_decision(store, handle, decision)
+        if decision.retry:
+            # This attempt is over; the task lives on into the next one: as this one was, with what changed.
             store.update_run(run_id, status=TaskStatus.FAILED.value, exit_code=outcome.exit_code,
                              reason=outcome.reason, message=outcome.message, finished_at=datetime.now(UTC),
                              artifacts_note=collected.note())
-            delay = 0 if unfinished or outcome.reason == Reason.LOST else attempt_delay(used)
-            logger.warning("attempt %d failed for a system reason (%s: %s); attempt %d in %ds",
+            resources = overlay(handle.resources, decision.resources)
+            timeout = decision.timeout_seconds or handle.timeout_seconds
+            delay = 0 if unfinished else decision.delay  # the next one is already there: reattach at once
+            logger.warning("attempt %d failed (%s: %s); attempt %d in %ds",
                            handle.attempt, outcome.reason, outcome.message, attempt + 1, delay)
             set_status_quietly(store, task_.id, TaskStatus.RETRYING,
                                f"attempt {handle.attempt} failed: {outcome.message}")
@@ -284,6 +298,22 @@ def run_attempts(runner: Backend, store: Store, settings: KerutaSettings, task_:
         if deleted is not None:
             logger.info("task tree %s is done: its volume %s was deleted", root, deleted)
         return result
+
+
+RETRY_LOG_SOURCE = "keruta-prefect/retry"  # the retry policy's lines in the task's log, one per attempt
+
+
+def tell_decision(store: Store, handle: RunHandle, decision: Decision) -> None:
+    """The retry policy's line ("attempt 1 OOMKilled at 256Mi → attempt 2 with 512Mi"), if it has one: in the
+    flow run's log and the task's own (stored once per attempt, so a rerun of the flow does not repeat it)."""
+    if decision.line is None:
+        return
+    get_run_logger().warning("%s", decision.line)
+    try:
+        store.add_logs(handle.task_id, RETRY_LOG_SOURCE,
+                       [LogLine(seq=handle.attempt, level="WARNING", message=decision.line)])
+    except Exception as exc:  # the flow run's log has it; the attempt goes on regardless
+        get_run_logger().warning("the retry line of task %s was not stored: %s", handle.task_id, exception_line(exc))
 
 
 def take_over(runner: Backend, handle: RunHandle) -> Outcome | None:

@@ -166,6 +166,12 @@ def attempt_resources(task: Task, settings: KerutaSettings, ctx: RunContext) -> 
                      memory_limit=own.memory_limit or settings.default_memory_limit)
 
 
+def attempt_timeout(task: Task, settings: KerutaSettings, ctx: RunContext) -> int:
+    """The seconds an attempt's script may run: the attempt's own (a retry gave it longer), else the task's,
+    else the settings' default."""
+    return ctx.timeout_seconds or task.timeout(settings.task_default_timeout)
+
+
 def _resources(given: Resources) -> dict[str, dict[str, str]]:
     requests = {"cpu": given.cpu_request, "memory": given.memory_request}
     limits = {"cpu": given.cpu_limit, "memory": given.memory_limit}
@@ -193,7 +199,7 @@ def _env_list(values: dict[str, str]) -> list[dict[str, Any]]:
 def build_job(task: Task, settings: KerutaSettings, ctx: RunContext) -> dict[str, Any]:
     """The agent Job of one attempt of a task (a plain dict, ready for the API or YAML)."""
     job_labels = labels(task, ctx)
-    timeout = task.timeout(settings.task_default_timeout)
+    timeout = attempt_timeout(task, settings, ctx)
     env = _env_list(task_env(task, settings))
     env += [
         {"name": Env.API_URL, "value": settings.api_url},

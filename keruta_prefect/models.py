@@ -61,6 +61,8 @@ class RunContext(BaseModel):
     # This attempt's resources where they differ from the task's own (a retry after OOMKilled raises the
     # memory): a field set here wins over the task's.
     resources: Resources | None = None
+    # This attempt's timeout where it differs from the task's (a retry after its deadline gives it longer).
+    timeout_seconds: int | None = Field(None, ge=1)
 
 
 class InvalidTransition(PermanentError, ValueError):

@@ -4,6 +4,7 @@ flow run, and the `keruta.task.*` event."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
 from keruta_prefect.models import ArtifactInfo, Resources, Task, TaskResult, Usage
-from keruta_prefect.store import Store
+from keruta_prefect.store import Store, TaskRunRow
 from keruta_prefect.validation import parse_quantity
 
 TAIL_LINES = 20  # lines of the task's log in the summary
@@ -65,6 +66,7 @@ def publish_summary(store: Store, task: Task, result: TaskResult) -> None:
         *usage_rows(result),
         f"| artifacts | {len(result.artifacts)} files, {sum(a.size for a in result.artifacts)} bytes"
         + (f" — {_cell(result.artifacts_note)}" if result.artifacts_note else "") + " |",
+        *attempts_section(store.runs(task.id)),
         "",
         "## Log tail",
         "```",
@@ -133,6 +135,37 @@ def _against(used: float | None, request: str | None, limit: str | None) -> str:
 
 def _mib(count: int) -> str:
     return f"{count / 2**20:.1f} MiB"
+
+
+def attempts_section(runs: Sequence[TaskRunRow]) -> list[str]:
+    """A task that took more than one attempt: a table of them, with what each changed from the one before
+    (the retry policy gave it more memory or a longer timeout); nothing for a single attempt."""
+    if len(runs) < 2:
+        return []
+    lines = ["", "## Attempts", "", "| attempt | ended | reason | memory request / limit | timeout | changed |",
+             "|---|---|---|---|---|---|"]
+    for before, run in zip([None, *runs], runs, strict=False):
+        own = run.resources or {}
+        memory = f"{own.get('memoryRequest') or '-'} / {own.get('memoryLimit') or '-'}"
+        changed = _changes(before, run) if before else "-"
+        lines.append(f"| {run.attempt} | {run.status} | {_cell(run.reason or '-')} | {memory} | "
+                     f"{_seconds(run.timeout_seconds)} | {changed} |")
+    return lines
+
+
+def _changes(before: TaskRunRow, run: TaskRunRow) -> str:
+    was, now = before.resources or {}, run.resources or {}
+    changed = [f"{name} {was.get(key) or '-'} → {now.get(key) or '-'}"
+               for key, name in (("memoryLimit", "memory limit"), ("memoryRequest", "memory request"),
+                                 ("cpuLimit", "CPU limit"), ("cpuRequest", "CPU request"))
+               if was.get(key) != now.get(key)]
+    if before.timeout_seconds != run.timeout_seconds:
+        changed.append(f"timeout {_seconds(before.timeout_seconds)} → {_seconds(run.timeout_seconds)}")
+    return "; ".join(changed) or "nothing"
+
+
+def _seconds(value: int | None) -> str:
+    return f"{value}s" if value else "-"
 
 
 def _cell(text: str) -> str:

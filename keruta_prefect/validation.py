@@ -7,14 +7,16 @@ name and the offending value (see :func:`one_line`), so a person always sees fie
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
 
 # Kubernetes quantities: https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/quantity/
 _QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]+)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+BINARY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+DECIMAL_UNITS = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+_FRACTIONS = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("0.001"), "": Decimal(1)}
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -38,14 +40,26 @@ IMAGE_NAME_MAX = 255  # the repository name (registry and path), as distribution
 _IMAGE_ID = re.compile(r"^[a-f0-9]{64}$")  # an image id, not a name: the kubelet refuses it as one
 
 
-def parse_quantity(value: str) -> float:
-    """Parse a Kubernetes quantity ("100m", "1.5Gi", "2") to a number; ValueError if malformed."""
+def quantity_amount(value: str) -> Decimal:
+    """A Kubernetes quantity ("100m", "1.5Gi", "2") as an exact number; ValueError if malformed. The one
+    reading of quantities: checks, the summary's shares and the retry policy's scaling all use it."""
     match = _QUANTITY.match(value.strip())
     if not match:
         raise ValueError("expected a Kubernetes quantity such as 500m, 2, 128Mi or 1Gi")
-    number = float(match["num"])
     suffix = match["suffix"] or ""
-    return number * (_BINARY[suffix] if suffix in _BINARY else _DECIMAL[suffix])
+    unit = BINARY_UNITS.get(suffix) or DECIMAL_UNITS.get(suffix) or _FRACTIONS[suffix]
+    return Decimal(match["num"]) * unit
+
+
+def quantity_suffix(value: str) -> str:
+    """The unit suffix of a well-formed quantity ("" for plain numbers)."""
+    match = _QUANTITY.match(value.strip())
+    return (match["suffix"] or "") if match else ""
+
+
+def parse_quantity(value: str) -> float:
+    """A Kubernetes quantity as a float (see :func:`quantity_amount`); ValueError if malformed."""
+    return float(quantity_amount(value))
 
 
 def check_quantity(value: str, *, allow_zero: bool = False) -> str:

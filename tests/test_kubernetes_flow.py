@@ -105,9 +105,12 @@ def test_an_unschedulable_pod_fails_naming_the_resource(k8s: tuple[Target, str],
 
 
 @pytest.mark.harness_only("the OOM kill is the harness kubelet's fault injection")
-def test_oom_killed_is_reported_with_the_limit(k8s: tuple[Cluster, str], store: Store) -> None:
-    cluster, block = k8s
+def test_oom_killed_is_reported_with_the_limit(k8s: tuple[Cluster, str], api: Api, store: Store) -> None:
+    cluster, _block = k8s
     import threading
+
+    block = f"k8s-{uuid.uuid4().hex[:8]}"  # OOM retries off: this one attempt ends the task (see test_retries.py)
+    seed(cluster.settings(api_url=api.url, artifacts_mode="off", task_retry_oom_memory_factor="off"), name=block)
 
     name = job_name("k-oom", 1)
 

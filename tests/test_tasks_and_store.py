@@ -178,8 +178,12 @@ def test_task_env_is_the_originals_mapping() -> None:
     assert "T" in env["KERUTA_TASK_CREATED_AT"] and "KERUTA_API_TOKEN" not in env
 
 
+ADDED_SINCE_THE_LAST_RELEASE = ["keruta_task_runs.resources", "keruta_task_runs.timeout_seconds",
+                                "keruta_task_runs.usage", "keruta_tasks.usage"]
+
+
 def test_a_database_an_earlier_version_created_gains_the_new_columns_and_keeps_its_rows(any_store: Store) -> None:
-    """The run columns added later (resources, usage) are added to an existing database on start; the
+    """The columns added later (the runs' resources, timeout and usage, the tasks' usage) are added to an existing database on start; the
     task and run stored before are still there, unchanged (SQLite and PostgreSQL)."""
     url = any_store.engine.url.render_as_string(hide_password=False)
     any_store.create_task(Task(id="kept", title="stored before the upgrade"))
@@ -187,11 +191,12 @@ def test_a_database_an_earlier_version_created_gains_the_new_columns_and_keeps_i
 
     def as_the_earlier_version_left_it() -> None:
         with any_store.engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE keruta_task_runs DROP COLUMN usage")
-            conn.exec_driver_sql("ALTER TABLE keruta_task_runs DROP COLUMN resources")
+            for added in ADDED_SINCE_THE_LAST_RELEASE:
+                table, column = added.split(".")
+                conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
 
     as_the_earlier_version_left_it()
-    assert sorted(add_missing_columns(any_store.engine)) == ["keruta_task_runs.resources", "keruta_task_runs.usage"]
+    assert sorted(add_missing_columns(any_store.engine)) == ADDED_SINCE_THE_LAST_RELEASE
     assert add_missing_columns(any_store.engine) == []  # twice is nothing
     as_the_earlier_version_left_it()  # …and now the store's own start must add them
     _engines.pop(url).dispose()

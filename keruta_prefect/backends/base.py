@@ -40,6 +40,7 @@ class RunHandle(BaseModel):
     uid: str | None = None
     pid: int | None = None
     resources: Resources | None = None  # the requests and limits the backend gave the attempt
+    timeout_seconds: int | None = None  # the timeout it gave the attempt's script
 
 
 LogSink = Callable[[str, str], None]  # (level, message)

@@ -23,7 +23,7 @@ from keruta_prefect.api import ApiServer, create_app
 from keruta_prefect.artifacts import CollectResult, attempt_dir, collect_with_tar
 from keruta_prefect.backends.base import LogSink, Outcome, RunContext, RunHandle, agent_report
 from keruta_prefect.logfeed import FEED, FedLine
-from keruta_prefect.manifest import task_env
+from keruta_prefect.manifest import attempt_timeout, task_env
 from keruta_prefect.models import Task, overlay
 from keruta_prefect.outcomes import AgentExit, outcome_of
 from keruta_prefect.settings import KerutaSettings
@@ -78,7 +78,7 @@ class LocalBackend:
             "--task-id", task.id, "--api-url", server.url,
             "--work-dir", str(work_dir),
             "--artifacts-dir", str(self._artifacts_dir(work_dir)),
-            "--timeout", str(task.timeout(self.settings.task_default_timeout)),
+            "--timeout", str(attempt_timeout(task, self.settings, ctx)),
             "--grace", str(self.grace_seconds),
         ]
         agent_log = (work_dir / contract.AGENT_LOG).open("ab")
@@ -89,7 +89,8 @@ class LocalBackend:
             agent_log.close()
         _procs[f"{task.id}/{ctx.attempt}"] = (proc, server.url)
         return RunHandle(backend=self.name, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
-                         name=work_dir.name, pid=proc.pid, resources=resources)
+                         name=work_dir.name, pid=proc.pid, resources=resources,
+                         timeout_seconds=attempt_timeout(task, self.settings, ctx))
 
     @staticmethod
     def _artifacts_dir(work_dir: Path) -> Path:

@@ -13,6 +13,7 @@ from keruta_prefect.contract import DEFAULT_ARTIFACTS_DIR
 from keruta_prefect.settings.values import (
     AccessMode,
     ByteSize,
+    Factor,
     JsonList,
     OptionalStr,
     StrList,
@@ -204,7 +205,8 @@ class JobSettings(BaseModel):
 
 
 class TaskSettings(BaseModel):
-    """Tasks and the dispatcher: timeouts, attempts, delays, the concurrency limit."""
+    """Tasks and the dispatcher: timeouts, attempts and what a new attempt changes, delays, the concurrency
+    limit."""
 
     task_default_timeout: int = setting(
         "keruta.task.default-timeout", "seconds a task may run when it sets no timeout", 3600, ge=1
@@ -212,6 +214,23 @@ class TaskSettings(BaseModel):
     task_max_attempts: int = setting(
         "keruta.task.max-attempts", "attempts per task when an attempt fails for a system reason", 3, ge=1
     )
+    # Retry by failure class (keruta_prefect/retries.py): a system failure or an eviction is retried as it
+    # was; these say what an attempt killed for memory or stopped at its deadline is retried with.
+    task_retry_oom_memory_factor: Factor = setting(
+        "keruta.task.retry.oom-memory-factor",
+        "an attempt killed for memory (OOMKilled) is retried with its memory limit and request times this; "
+        "off: not retried", 2,
+    )
+    task_retry_max_memory: str = setting(
+        "keruta.task.retry.max-memory",
+        "the most memory a retry after OOMKilled gives (one attempt at it, then the task fails)", "8Gi",
+    )
+    task_retry_deadline_factor: Factor = setting(
+        "keruta.task.retry.deadline-factor",
+        "an attempt stopped at its timeout (TIMEOUT, DeadlineExceeded) is retried with the timeout times this; "
+        "off: not retried", "off",
+    )
+
     processing_delay_ms: int = setting(
         "keruta.task.processor.processing-delay",
         "milliseconds between dispatcher runs (keruta-dispatch follows it on its next run)", 5000, ge=100
@@ -230,6 +249,11 @@ class TaskSettings(BaseModel):
         300000,
         ge=0,
     )
+
+    @field_validator("task_retry_max_memory")
+    @classmethod
+    def _retry_max_memory(cls, value: str) -> str:
+        return check_quantity(value)
 
 
 class ArtifactSettings(BaseModel):

@@ -52,7 +52,22 @@ def _split_map(value: Any) -> Any:
     return value
 
 
+def _factor(value: Any) -> Any:
+    """``off`` (or empty) stays ``off``; anything else is a number greater than 1 (at most 100)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+        return "off"
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not 1 < number <= 100:  # NaN fails this too
+        raise ValueError("expected a factor greater than 1 (at most 100), such as 2 or 1.5, or off")
+    return int(number) if number.is_integer() else number
+
+
 ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
+# A multiplier a retry applies (more memory, a longer deadline), or "off": no such retry.
+Factor = Annotated[int | float | Literal["off"], BeforeValidator(_factor)]
 OptionalStr = Annotated[str | None, BeforeValidator(_blank_to_none)]
 StrList = Annotated[list[str], BeforeValidator(_split_list)]
 StrMap = Annotated[dict[str, str], BeforeValidator(_split_map)]

@@ -85,6 +85,7 @@ class TaskRunRow(SQLModel, table=True):
     # The requests and limits the attempt ran with (Resources, camelCase), as its backend applied them.
     resources: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     usage: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))  # Usage, as the agent sent it
+    timeout_seconds: int | None = None  # the timeout the attempt's script ran with (a retry may raise it)
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
 

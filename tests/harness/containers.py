@@ -155,6 +155,28 @@ def session_processes(session_id: int) -> list[int]:
     return found
 
 
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def memory_limit_of(container: dict[str, Any]) -> int | None:
+    """The container's ``resources.limits.memory`` in bytes, or None without one."""
+    limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    return int(parse_quantity(limit)) if limit is not None else None
+
+
+def container_memory(pid: int) -> int:
+    """Resident memory of the container whose main process is ``pid``: every process of its session, as its
+    cgroup would count them (RSS from /proc/PID/statm; 0 on systems without /proc)."""
+    total = 0
+    for member in session_processes(pid):
+        try:
+            resident = int(Path(f"/proc/{member}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # it ended meanwhile
+        total += resident * PAGE_SIZE
+    return total
+
+
 def signal_container(pid: int, sig: int) -> None:
     """Signal the container whose main process is ``pid`` (a session leader): SIGTERM reaches its main
     process group (as the runtime sends it to PID 1); SIGKILL ends every process of its session, as a

@@ -3,7 +3,9 @@ containers in order as local processes (volumes mapped to directories, env from 
 states as a real kubelet does, and stops them gracefully on deletion.
 
 Node faults on demand: images that cannot be pulled, OOM kills, evictions, a finalizer that keeps a deleted
-Pod. In ``manual`` mode nothing runs: the test drives Pod status itself (see Cluster.run_pod)."""
+Pod. A container's ``resources.limits.memory`` is enforced as its cgroup would: the resident memory of its
+processes is watched, and over the limit the container is killed (SIGKILL) and reported OOMKilled, exit code
+137. In ``manual`` mode nothing runs: the test drives Pod status itself (see Cluster.run_pod)."""
 
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ class Kubelet:
         self.node_cpu = 4.0
         self.node_memory = 16 * 2**30
         self.grace_seconds = 2.0
+        self.memory_poll_seconds = 0.1  # how often a container's memory is compared with its limit (a /proc scan)
         self.unpullable: set[str] = set()  # images whose pull fails
         self.git_remotes: dict[str, Path] = {}  # URL -> local bare repository
         self.processes: dict[tuple[str, str], asyncio.subprocess.Process] = {}  # (namespace, pod) -> running
@@ -148,12 +151,16 @@ class Kubelet:
             cwd=workdir, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         self.processes[(namespace, pod)] = proc
+        limit = containers.memory_limit_of(container)
+        enforcer = asyncio.create_task(self._enforce_memory(namespace, pod, proc, limit)) if limit else None
         await set_container(self.store, namespace, pod, name, {"running": {"startedAt": started}}, init=init,
                                  phase=None if init else "Running", ready=not init)
         assert proc.stdout is not None
         while raw := await proc.stdout.readline():
             await self.logs.append(namespace, pod, name, raw.decode("utf-8", "replace").rstrip("\n"))
         code = await proc.wait()
+        if enforcer is not None:
+            enforcer.cancel()
         self.processes.pop((namespace, pod), None)
         self.logs.finish(namespace, pod, name)
         oom = (namespace, pod) in self.oom
@@ -168,6 +175,15 @@ class Kubelet:
         if current["metadata"].get("deletionTimestamp"):
             return None
         return exit_code
+
+    async def _enforce_memory(self, namespace: str, pod: str, proc: asyncio.subprocess.Process, limit: int) -> None:
+        """The memory cgroup's part: once the container's processes hold more than ``limit`` bytes, the
+        kernel's OOM killer ends them (SIGKILL) and the container is reported OOMKilled."""
+        while proc.returncode is None:
+            if containers.container_memory(proc.pid) > limit:
+                self.oom_kill(namespace, pod)
+                return
+            await asyncio.sleep(self.memory_poll_seconds)
 
     async def delete_pod(self, namespace: str, name: str) -> None:
         """Graceful deletion: deletionTimestamp, SIGTERM, grace period, SIGKILL, then the Pod is gone."""

@@ -23,6 +23,7 @@ from keruta_prefect.manifest import (
     LABEL_TASK,
     SELECTOR,
     attempt_resources,
+    attempt_timeout,
     build_job,
     build_pvc,
     label_value,
@@ -51,7 +52,8 @@ def launch(kube: Kube, task: Task, ctx: RunContext) -> RunHandle:
         created = existing_job(kube, namespace, name, task, ctx)
     return RunHandle(backend=BACKEND_NAME, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
                      name=name, namespace=namespace, uid=created["metadata"].get("uid"),
-                     resources=attempt_resources(task, kube.settings, ctx))
+                     resources=attempt_resources(task, kube.settings, ctx),
+                     timeout_seconds=attempt_timeout(task, kube.settings, ctx))
 
 
 def existing_job(kube: Kube, namespace: str, name: str, task: Task, ctx: RunContext) -> dict[str, Any]:

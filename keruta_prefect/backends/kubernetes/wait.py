@@ -38,7 +38,8 @@ def wait_limit(kube: Kube, handle: RunHandle) -> float:
         task = kube.store.get_task(handle.task_id)
     except LookupError:
         task = Task(id=handle.task_id or "unknown")
-    deadline = build_job(task, kube.settings, RunContext(attempt=handle.attempt))["spec"]["activeDeadlineSeconds"]
+    ctx = RunContext(attempt=handle.attempt, timeout_seconds=handle.timeout_seconds)  # a retry may give it longer
+    deadline = build_job(task, kube.settings, ctx)["spec"]["activeDeadlineSeconds"]
     return float(deadline) + kube.tuning.deadline_margin
 
 
