@@ -377,13 +377,17 @@ def test_cli_run_json_of_a_task_that_allocates_200mb_reports_its_usage(
 @pytest.mark.usefixtures("prefect_server")
 def test_a_local_task_over_its_memory_limit_is_oomkilled_with_what_it_used_and_asked_for(
         store: Store, events: list[dict[str, object]]) -> None:
+    from keruta_prefect.blocks import seed
     from keruta_prefect.flows import KerutaTaskFailed, keruta_task
+    from keruta_prefect.settings import KerutaSettings
     from tests.test_flow_local import markdown_artifact
 
+    block = "usage-no-oom-retry"  # one attempt: what it used and asked for, not the retry (tests/test_retries.py)
+    seed(KerutaSettings(task_retry_oom_memory_factor="off"), name=block)
     script = f"python3 -c {_quote(HOLD.format(mib=200, then='time.sleep(600)'))}"
     state = keruta_task(task_spec={"id": "local-oom", "script": script,
                                    "resources": {"memoryRequest": "64Mi", "memoryLimit": "100Mi"}},
-                        return_state=True)
+                        settings_block=block, return_state=True)
     with pytest.raises(KerutaTaskFailed) as info:
         state.result()
     result = info.value.result
