@@ -186,25 +186,31 @@ def test_an_unexpected_error_is_one_line_exit_4_and_debug_shows_the_traceback(ho
 # --- Prefect: the temporary server, the API, stored blocks ------------------------------------------
 
 def test_the_temporary_server_gets_a_generous_startup_time_unless_the_user_set_one(homes: dict[str, str]) -> None:
-    """Prefect's default (20 s) is too short for a first start on 2 cores; a user's value (env or profile) wins."""
+    """Prefect's default (20 s) is too short for a first start on 2 cores; a user's value (env or profile) wins.
+    Likewise the temporary server's telemetry is off (no ERROR about it where there is no internet) unless
+    the user turned it on."""
     code = ("import sys, argparse, keruta_prefect.cli as cli\n"
             "with cli._prefect_defaults() as timeout:\n"
             "    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as S\n"
-            "    print(timeout, S.value())\n")
+            "    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED as A\n"
+            "    print(timeout, S.value(), A.value())\n")
+
+    fresh = {k: v for k, v in homes.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}  # as a user has it
 
     def value(**extra: str) -> str:
-        result = subprocess.run([sys.executable, "-c", code], env={**homes, **extra}, capture_output=True,
+        result = subprocess.run([sys.executable, "-c", code], env={**fresh, **extra}, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 
-    assert value() == "180 180"
-    assert value(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="45") == "45 45"
+    assert value() == "180 180 False"
+    assert value(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="45") == "45 45 False"
+    assert value(PREFECT_SERVER_ANALYTICS_ENABLED="true") == "180 180 True"
     profile = subprocess.run([str(EXE.parent / "prefect"), "config", "set",
                               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=77"],
                              env=homes, capture_output=True, text=True, timeout=120)
     assert profile.returncode == 0, profile.stderr
-    assert value() == "77 77"
+    assert value() == "77 77 False"
 
 
 def test_a_temporary_server_that_does_not_start_in_time_is_one_line_saying_what_to_do(

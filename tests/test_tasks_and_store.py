@@ -183,8 +183,9 @@ ADDED_SINCE_THE_LAST_RELEASE = ["keruta_task_runs.resources", "keruta_task_runs.
 
 
 def test_a_database_an_earlier_version_created_gains_the_new_columns_and_keeps_its_rows(any_store: Store) -> None:
-    """The columns added later (the runs' resources, timeout and usage, the tasks' usage) are added to an existing database on start; the
-    task and run stored before are still there, unchanged (SQLite and PostgreSQL)."""
+    """The columns added later (the runs' resources, timeout and usage, the tasks' usage) are added to an
+    existing database on start; the task and run stored before are still there, unchanged (SQLite and
+    PostgreSQL)."""
     url = any_store.engine.url.render_as_string(hide_password=False)
     any_store.create_task(Task(id="kept", title="stored before the upgrade"))
     any_store.start_run(TaskRunRow(task_id="kept", attempt=1, job_name="keruta-kept-1"))

@@ -39,12 +39,16 @@ def _uses_prefect(args: argparse.Namespace) -> bool:
 
 @contextlib.contextmanager
 def _prefect_defaults() -> Iterator[int]:
-    """A generous startup time for Prefect's temporary server, as a *default*: a value the user set
-    (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS in the environment or a Prefect profile) wins."""
+    """A generous startup time for Prefect's temporary server and no telemetry, as *defaults*: a value the
+    user set (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_SERVER_ANALYTICS_ENABLED in the
+    environment or a Prefect profile) wins."""
+    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED as ANALYTICS
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
     from prefect.settings import temporary_settings
 
-    with temporary_settings(set_defaults={STARTUP_TIMEOUT: EPHEMERAL_STARTUP_TIMEOUT}) as settings:
+    # The temporary server's telemetry is off unless the user turned it on: it would report to the internet
+    # from a command-line tool, and where there is none it logs an ERROR on every first start.
+    with temporary_settings(set_defaults={STARTUP_TIMEOUT: EPHEMERAL_STARTUP_TIMEOUT, ANALYTICS: False}) as settings:
         yield settings.server.ephemeral.startup_timeout_seconds
 
 
