@@ -76,6 +76,17 @@ def test_in_its_own_container_the_agent_reads_cgroup_v2(tmp_path: Path) -> None:
     assert (measured.source, measured.cpu_seconds, measured.peak_memory_bytes) == ("cgroup", 2.5, 300 * MiB)
 
 
+@pytest.mark.parametrize("limit", [None, 100 * MiB])
+def test_in_its_own_container_the_tree_is_sampled_only_to_enforce_a_limit(tmp_path: Path, limit: int | None) -> None:
+    """memory.peak has the peak: with no limit to enforce the agent spends nothing on looking at /proc."""
+    root, proc = _fake_cgroup(tmp_path)
+    meter = ScriptMeter(limit, cgroup_root=root, proc=proc, interval=3600)
+    meter.begin()
+    meter.watch(1)  # the agent's fake stat file says 100 pages
+    meter.finish()
+    assert meter.sampled_peak == (0 if limit is None else 100 * os.sysconf("SC_PAGE_SIZE"))
+
+
 @pytest.mark.parametrize(("case", "change"), [
     ("cgroup v1 or hybrid", {"self_cgroup": "4:memory:/a\n0::/\n"}),
     ("not the container's root", {"self_cgroup": "0::/user.slice/session-1.scope\n"}),
