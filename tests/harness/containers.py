@@ -164,17 +164,29 @@ def memory_limit_of(container: dict[str, Any]) -> int | None:
     return int(parse_quantity(limit)) if limit is not None else None
 
 
-def container_memory(pid: int) -> int:
-    """Resident memory of the container whose main process is ``pid``: every process of its session, as its
-    cgroup would count them (RSS from /proc/PID/statm; 0 on systems without /proc)."""
-    total = 0
-    for member in session_processes(pid):
+def sessions_memory() -> dict[int, int]:
+    """Resident memory of every session, by session id (a container's main process leads its session), as
+    the memory cgroups would count their containers: one pass over /proc (RSS from /proc/PID/stat; empty on
+    systems without /proc)."""
+    totals: dict[int, int] = {}
+    try:
+        names = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:  # pragma: no cover - not Linux
+        return totals
+    for name in names:
         try:
-            resident = int(Path(f"/proc/{member}/statm").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
+            with open(f"/proc/{name}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
             continue  # it ended meanwhile
-        total += resident * PAGE_SIZE
-    return total
+        # pid (comm) state ppid pgrp session … rss (field 24); comm may hold spaces and parentheses
+        fields = stat[stat.rindex(b")") + 2:].split()
+        try:
+            session, resident = int(fields[3]), int(fields[21])
+        except (IndexError, ValueError):
+            continue
+        totals[session] = totals.get(session, 0) + resident * PAGE_SIZE
+    return totals
 
 
 def signal_container(pid: int, sig: int) -> None:

@@ -70,7 +70,9 @@ class Kubelet:
         self.node_cpu = 4.0
         self.node_memory = 16 * 2**30
         self.grace_seconds = 2.0
-        self.memory_poll_seconds = 0.1  # how often a container's memory is compared with its limit (a /proc scan)
+        self.memory_poll_seconds = 0.1  # how often containers' memory is compared with their limits (a /proc scan)
+        self.limited: dict[tuple[str, str], tuple[asyncio.subprocess.Process, int]] = {}  # running, with a limit
+        self._memory_watch: asyncio.Task[None] | None = None
         self.unpullable: set[str] = set()  # images whose pull fails
         self.git_remotes: dict[str, Path] = {}  # URL -> local bare repository
         self.processes: dict[tuple[str, str], asyncio.subprocess.Process] = {}  # (namespace, pod) -> running
@@ -152,15 +154,17 @@ class Kubelet:
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         self.processes[(namespace, pod)] = proc
         limit = containers.memory_limit_of(container)
-        enforcer = asyncio.create_task(self._enforce_memory(namespace, pod, proc, limit)) if limit else None
+        if limit:
+            self.limited[(namespace, pod)] = (proc, limit)
+            if self._memory_watch is None or self._memory_watch.done():
+                self._memory_watch = asyncio.create_task(self._enforce_memory())
         await set_container(self.store, namespace, pod, name, {"running": {"startedAt": started}}, init=init,
                                  phase=None if init else "Running", ready=not init)
         assert proc.stdout is not None
         while raw := await proc.stdout.readline():
             await self.logs.append(namespace, pod, name, raw.decode("utf-8", "replace").rstrip("\n"))
         code = await proc.wait()
-        if enforcer is not None:
-            enforcer.cancel()
+        self.limited.pop((namespace, pod), None)
         self.processes.pop((namespace, pod), None)
         self.logs.finish(namespace, pod, name)
         oom = (namespace, pod) in self.oom
@@ -176,13 +180,16 @@ class Kubelet:
             return None
         return exit_code
 
-    async def _enforce_memory(self, namespace: str, pod: str, proc: asyncio.subprocess.Process, limit: int) -> None:
-        """The memory cgroup's part: once the container's processes hold more than ``limit`` bytes, the
-        kernel's OOM killer ends them (SIGKILL) and the container is reported OOMKilled."""
-        while proc.returncode is None:
-            if containers.container_memory(proc.pid) > limit:
-                self.oom_kill(namespace, pod)
-                return
+    async def _enforce_memory(self) -> None:
+        """The memory cgroups' part, for every running container with a limit at once: one look at /proc (in a
+        thread, so the API server goes on answering) per poll; a container whose processes hold more than its
+        limit is ended by the kernel's OOM killer (SIGKILL) and reported OOMKilled. Ends when none is left."""
+        while self.limited:
+            totals = await asyncio.to_thread(containers.sessions_memory)
+            for (namespace, pod), (proc, limit) in list(self.limited.items()):
+                if proc.returncode is None and totals.get(proc.pid, 0) > limit:
+                    self.limited.pop((namespace, pod), None)
+                    self.oom_kill(namespace, pod)
             await asyncio.sleep(self.memory_poll_seconds)
 
     async def delete_pod(self, namespace: str, name: str) -> None:
