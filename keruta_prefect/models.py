@@ -138,6 +138,10 @@ def overlay(base: Resources | None, override: Resources | None) -> Resources | N
     return base.model_copy(update=override.model_dump(exclude_none=True))
 
 
+MAX_COUNT = 2**63 - 1  # bytes: what a 64-bit counter (and a database BIGINT) holds
+MAX_MEASURE = 1e12  # seconds: some 30,000 years; anything above is not a measurement
+
+
 class Usage(Camel):
     """What one attempt's script used, as its agent measured it and sent with its final status
     (``usage`` in the status report, camelCase; an agent that does not measure sends none). Fields it
@@ -145,11 +149,13 @@ class Usage(Camel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    # finite: a JSON column cannot hold Infinity (PostgreSQL refuses it)
-    cpu_seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # user + system CPU of its processes
-    peak_memory_bytes: int | None = Field(default=None, ge=0)  # the most memory it held at once
-    wall_seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # from the script's start to its end
-    log_bytes: int | None = Field(default=None, ge=0)  # bytes of output the script wrote
+    # finite and bounded: a JSON column cannot hold Infinity (PostgreSQL refuses it), the summary formats them
+    # user + system CPU of its processes
+    cpu_seconds: float | None = Field(default=None, ge=0, le=MAX_MEASURE, allow_inf_nan=False)
+    peak_memory_bytes: int | None = Field(default=None, ge=0, le=MAX_COUNT)  # the most memory it held at once
+    # from the script's start to its end
+    wall_seconds: float | None = Field(default=None, ge=0, le=MAX_MEASURE, allow_inf_nan=False)
+    log_bytes: int | None = Field(default=None, ge=0, le=MAX_COUNT)  # bytes of output the script wrote
     source: str | None = Field(default=None, max_length=32)  # how it was measured: "cgroup" or "rusage"
 
 

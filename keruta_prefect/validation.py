@@ -7,7 +7,7 @@ name and the offending value (see :func:`one_line`), so a person always sees fie
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from pydantic import ValidationError
@@ -70,24 +70,25 @@ def check_quantity(value: str, *, allow_zero: bool = False) -> str:
 
 
 def parse_byte_size(value: Any) -> int:
-    """Bytes from an int or a quantity string ("100Mi", "1G", "2048"); negatives rejected."""
+    """Bytes from an int or a quantity string ("100Mi", "1G", "2048"), a fraction rounded up (as Kubernetes
+    rounds a memory quantity: "500m" is 1 byte, never 0); negatives rejected."""
     if isinstance(value, bool):
         raise ValueError("expected a size in bytes such as 1048576, 100Mi or 1Gi")
     if isinstance(value, int):
-        amount: float = value
+        amount: Decimal = Decimal(value)
     elif isinstance(value, str):
         text = value.strip()
         if text.startswith("-"):
             raise ValueError("must not be negative")
         try:
-            amount = parse_quantity(text)
+            amount = quantity_amount(text)
         except ValueError:
             raise ValueError("expected a size in bytes such as 1048576, 100Mi or 1Gi") from None
     else:
         raise ValueError("expected a size in bytes such as 1048576, 100Mi or 1Gi")
     if amount < 0:
         raise ValueError("must not be negative")
-    return int(amount)
+    return int(amount.to_integral_value(rounding=ROUND_CEILING))
 
 
 def check_dns_label(value: str) -> str:

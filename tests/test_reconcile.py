@@ -117,12 +117,27 @@ CASES: list[tuple[str, Facts, list[tuple[str, str]]]] = [
     ("a claim of a Scheduled flow run is kept however long it waits",
      facts(flow_runs={LIVE: "SCHEDULED"}, tasks={"t": task(status=TaskStatus.PENDING, claimed_by=LIVE,
                                                               lease_expires=OLD)}), []),
-    ("a local agent of a dead run is stopped, its task lost, its work directory removed",
+    ("a local agent of a dead run is stopped and its task lost; its work directory goes once the run has ended",
      facts(tasks={"t": task(status=TaskStatus.IN_PROGRESS)},
            runs=[RunFact(id=1, task_id="t", flow_run_id=GONE, pid=42)],
            agents=[AgentFact(pid=42, task_id="t", work_dir="/w/t/attempt-1", attempt=1, started=OLD)],
            work_dirs=[WorkDirFact(path="/w/t/attempt-1", task_id="t", attempt=1, modified=OLD)]),
-     [("stop-agent", "42"), ("fail-lost-task", "t"), ("remove-work-dir", "/w/t/attempt-1")]),
+     [("stop-agent", "42"), ("fail-lost-task", "t")]),
+    ("the work directory of an ended run is removed",
+     facts(tasks={"t": task(status=TaskStatus.FAILED)},
+           work_dirs=[WorkDirFact(path="/w/t/attempt-1", task_id="t", attempt=1, modified=OLD)]),
+     [("remove-work-dir", "/w/t/attempt-1")]),
+    ("the Job of a flow run that crashed within the grace period stays (a rerun reattaches to it)",
+     facts(objects=[job(flow_run=DONE)], flow_run_since={DONE: NEW}, tasks={"t": task(status=TaskStatus.IN_PROGRESS)},
+           runs=[RunFact(id=1, task_id="t", flow_run_id=DONE, backend="kubernetes", namespace="ns")]), []),
+    ("…and goes once the grace period after the crash has passed",
+     facts(objects=[job(flow_run=DONE)], flow_run_since={DONE: OLD}, tasks={"t": task(status=TaskStatus.COMPLETED)}),
+     [("delete-job", "j")]),
+    ("with Kubernetes off, a task IN_PROGRESS with no recorded attempt and no live flow run is lost",
+     facts(kube_enabled=False, kube_checked=set(), tasks={"t": task(status=TaskStatus.IN_PROGRESS)}),
+     [("fail-lost-task", "t")]),
+    ("with Kubernetes on but not looked at, it is not",
+     facts(kube_checked=set(), tasks={"t": task(status=TaskStatus.IN_PROGRESS)}), []),
     ("a local agent of a live run and its work directory stay",
      facts(tasks={"t": task(status=TaskStatus.IN_PROGRESS)},
            runs=[RunFact(id=1, task_id="t", flow_run_id=LIVE, pid=42)],
@@ -214,6 +229,55 @@ def test_lost_tasks_are_failed_or_queued_again_and_dead_claims_released(store: S
 
 
 @pytest.mark.usefixtures("prefect_server")
+def test_a_temporary_prefect_server_that_knows_none_of_the_flow_runs_is_not_taken_for_their_end(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PREFECT_API_URL forgotten: a temporary server knows none of the records' flow runs. "Gone" would fail
+    every task; they are taken as alive, and the report says why."""
+    import keruta_prefect.reconcile.facts as facts_module
+
+    in_progress(store, "elsewhere")
+    store.start_run(TaskRunRow(task_id="elsewhere", flow_run_id=str(uuid.uuid4()), backend="local"))
+    monkeypatch.setattr(facts_module, "temporary_prefect", lambda: True)
+    report = reconcile(LOCAL, store, now=later(LOCAL))
+    assert report.actions == [] and store.get_task("elsewhere").status == TaskStatus.IN_PROGRESS
+    assert any("is it the Prefect API that ran them?" in w for w in report.warnings), report.warnings
+    monkeypatch.setattr(facts_module, "temporary_prefect", lambda: False)  # the server that ran it: gone is gone
+    assert [a.kind for a in reconcile(LOCAL, store, now=later(LOCAL)).actions] == ["fail-lost-task"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_task_a_rerun_took_up_after_the_facts_were_gathered_is_left_to_it(store: Store) -> None:
+    """The planner saw a lost task; before the executor acts, a rerun by id (a live keruta-task flow run
+    naming it) takes it up: the rerun keeps it, and its attempt stays open."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    from keruta_prefect.reconcile.facts import Gatherer
+    from keruta_prefect.reconcile.plan import plan
+    from keruta_prefect.reconcile.run import ActionResult, Executor
+
+    in_progress(store, "rerun")
+    store.start_run(TaskRunRow(task_id="rerun", flow_run_id=str(uuid.uuid4()), backend="local"))
+    [action] = plan(Gatherer(LOCAL, store, None, later(LOCAL)).gather())
+    assert action.kind == "fail-lost-task"
+
+    @flow(name="keruta-task")
+    def rerun(task_id: str | None = None) -> None: ...
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(rerun, parameters={"task_id": "rerun"}, state=Running())
+        try:
+            result = ActionResult(**action.model_dump())
+            Executor(LOCAL, store, None).run(result)
+        finally:
+            client.set_flow_run_state(run.id, Completed(), force=True)
+    assert (result.outcome, result.detail) == ("skipped", f"flow run {run.id} runs it now")
+    assert store.get_task("rerun").status == TaskStatus.IN_PROGRESS
+    assert [r.finished_at for r in store.runs("rerun")] == [None]
+
+
+@pytest.mark.usefixtures("prefect_server")
 def test_a_dry_run_changes_nothing_and_the_cli_prints_the_report_as_json(
         store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     from keruta_prefect.blocks import seed
@@ -294,16 +358,18 @@ def test_a_local_orphan_agent_is_stopped_its_task_lost_and_its_work_directory_re
         store: Store, orphan_agent: tuple[int, Path]) -> None:
     pid, work = orphan_agent
     dry = reconcile(LOCAL, store, dry_run=True, now=later(LOCAL))
-    assert [(a.kind, a.outcome) for a in dry.actions] == [("stop-agent", "planned"), ("fail-lost-task", "planned"),
-                                                          ("remove-work-dir", "planned")]
+    assert [(a.kind, a.outcome) for a in dry.actions] == [("stop-agent", "planned"), ("fail-lost-task", "planned")]
     assert session_processes(pid) and work.is_dir() and store.get_task("orphan").status == TaskStatus.IN_PROGRESS
     assert reconcile(LOCAL, store).actions == []  # within the grace period: left alone
 
     report = reconcile(LOCAL, store, now=later(LOCAL))
     assert [(a.kind, a.name, a.outcome) for a in report.actions] == [
-        ("stop-agent", str(pid), "done"), ("fail-lost-task", "orphan", "done"), ("remove-work-dir", str(work), "done")]
-    assert not session_processes(pid) and not work.exists() and not work.parent.exists()
+        ("stop-agent", str(pid), "done"), ("fail-lost-task", "orphan", "done")]
+    assert not session_processes(pid) and work.is_dir()  # its run has ended now: the next pass removes it
     assert (store.get_task("orphan").status, store.get_task("orphan").error_code) == (TaskStatus.FAILED, Reason.LOST)
+    after = reconcile(LOCAL, store, now=later(LOCAL))
+    assert [(a.kind, a.name, a.outcome) for a in after.actions] == [("remove-work-dir", str(work), "done")]
+    assert not work.exists() and not work.parent.exists()
 
 
 @pytest.mark.usefixtures("prefect_server")

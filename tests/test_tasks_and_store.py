@@ -207,3 +207,10 @@ def test_a_database_an_earlier_version_created_gains_the_new_columns_and_keeps_i
     assert (run.job_name, run.resources, run.usage) == ("keruta-kept-1", None, None)
     upgraded.update_run(run.id or 0, usage={"cpuSeconds": 1.5})
     assert upgraded.runs("kept")[0].usage == {"cpuSeconds": 1.5}
+
+
+def test_a_fractional_byte_size_rounds_up_never_to_zero() -> None:
+    """A memory limit of 500m (half a byte, as odd as it is) is 1 byte, as Kubernetes rounds it: never 0."""
+    from keruta_prefect.validation import parse_byte_size
+
+    assert [parse_byte_size(v) for v in ("500m", "1.5", "128Mi", 7, "0.5Ki")] == [1, 2, 128 * 2**20, 7, 512]

@@ -308,7 +308,7 @@ def test_an_attempt_starts_without_the_usage_an_earlier_agent_left_on_the_task(a
 
 
 @pytest.mark.parametrize("bad", ["a lot", [1, 2], {"cpuSeconds": -1}, {"peakMemoryBytes": "big"},
-                                 {"source": "x" * 100}])
+                                 {"source": "x" * 100}, {"peakMemoryBytes": 10**400}, {"wallSeconds": 1e300}])
 def test_a_bad_usage_never_fails_the_final_status_it_is_ignored_and_logged(
         api: Api, store: Store, bad: object, caplog: pytest.LogCaptureFixture) -> None:
     make(store, "odd", "true")

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 # A flow run without a state yet is being created: as good as Pending (alive).
 NO_STATE = StateType.PENDING.value
+UNKNOWN_STATE = "UNKNOWN"  # a flow run whose state could not be trusted: counted as alive (not a final state)
 FLOW_RUN_BATCH = 200  # ids per read_flow_runs request (the Prefect API's default page)
 KERUTA_TASK_FLOW = "keruta-task"
 
@@ -67,19 +68,36 @@ def _uuids(ids: Iterable[str]) -> list[uuid.UUID]:
     return sorted(found)
 
 
-def flow_run_states(ids: Iterable[str]) -> dict[str, str]:
-    """The Prefect state type of each flow run that exists; one request per FLOW_RUN_BATCH ids."""
+def flow_run_states(ids: Iterable[str]) -> dict[str, tuple[str, datetime | None]]:
+    """The Prefect state type of each flow run that exists, and when it entered that state; one request per
+    FLOW_RUN_BATCH ids."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    wanted, states = _uuids(ids), {}
+    wanted = _uuids(ids)
+    states: dict[str, tuple[str, datetime | None]] = {}
     with get_client(sync_client=True) as client:
         for start in range(0, len(wanted), FLOW_RUN_BATCH):
             chunk = wanted[start:start + FLOW_RUN_BATCH]
             for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)),
                                              limit=len(chunk)):
-                states[str(run.id)] = run.state.type.value if run.state is not None else NO_STATE
+                states[str(run.id)] = ((run.state.type.value, run.state.timestamp) if run.state is not None
+                                       else (NO_STATE, None))
     return states
+
+
+def temporary_prefect() -> bool:
+    """Is the Prefect API this process talks to a temporary server of its own (PREFECT_API_URL unset)?"""
+    from prefect.settings import PREFECT_API_URL
+
+    return not PREFECT_API_URL.value()
+
+
+def prefect_api() -> str:
+    """Which Prefect API answers (for a report): its URL, or Prefect's temporary server."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or "Prefect's temporary server (PREFECT_API_URL is not set)"
 
 
 def live_task_flow_runs() -> list[tuple[str, str, dict[str, Any]]]:
@@ -92,6 +110,7 @@ def live_task_flow_runs() -> list[tuple[str, str, dict[str, Any]]]:
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
+    from prefect.client.schemas.sorting import FlowRunSort
     final = [StateType(value) for value in FINAL_STATES]
     found: list[tuple[str, str, dict[str, Any]]] = []
     with get_client(sync_client=True) as client:
@@ -99,7 +118,7 @@ def live_task_flow_runs() -> list[tuple[str, str, dict[str, Any]]]:
             page = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=[KERUTA_TASK_FLOW])),
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=final))),
-                limit=FLOW_RUN_BATCH, offset=len(found))
+                sort=FlowRunSort.ID_DESC, limit=FLOW_RUN_BATCH, offset=len(found))
             found.extend((str(r.id), r.state.type.value if r.state else NO_STATE, r.parameters or {}) for r in page)
             if len(page) < FLOW_RUN_BATCH:
                 return found
@@ -118,7 +137,7 @@ class Gatherer:
 
     def __init__(self, settings: KerutaSettings, store: Store, kube: Kube | None, now: datetime) -> None:
         self.settings, self.store, self.kube = settings, store, kube
-        self.facts = Facts(now=now, grace_seconds=settings.reconcile_grace_seconds,
+        self.facts = Facts(now=now, grace_seconds=settings.reconcile_grace_seconds, kube_enabled=settings.enabled,
                            lost_tasks=settings.reconcile_lost_tasks, max_attempts=settings.task_max_attempts,
                            pvc_retention=settings.pvc_retention)
         self.warnings: list[str] = []
@@ -153,7 +172,20 @@ class Gatherer:
                 self.add_task(member)
         holders = {t.claimed_by for t in f.tasks.values() if t.claimed_by}
         asked = {o.flow_run_id for o in f.objects} | {r.flow_run_id for r in f.runs} | holders
-        f.flow_runs.update(flow_run_states(i for i in asked if i and i not in f.flow_runs))
+        asked_ids = [str(u) for u in _uuids(i for i in asked if i and i not in f.flow_runs)]
+        found = flow_run_states(asked_ids)
+        if asked_ids and not found and not live and temporary_prefect():
+            # Prefect's temporary server knows none of the flow runs the records name and runs no keruta
+            # task: most likely not the server that ran them (PREFECT_API_URL forgotten, the records in a
+            # shared database). "Gone" would fail every task and delete every Job: take them as alive, say so.
+            self.warnings.append(f"none of the {len(asked_ids)} flow runs the records name is known to "
+                                 f"{prefect_api()}: is it the Prefect API that ran them? They were taken as "
+                                 "alive; nothing of theirs was touched")
+            found = {run_id: (UNKNOWN_STATE, None) for run_id in asked_ids}
+        for run_id, (state, since) in found.items():
+            f.flow_runs[run_id] = state
+            if since is not None:
+                f.flow_run_since[run_id] = since
         return f
 
     def add_known(self, task_id: str | None) -> None:

@@ -103,6 +103,8 @@ class Facts(BaseModel):
     tasks: dict[str, TaskFact] = Field(default_factory=dict)  # the tasks the rest names, and all unfinished ones
     runs: list[RunFact] = Field(default_factory=list)
     flow_runs: dict[str, str] = Field(default_factory=dict)  # flow run id → Prefect state type; absent: gone
+    flow_run_since: dict[str, datetime] = Field(default_factory=dict)  # flow run id → when it entered that state
+    kube_enabled: bool = True  # keruta.kubernetes.enabled: a task with no recorded attempt may have a Job
     named_by: dict[str, list[str]] = Field(default_factory=dict)  # task → live keruta-task flow runs naming it
     trees: dict[str, list[str]] = Field(default_factory=dict)  # a volume's root task → the tasks of its tree
     agents: list[AgentFact] = Field(default_factory=list)
@@ -118,7 +120,7 @@ class Action(BaseModel):
     uid: str | None = None
     pid: int | None = None
     attempt: int | None = None
-    holder: str | None = None  # release-claim: the holder whose claim is released (compare-and-set)
+    holder: str | None = None  # release-claim and lost tasks: the claim's holder as seen (compare-and-set)
     run_ids: list[int] = Field(default_factory=list)  # lost tasks: the attempts closed with them
 
 
@@ -153,6 +155,12 @@ class Planner:
     def young(self, when: datetime | None) -> bool:
         return when is None or self.f.now - when < self.grace
 
+    def just_ended(self, flow_run_id: str | None) -> bool:
+        """The flow run entered its final state within the grace period: a rerun of a crashed one may be
+        about to reattach to what it left."""
+        since = self.f.flow_run_since.get(flow_run_id) if flow_run_id else None
+        return since is not None and self.f.now - since < self.grace
+
     def flow_run_said(self, flow_run_id: str | None) -> str:
         if not flow_run_id:
             return "it names no flow run"
@@ -183,7 +191,8 @@ class Planner:
         return sorted(self.actions, key=lambda a: (ORDER.index(a.kind), a.namespace or "", a.name))
 
     def job_or_pod(self, obj: KubeObject) -> None:
-        if obj.deleting or self.young(obj.created) or self.live(obj.flow_run_id) or self.owner(obj.task_id):
+        if (obj.deleting or self.young(obj.created) or self.live(obj.flow_run_id) or self.just_ended(obj.flow_run_id)
+                or self.owner(obj.task_id)):
             return
         kind: ActionKind = "delete-job" if obj.kind == "Job" else "delete-pod"
         what = f"{obj.kind} of attempt {obj.attempt} of task {obj.task_id}" if obj.task_id else obj.kind
@@ -209,7 +218,8 @@ class Planner:
             run = next((r for r in self.f.runs if r.backend == "local" and r.pid == agent.pid
                         and r.task_id == agent.task_id), None)
             flow_run = run.flow_run_id if run else None
-            if self.young(agent.started) or self.live(flow_run) or self.owner(agent.task_id):
+            if (self.young(agent.started) or self.live(flow_run) or self.just_ended(flow_run)
+                    or self.owner(agent.task_id)):
                 continue
             recorded = f"attempt {run.attempt}: {self.flow_run_said(flow_run)}" if run else "no open run records it"
             self.add("stop-agent", str(agent.pid), f"local agent of task {agent.task_id} ({recorded}; "
@@ -224,8 +234,10 @@ class Planner:
             if task.status not in LOST_STATUSES or self.young(task.updated_at) or self.owner(task.id):
                 continue
             runs = [r for r in self.f.runs if r.task_id == task.id]
+            if any(self.just_ended(r.flow_run_id) for r in runs):
+                continue  # a rerun may be about to reattach to it
             namespaces = {task.namespace} | {r.namespace for r in runs if r.backend == "kubernetes"}
-            on_kubernetes = any(r.backend == "kubernetes" for r in runs) or not runs
+            on_kubernetes = any(r.backend == "kubernetes" for r in runs) or (not runs and self.f.kube_enabled)
             if on_kubernetes and not namespaces <= self.f.kube_checked:
                 continue  # its Jobs could not be looked at: nothing is known to be lost
             jobs = [o for o in self.f.objects if o.kind != "PersistentVolumeClaim" and o.task_id == task.id
@@ -242,7 +254,7 @@ class Planner:
                     f"; not queued again: {task.attempts} of {self.f.max_attempts} attempts used"
                     if self.f.lost_tasks == "requeue" else "")
             self.add(kind, task.id, f"task {task.status}: {said}{left}", task_id=task.id,
-                     run_ids=[r.id for r in runs], attempt=last.attempt if last else None)
+                     run_ids=[r.id for r in runs], attempt=last.attempt if last else None, holder=task.claimed_by)
 
     def claims(self) -> None:
         for task in self.f.tasks.values():
@@ -268,8 +280,8 @@ class Planner:
                 continue
             run = next((r for r in self.f.runs if r.backend == "local" and r.task_id == work.task_id
                         and r.attempt == work.attempt), None)
-            if run is not None and self.live(run.flow_run_id):
-                continue
+            if run is not None:
+                continue  # an attempt not recorded as ended: its directory goes once it is (this pass may end it)
             said = self.task_said(work.task_id) if work.task_id else "no stored task has its name"
             self.add("remove-work-dir", work.path, f"work directory of attempt {work.attempt}: no agent runs in "
                      f"it; {said}", task_id=work.task_id, attempt=work.attempt)

@@ -18,7 +18,7 @@ from keruta_prefect.backends.base import BackendError, RunHandle
 from keruta_prefect.backends.local import LocalBackend
 from keruta_prefect.contract import Reason, TaskStatus
 from keruta_prefect.models import InvalidTransition
-from keruta_prefect.reconcile.facts import Gatherer
+from keruta_prefect.reconcile.facts import Gatherer, live_task_flow_runs, named_task
 from keruta_prefect.reconcile.plan import LOST_STATUSES, Action, plan
 from keruta_prefect.settings import KerutaSettings
 from keruta_prefect.store import LogLine, Store
@@ -105,6 +105,7 @@ class Executor:
 
     def __init__(self, settings: KerutaSettings, store: Store, kube: Kube | None) -> None:
         self.settings, self.store, self.kube = settings, store, kube
+        self._runners: dict[str, str] | None = None
 
     def run(self, action: ActionResult) -> None:
         try:
@@ -169,11 +170,12 @@ class Executor:
         task = self.store.get_task(action.name)
         if task.status not in LOST_STATUSES:
             return f"skipped: the task is {task.status} now"
+        if (holder := self.store.claim_of(task.id)) != action.holder:
+            return f"skipped: flow run {holder} has claimed it since"
+        if runner := self._live_runners().get(task.id):
+            return f"skipped: flow run {runner} runs it now"
         message = f"the reconciler found the task LOST: {action.why}"
         now = datetime.now(UTC)
-        for run_id in action.run_ids:
-            self.store.update_run(run_id, status=TaskStatus.FAILED.value, reason=Reason.LOST, message=message,
-                                  finished_at=now)
         try:
             if requeue:
                 if task.status == TaskStatus.IN_PROGRESS:
@@ -183,6 +185,19 @@ class Executor:
                 self.store.set_status(task.id, TaskStatus.FAILED, message=message, error_code=Reason.LOST)
         except InvalidTransition as exc:  # the agent's final word came in meanwhile: it stands
             return f"skipped: {exc}"
+        for run_id in action.run_ids:
+            self.store.update_run(run_id, status=TaskStatus.FAILED.value, reason=Reason.LOST, message=message,
+                                  finished_at=now)
         seq = int(now.timestamp() * 1000)
         self.store.add_logs(task.id, LOG_SOURCE, [LogLine(seq=seq, level="WARNING", message=message)])
         return None
+
+    def _live_runners(self) -> dict[str, str]:
+        """Task → a live keruta-task flow run naming it, read again when the first lost task is acted on (after
+        the slower actions): a rerun by id started since the facts were gathered keeps its task."""
+        if self._runners is None:
+            self._runners = {}
+            for run_id, _state, parameters in live_task_flow_runs():
+                if task_id := named_task(parameters):
+                    self._runners.setdefault(task_id, run_id)
+        return self._runners
