@@ -13,7 +13,9 @@ from typing import Any
 from pydantic import ValidationError
 
 # Kubernetes quantities: https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/quantity/
-_QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]+)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+# (a sign other than "+" is refused here: no quantity keruta takes may be negative)
+_QUANTITY = re.compile(r"^\+?(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)"
+                       r"(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)|[eE](?P<exp>[+-]?[0-9]{1,3}))?$")
 BINARY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 DECIMAL_UNITS = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
 _FRACTIONS = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("0.001"), "": Decimal(1)}
@@ -48,7 +50,8 @@ def quantity_amount(value: str) -> Decimal:
         raise ValueError("expected a Kubernetes quantity such as 500m, 2, 128Mi or 1Gi")
     suffix = match["suffix"] or ""
     unit = BINARY_UNITS.get(suffix) or DECIMAL_UNITS.get(suffix) or _FRACTIONS[suffix]
-    return Decimal(match["num"]) * unit
+    exponent = Decimal(10) ** int(match["exp"]) if match["exp"] else Decimal(1)  # 129e6: a decimal exponent
+    return Decimal(match["num"]) * unit * exponent
 
 
 def quantity_suffix(value: str) -> str:

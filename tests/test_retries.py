@@ -123,6 +123,10 @@ def test_memory_quantities_scale_exactly_in_their_own_units(quantity: str, facto
 def test_memory_quantities_parse_and_format_exactly() -> None:
     assert memory_bytes("256Mi") == 256 * 2**20 and memory_bytes("1.5G") == 1_500_000_000
     assert memory_bytes("500m") * 2 == 1
+    # every form Kubernetes accepts: a decimal exponent (its docs' own 129e6), a leading +, a trailing dot
+    assert [memory_bytes(q) for q in ("129e6", "1E3", "+1Gi", "1.", "2.5E+2")] == [129 * 10**6, 1000, 2**30, 1, 250]
+    assert memory_bytes("1E") == 10**18  # E alone is exa
+    assert scale_memory("129e6", 2) == "247Mi"  # 258e6 bytes, rounded up to a whole Mi
     assert format_memory(3 * 2**30) == "3Gi" and format_memory(2**20 + 1) == str(2**20 + 1)
     assert format_memory(2 * 10**9, decimal=True) == "2G"
     with pytest.raises(ValueError, match="not a Kubernetes quantity"):
