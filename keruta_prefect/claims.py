@@ -17,7 +17,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.runtime import flow_run as runtime_flow_run
 
 from keruta_prefect.errors import PermanentError
@@ -52,6 +52,12 @@ def holder_state(flow_run_id: str) -> str | None:
             run = client.read_flow_run(run_id)
         except ObjectNotFound:
             return None
+    return state_type(run)
+
+
+def state_type(run: FlowRun) -> str | None:
+    """A flow run's Prefect state type, as claims and the reconciler judge it: None for one without a state
+    (it never started, so it holds and owns nothing), as for one Prefect does not know."""
     return run.state.type.value if run.state is not None else None
 
 

@@ -16,7 +16,7 @@ from keruta_prefect import contract
 from keruta_prefect.backends.base import BackendError
 from keruta_prefect.backends.local import agent_processes
 from keruta_prefect.cancel import task_namespaces
-from keruta_prefect.claims import FINAL_STATES
+from keruta_prefect.claims import FINAL_STATES, state_type
 from keruta_prefect.manifest import ANNOTATION_TASK, LABEL_ATTEMPT, LABEL_FLOW_RUN, LABEL_TASK, namespace_of
 from keruta_prefect.models import Task, TaskStatus
 from keruta_prefect.reconcile.plan import AgentFact, Facts, KubeObject, RunFact, TaskFact, WorkDirFact
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from keruta_prefect.backends.kubernetes.context import Kube
 
 # A flow run without a state yet is being created: as good as Pending (alive).
-NO_STATE = StateType.PENDING.value
 UNKNOWN_STATE = "UNKNOWN"  # a flow run whose state could not be trusted: counted as alive (not a final state)
 FLOW_RUN_BATCH = 200  # ids per read_flow_runs request (the Prefect API's default page)
 KERUTA_TASK_FLOW = "keruta-task"
@@ -81,8 +80,8 @@ def flow_run_states(ids: Iterable[str]) -> dict[str, tuple[str, datetime | None]
             chunk = wanted[start:start + FLOW_RUN_BATCH]
             for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)),
                                              limit=len(chunk)):
-                states[str(run.id)] = ((run.state.type.value, run.state.timestamp) if run.state is not None
-                                       else (NO_STATE, None))
+                if (state := state_type(run)) is not None:  # stateless: holds and owns nothing, as if gone
+                    states[str(run.id)] = (state, run.state.timestamp if run.state else None)
     return states
 
 
@@ -119,7 +118,7 @@ def live_task_flow_runs() -> list[tuple[str, str, dict[str, Any]]]:
                 flow_filter=FlowFilter(name=FlowFilterName(any_=[KERUTA_TASK_FLOW])),
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=final))),
                 sort=FlowRunSort.ID_DESC, limit=FLOW_RUN_BATCH, offset=len(found))
-            found.extend((str(r.id), r.state.type.value if r.state else NO_STATE, r.parameters or {}) for r in page)
+            found.extend((str(r.id), state_type(r) or StateType.PENDING.value, r.parameters or {}) for r in page)
             if len(page) < FLOW_RUN_BATCH:
                 return found
 

@@ -241,7 +241,8 @@ class Planner:
             if on_kubernetes and not namespaces <= self.f.kube_checked:
                 continue  # its Jobs could not be looked at: nothing is known to be lost
             jobs = [o for o in self.f.objects if o.kind != "PersistentVolumeClaim" and o.task_id == task.id
-                    and not o.finished and not o.deleting and (o.namespace, o.name) not in deleted]
+                    and not o.finished and not o.deleting and (o.namespace, o.name) not in deleted
+                    and (o.namespace, o.owner_job) not in deleted]  # a Pod goes with its Job (Foreground)
             agents = [a for a in self.f.agents if a.task_id == task.id and a.pid not in stopped]
             if jobs or agents:
                 continue
