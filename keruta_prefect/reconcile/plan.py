@@ -124,15 +124,13 @@ class Action(BaseModel):
     run_ids: list[int] = Field(default_factory=list)  # lost tasks: the attempts closed with them
 
 
-class Planner:
-    """One pass of the rules over one set of facts (see the module)."""
+class Liveness:
+    """Who is alive, and how old things are, as the facts tell (the questions every rule asks)."""
 
     def __init__(self, facts: Facts) -> None:
         self.f = facts
         self.grace = timedelta(seconds=facts.grace_seconds)
-        self.actions: list[Action] = []
 
-    # --- who is alive -------------------------------------------------------------------------------
     def state(self, flow_run_id: str | None) -> str | None:
         return self.f.flow_runs.get(flow_run_id) if flow_run_id else None
 
@@ -173,10 +171,18 @@ class Planner:
             return f"task {task_id} is not stored" if task_id else "it names no task"
         return f"task {task_id} is {task.status}"
 
+
+
+class Planner(Liveness):
+    """One pass of the rules over one set of facts (see the module)."""
+
+    def __init__(self, facts: Facts) -> None:
+        super().__init__(facts)
+        self.actions: list[Action] = []
+
     def add(self, kind: ActionKind, name: str, why: str, **more: object) -> None:
         self.actions.append(Action(kind=kind, name=name, why=why, **more))  # type: ignore[arg-type]
 
-    # --- the rules ----------------------------------------------------------------------------------
     def plan(self) -> list[Action]:
         jobs = {(o.namespace, o.name) for o in self.f.objects if o.kind == "Job"}
         for obj in self.f.objects:
