@@ -70,6 +70,7 @@ class LocalBackend:
         env.update({contract.Env.API_URL: server.url, contract.Env.API_TOKEN: token})
         env.update(task.additional_env)
         resources = overlay(task.resources, ctx.resources)
+        timeout = attempt_timeout(task, self.settings, ctx)
         env.pop(contract.Env.MEMORY_LIMIT, None)  # only the attempt's own limit, enforced by the agent (no cgroup)
         if resources is not None and resources.memory_limit:
             env[contract.Env.MEMORY_LIMIT] = str(parse_byte_size(resources.memory_limit))
@@ -78,7 +79,7 @@ class LocalBackend:
             "--task-id", task.id, "--api-url", server.url,
             "--work-dir", str(work_dir),
             "--artifacts-dir", str(self._artifacts_dir(work_dir)),
-            "--timeout", str(attempt_timeout(task, self.settings, ctx)),
+            "--timeout", str(timeout),
             "--grace", str(self.grace_seconds),
         ]
         agent_log = (work_dir / contract.AGENT_LOG).open("ab")
@@ -90,7 +91,7 @@ class LocalBackend:
         _procs[f"{task.id}/{ctx.attempt}"] = (proc, server.url)
         return RunHandle(backend=self.name, task_id=task.id, attempt=ctx.attempt, flow_run_id=ctx.flow_run_id,
                          name=work_dir.name, pid=proc.pid, resources=resources,
-                         timeout_seconds=attempt_timeout(task, self.settings, ctx))
+                         timeout_seconds=timeout)
 
     @staticmethod
     def _artifacts_dir(work_dir: Path) -> Path:
