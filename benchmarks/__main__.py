@@ -42,13 +42,14 @@ class Sizes:
     concurrent: int  # tasks at once
     overhead_runs: int
     fan_out: tuple[int, int]  # tasks, concurrency
+    floor_runs: int  # empty flow runs and task runs, for Prefect's own cost
     artifacts: tuple[int, int]  # MiB of the large file, number of small files
     log_lines: int
 
 
-FULL = Sizes(runs=30, durations=(5, 60), concurrent=50, overhead_runs=20, fan_out=(200, 20),
+FULL = Sizes(runs=30, durations=(5, 60), concurrent=50, overhead_runs=20, fan_out=(200, 20), floor_runs=40,
              artifacts=(1024, 10000), log_lines=200_000)
-SMOKE = Sizes(runs=3, durations=(1,), concurrent=4, overhead_runs=2, fan_out=(6, 3), artifacts=(2, 50),
+SMOKE = Sizes(runs=3, durations=(1,), concurrent=4, overhead_runs=2, fan_out=(6, 3), floor_runs=3, artifacts=(2, 50),
               log_lines=2000)
 CONCURRENT_POD_RUN_S = 5  # how long each Pod of section 3 runs
 
@@ -77,6 +78,9 @@ def prefect_server(database: str, home: Path) -> Iterator[str]:
         with server_process(env, home / "prefect-server.log") as base, \
                 temporary_settings({PREFECT_API_URL: f"{base}/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
                 prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+            from benchmarks import cpu
+
+            cpu.SERVERS[:] = [*cpu.server_children(), *filter(None, [cpu.postmaster(pg.data)])]
             # ...process-global too, as a profile or the environment would be (and as prefect_test_harness
             # does): Prefect's own service threads do not inherit the context variables.
             yield f"`prefect server start` on PostgreSQL {pg.bin.parent.name}"
@@ -142,6 +146,7 @@ def _run(sizes: Sizes, out: Path, server: str) -> Report:
     measured(report.overhead_figures(compare.orchestration_overhead(root, sizes.overhead_runs)),
              report.render_overhead)
     measured(report.fanout_figures(throughput.fan_out(*sizes.fan_out)), report.render_fanout)
+    measured(report.floor_figures(throughput.flow_run_floor(sizes.floor_runs)), report.render_fanout)
     collected = artifacts.measure(*sizes.artifacts)
     measured(report.artifacts_figures(collected), report.render_artifacts, **report.artifacts_notes(collected))
     measured(report.log_figures(throughput.log_streaming(sizes.log_lines)), report.render_logs)

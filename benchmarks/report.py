@@ -48,8 +48,11 @@ KEYS: tuple[tuple[str, str], ...] = (
     ("fanout_tasks, fanout_concurrency, fanout_completed", "section 5's sizes and the tasks that completed"),
     ("fanout_wall_s, fanout_agent_median_ms, fanout_overhead_ms_per_task", "wall time, median agent run, "
                                                                            "overhead per task"),
-    ("fanout_cpu_flows_ms_per_task, fanout_cpu_agent_ms_per_task, fanout_peak_rss_mib",
-     "CPU per task of this process and of the agents; peak RSS of this process"),
+    ("fanout_cpu_flows_ms_per_task, fanout_cpu_agent_ms_per_task, fanout_cpu_server_ms_per_task, fanout_peak_rss_mib",
+     "CPU per task of this process, of the agents, of the Prefect server and its database; peak RSS of this "
+     "process"),
+    ("floor_runs, floor_{run}_client_cpu_ms, floor_{run}_server_cpu_ms", "Prefect's own cost: CPU of this process "
+     "and of the Prefect server (with its database) per empty {run} (flow_run: a child flow run; task_run)"),
     ("artifacts_{case}_file_mib, artifacts_{case}_files", "the case: one file of this many MiB ({case} = e.g. "
                                                           "1gib), or this many files of 1 KiB ({case} = small)"),
     ("artifacts_{case}_keruta_s, _keruta_mib_per_s, _rss_growth_mib", "keruta's collection over exec"),
@@ -131,7 +134,14 @@ def fanout_figures(fan: Mapping[str, Any]) -> dict[str, float]:
             "fanout_overhead_ms_per_task": _round(fan["overhead_per_task"] * 1000),
             "fanout_cpu_flows_ms_per_task": _round(fan["cpu_flow_per_task"] * 1000),
             "fanout_cpu_agent_ms_per_task": _round(fan["cpu_agent_per_task"] * 1000),
+            "fanout_cpu_server_ms_per_task": _round(fan["cpu_server_per_task"] * 1000),
             "fanout_peak_rss_mib": _round(fan["peak_rss"] / 2**20, 1)}
+
+
+def floor_figures(floor: Mapping[str, float]) -> dict[str, float]:
+    return {"floor_runs": int(floor["runs"]),
+            **{f"floor_{run}_{side}_cpu_ms": _round(floor[f"{run}_{side}"] * 1000)
+               for run in ("flow_run", "task_run") for side in ("client", "server")}}
 
 
 def artifacts_figures(measured: Artifacts) -> dict[str, float]:
@@ -240,18 +250,33 @@ def render_overhead(f: Figures, notes: Mapping[str, str]) -> list[str]:
 
 
 def render_fanout(f: Figures, notes: Mapping[str, str]) -> list[str]:
-    return ["## 5. Fan-out through keruta-pipeline", "",
-            f"{f['fanout_tasks']:.0f} tasks (`true`) on the local backend, {f['fanout_concurrency']:.0f} at a time, "
-            "each a child flow run under a global concurrency limit. Overhead per task = (wall − ⌈tasks / "
-            "concurrency⌉ × the median agent run) / tasks. CPU per task: this process (Prefect client, flows, "
-            "embedded keruta API) and the agent processes; the Prefect server's own CPU comes on top. Targets: "
-            "≤ 150 ms/task overhead, ≤ 500 MB RSS.", "",
-            "| tasks | completed | wall | median agent run | overhead per task | CPU per task: flows / agent "
-            "| peak RSS |", "|---|---|---|---|---|---|---|",
-            f"| {f['fanout_tasks']:.0f} | {f['fanout_completed']:.0f} | {f['fanout_wall_s']:.1f} s | "
-            f"{ms(f['fanout_agent_median_ms'])} | {ms(f['fanout_overhead_ms_per_task'])} | "
-            f"{ms(f['fanout_cpu_flows_ms_per_task'])} / {ms(f['fanout_cpu_agent_ms_per_task'])} | "
-            f"{f['fanout_peak_rss_mib']:.0f} MiB |"]
+    lines = ["## 5. Fan-out through keruta-pipeline", "",
+             f"{f['fanout_tasks']:.0f} tasks (`true`) on the local backend, {f['fanout_concurrency']:.0f} at a "
+             "time, each a child flow run under a global concurrency limit. Overhead per task = (wall − ⌈tasks / "
+             "concurrency⌉ × the median agent run) / tasks. CPU per task: this process (Prefect client, flows, "
+             "embedded keruta API), the agent processes, and the Prefect server with its PostgreSQL, all on the "
+             "same 2 cores. Targets: ≤ 150 ms/task overhead, ≤ 500 MB RSS.", "",
+             "| tasks | completed | wall | median agent run | overhead per task | CPU per task: flows / agent / "
+             "Prefect server | peak RSS |", "|---|---|---|---|---|---|---|",
+             f"| {f['fanout_tasks']:.0f} | {f['fanout_completed']:.0f} | {f['fanout_wall_s']:.1f} s | "
+             f"{ms(f['fanout_agent_median_ms'])} | {ms(f['fanout_overhead_ms_per_task'])} | "
+             f"{ms(f['fanout_cpu_flows_ms_per_task'])} / {ms(f['fanout_cpu_agent_ms_per_task'])} / "
+             f"{ms(f.get('fanout_cpu_server_ms_per_task', 0))} | {f['fanout_peak_rss_mib']:.0f} MiB |"]
+    if "floor_runs" in f:
+        flow_run = f["floor_flow_run_client_cpu_ms"] + f["floor_flow_run_server_cpu_ms"]
+        task_run = f["floor_task_run_client_cpu_ms"] + f["floor_task_run_server_cpu_ms"]
+        floor = flow_run + 6 * task_run
+        lines += ["", "What bounds it: Prefect's own cost, measured in the same run with empty runs "
+                  f"({f['floor_runs']:.0f} each, one after another in a parent flow):", "",
+                  "| empty … | CPU here (client) | CPU of the Prefect server and PostgreSQL |", "|---|---|---|",
+                  f"| child flow run | {ms(f['floor_flow_run_client_cpu_ms'])} | "
+                  f"{ms(f['floor_flow_run_server_cpu_ms'])} |",
+                  f"| task run | {ms(f['floor_task_run_client_cpu_ms'])} | {ms(f['floor_task_run_server_cpu_ms'])} |",
+                  "", f"A keruta task is one child flow run and six task runs (the pipeline's run-keruta-task, "
+                  "prepare-task, launch-agent, wait-for-agent, collect-artifacts, record-run): "
+                  f"{ms(floor)} of CPU before keruta does anything, so at least {ms(floor / 2)} per task on 2 "
+                  "cores however the work is spread."]
+    return lines
 
 
 def render_artifacts(f: Figures, notes: Mapping[str, str] | None = None) -> list[str]:

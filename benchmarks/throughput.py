@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from benchmarks.artifacts import vm_hwm
+from benchmarks.cpu import Servers
 
 
 def fan_out(tasks: int, concurrency: int) -> dict[str, Any]:
@@ -26,11 +27,13 @@ def fan_out(tasks: int, concurrency: int) -> dict[str, Any]:
     setup()
     prefix = f"fan-{uuid.uuid4().hex[:6]}"
     children = [{"id": f"{prefix}-{i:04d}", "script": "true"} for i in range(tasks)]
+    servers = Servers().start()
     cpu_before = _cpu()
     started = time.perf_counter()
     result = keruta_pipeline(children=children, concurrency=concurrency, concurrency_limit=limit)
     wall = time.perf_counter() - started
     cpu_self, cpu_agents = (after - before for after, before in zip(_cpu(), cpu_before, strict=True))
+    cpu_servers = servers.stop()
     store = get_store()
     agent = []
     for child in children:
@@ -42,7 +45,44 @@ def fan_out(tasks: int, concurrency: int) -> dict[str, Any]:
     ideal = -(-tasks // concurrency) * statistics.median(agent)
     return {"tasks": tasks, "concurrency": concurrency, "wall": wall, "completed": result.counts().get("COMPLETED", 0),
             "agent_median": statistics.median(agent), "overhead_per_task": (wall - ideal) / tasks,
-            "cpu_flow_per_task": cpu_self / tasks, "cpu_agent_per_task": cpu_agents / tasks, "peak_rss": vm_hwm()}
+            "cpu_flow_per_task": cpu_self / tasks, "cpu_agent_per_task": cpu_agents / tasks,
+            "cpu_server_per_task": cpu_servers / tasks, "peak_rss": vm_hwm()}
+
+
+def flow_run_floor(runs: int) -> dict[str, float]:
+    """What Prefect itself costs, before keruta does anything: CPU (this process; the Prefect server and its
+    database) per empty child flow run, and per empty task run, called one after another from a parent flow.
+    A keruta task is one child flow run with five task runs (and a task run that runs it in the pipeline)."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    @task(name="empty-task", cache_policy=NO_CACHE)
+    def empty_task() -> None:
+        return None
+
+    @flow(name="empty-child")
+    def empty_child() -> None:
+        return None
+
+    @flow(name="bench-floor-tasks")
+    def tasks_(n: int) -> None:
+        for _ in range(n):
+            empty_task()
+
+    @flow(name="bench-floor-children")
+    def children(n: int) -> None:
+        for _ in range(n):
+            empty_child()
+
+    out: dict[str, float] = {"runs": runs}
+    for name, parent in (("task_run", tasks_), ("flow_run", children)):
+        parent(2)  # warm
+        servers = Servers().start()
+        before = _cpu()[0]
+        parent(runs)
+        own = _cpu()[0] - before
+        out[f"{name}_client"], out[f"{name}_server"] = own / runs, servers.stop() / runs
+    return out
 
 
 def _cpu() -> tuple[float, float]:
