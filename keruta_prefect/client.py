@@ -1,4 +1,10 @@
-"""httpx client of the keruta API: the calls of the agent contract, with retry and backoff.
+"""Client of the keruta API (standard library only: http.client): the calls of the agent contract, with
+retry and backoff.
+
+It is what every agent process loads, so it stays small: no third-party HTTP stack (httpx alone cost the agent
+about 0.2 s of imports per task), ``ssl`` only for an https:// URL, ``urllib.request`` only when a proxy is
+configured in the environment. One keep-alive connection per thread (the main thread and the log shipper
+each keep their own).
 
 Two kinds of failure, never confused:
 
@@ -14,15 +20,18 @@ Two kinds of failure, never confused:
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
+import os
+import select
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
-
-import httpx
+from typing import Any, NamedTuple
+from urllib.parse import quote, unquote, urlsplit
 
 from keruta_prefect.backoff import SYSTEM_CLOCK, Backoff, Clock
 from keruta_prefect.contract import UsageKey
@@ -35,6 +44,9 @@ RETRY_CAP_SECONDS = 5.0
 RETRY_JITTER = 1.0
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 PERMANENT_STATUS = {401, 403, 404, 405, 407, 410, 414, 415}  # every call alike: wrong token, URL, proxy, route
+UPLOAD_CHUNK = 1 << 16  # bytes of an artifact read from disk and sent at a time
+JSON_TYPE = "application/json"
+_TRANSPORT_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, timed out, TLS, a broken answer
 
 
 class ApiError(TransientError):
@@ -46,7 +58,7 @@ class ApiRejected(ApiError):
 
     """The keruta API refused the request (a 4xx, or an answer it cannot mean): sending it again cannot help.
 
-    ``status`` is None when there was no HTTP answer to speak of (a URL scheme httpx cannot use)."""
+    ``status`` is None when there was no HTTP answer to speak of (a URL the client cannot use)."""
 
     def __init__(self, status: int | None, detail: str, what: str) -> None:
         super().__init__(f"{what}: HTTP {status}: {detail}" if status is not None else f"{what}: {detail}")
@@ -61,8 +73,57 @@ class ApiRejected(ApiError):
 
 
 def encode_json(value: Any) -> bytes:
-    """A JSON body exactly as it is sent (the encoding httpx uses for ``json=``), so its size can be measured."""
+    """A JSON body exactly as it is sent, so its size can be measured."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+class Origin(NamedTuple):
+    """Where an API URL points: scheme, host, port and the path every route is under."""
+
+    scheme: str
+    host: str
+    port: int
+    prefix: str
+
+
+def api_origin(url: str) -> Origin:
+    """The parts of an http:// or https:// URL of the keruta API; ValueError (saying why) if it is not one."""
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise ValueError("whitespace or a control character in the URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"unsupported scheme {parts.scheme!r}: expected http or https")
+    port = parts.port  # ValueError if not a number from 0 to 65535
+    if not parts.hostname:
+        raise ValueError("no host in the URL")
+    if port == 0:
+        raise ValueError("port 0")
+    return Origin(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80),
+                  parts.path.rstrip("/"))
+
+
+@dataclass(frozen=True)
+class Response:
+    """An answer of the API, read whole (every answer of the contract is a small JSON document)."""
+
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The decoded JSON; ValueError if it is not JSON."""
+        return json.loads(self.content)
+
+
+class Payload(NamedTuple):
+    """A request body: its type, its length and its bytes (streamed in pieces, e.g. a file from disk)."""
+
+    content_type: str
+    length: int
+    chunks: Iterable[bytes]
 
 
 class KerutaClient:
@@ -73,27 +134,29 @@ class KerutaClient:
         *,
         retry_seconds: float = 300.0,
         timeout: float = 10.0,
-        transport: httpx.BaseTransport | None = None,
         clock: Clock = SYSTEM_CLOCK,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
         """``clock`` measures the retry budget and waits the pauses (a test drives it instead of sleeping);
-        ``sleep`` (older form) only replaces the waiting, time stays the system's."""
+        ``sleep`` (older form) only replaces the waiting, time stays the system's. ``timeout``: seconds to
+        connect, and for each read or write on the connection."""
         self.api_url = api_url.rstrip("/")
         self.retry_seconds = retry_seconds
+        self.timeout = timeout
         self._clock: Clock = clock if sleep is None else _SleepClock(sleep)
-        self._http = httpx.Client(
-            base_url=self.api_url,
-            headers={"Authorization": f"Bearer {token}", "User-Agent": "keruta-agent"},
-            timeout=timeout,
-            transport=transport,
-            # Plain http:// (the in-cluster Service, the embedded API) never uses TLS: skip loading the CA
-            # bundle, which costs each agent process about 90 ms of CPU.
-            verify=not self.api_url.startswith("http://"),
-        )
+        self._headers = {"Authorization": f"Bearer {token}", "User-Agent": "keruta-agent",
+                         "Accept": "*/*", "Accept-Encoding": "identity"}
+        self._local = threading.local()  # this thread's connection
+        self._lock = threading.Lock()
+        self._connections: list[http.client.HTTPConnection] = []  # every thread's, closed by close()
+        self._closed = False
 
     def close(self) -> None:
-        self._http.close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._closed = True
+        for connection in connections:
+            connection.close()
 
     def __enter__(self) -> KerutaClient:
         return self
@@ -102,19 +165,24 @@ class KerutaClient:
         self.close()
 
     def request(self, method: str, path: str, *, what: str, retry_seconds: float | None = None,
-                build: Callable[[], dict[str, Any]] | None = None, **kwargs: Any) -> httpx.Response:
-        """Send with retries; ``build()`` (if given) makes fresh keyword arguments for each attempt."""
+                body: bytes | None = None, payload: Callable[[], Payload] | None = None) -> Response:
+        """Send with retries. ``body``: JSON bytes; ``payload()`` (if given) makes a fresh body for each attempt."""
+        try:
+            origin = api_origin(self.api_url)
+        except ValueError as exc:  # the request cannot be sent as configured: not the network
+            raise ApiRejected(None, f"cannot send to {self.api_url}: {exc}", what) from None
         budget = self.retry_seconds if retry_seconds is None else retry_seconds
         deadline = self._clock.now() + budget
         backoff = Backoff(RETRY_INITIAL_SECONDS, RETRY_CAP_SECONDS, jitter=RETRY_JITTER)
         last = ""
         while True:
+            sent = payload() if payload is not None else (
+                Payload(JSON_TYPE, len(body), (body,)) if body is not None else None)
             try:
-                response = self._http.request(method, path, **(build() if build else kwargs))
-            except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError) as exc:
-                # The request cannot be sent as configured (URL scheme, a header value): not the network.
-                raise ApiRejected(None, f"cannot send to {self.api_url}: {exc}", what) from None
-            except httpx.TransportError as exc:
+                response = self._send(origin, method, origin.prefix + path, sent)
+            except ApiRejected as exc:
+                raise ApiRejected(None, exc.detail, what) from None
+            except _TRANSPORT_ERRORS as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 if response.status_code < 400:
@@ -123,10 +191,90 @@ class KerutaClient:
                 if response.status_code not in RETRYABLE_STATUS:
                     raise ApiRejected(response.status_code, detail, what)
                 last = f"HTTP {response.status_code}: {detail}"
+            finally:
+                if sent is not None and isinstance(sent.chunks, Iterator):
+                    _close(sent.chunks)
             remaining = deadline - self._clock.now()
             if remaining <= 0:
                 raise ApiError(f"{what}: keruta API at {self.api_url} unreachable for {budget:.0f}s ({last})")
             backoff.pause(self._clock, at_most=remaining)
+
+    # --- one attempt on this thread's connection -------------------------------------------------------------
+    def _send(self, origin: Origin, method: str, target: str, payload: Payload | None) -> Response:
+        connection = self._connection(origin)
+        headers = dict(self._headers)
+        if payload is not None:
+            headers["Content-Type"] = payload.content_type
+            headers["Content-Length"] = str(payload.length)
+        elif method in ("POST", "PUT", "PATCH"):
+            headers["Content-Length"] = "0"
+        if connection is not self._local.direct:  # through a proxy: the whole URL
+            target = f"{origin.scheme}://{_host_header(origin)}{target}"
+            headers.update(self._local.proxy_headers)
+        try:
+            try:
+                connection.putrequest(method, target, skip_accept_encoding=True)
+                for name, value in headers.items():
+                    connection.putheader(name, value)
+            except ValueError as exc:  # a header value or path that cannot be sent (not the network)
+                raise ApiRejected(None, f"cannot send to {self.api_url}: {exc}", "") from None
+            try:
+                connection.endheaders()
+                for chunk in payload.chunks if payload is not None else ():
+                    connection.send(chunk)
+            except OSError:
+                # A server may answer (413) and close before it has read the whole body: its answer counts.
+                answer = None
+                if connection.sock is not None:  # connected, then cut off while sending
+                    try:
+                        answer = connection.getresponse()
+                    except _TRANSPORT_ERRORS:
+                        pass
+                if answer is None:
+                    raise
+            else:
+                answer = connection.getresponse()
+            return Response(answer.status, answer.read())
+        except BaseException:
+            connection.close()  # half a request or answer: the next one starts on a new connection
+            raise
+
+    def _connection(self, origin: Origin) -> http.client.HTTPConnection:
+        """This thread's connection (made on first use; one the server closed while idle is reopened)."""
+        local = self._local
+        connection: http.client.HTTPConnection | None = getattr(local, "connection", None)
+        if connection is None:
+            connection = self._connect(origin)
+            with self._lock:
+                if self._closed:
+                    raise ApiRejected(None, "the client is closed", "")
+                self._connections.append(connection)
+            local.connection = connection
+        elif connection.sock is not None and _readable(connection.sock):
+            connection.close()  # idle, yet readable: the server closed it (http.client reconnects)
+        return connection
+
+    def _connect(self, origin: Origin) -> http.client.HTTPConnection:
+        local = self._local
+        local.proxy_headers = {}
+        proxy = _proxy_for(origin)
+        host, port = (proxy.host, proxy.port) if proxy is not None else (origin.host, origin.port)
+        connection: http.client.HTTPConnection
+        if origin.scheme == "https":
+            connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=_tls_context())
+        else:
+            connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        if proxy is not None:
+            credentials = {"Proxy-Authorization": proxy.authorization} if proxy.authorization else {}
+            if origin.scheme == "https":  # a tunnel through the proxy: the requests are the origin's own
+                connection.set_tunnel(origin.host, origin.port, headers=credentials)
+                local.direct = connection
+            else:
+                local.proxy_headers = credentials
+                local.direct = None
+        else:
+            local.direct = connection
+        return connection
 
     # --- the agent contract --------------------------------------------------------------------------
     def get_task(self, task_id: str) -> dict[str, Any]:
@@ -149,35 +297,35 @@ class KerutaClient:
         if usage is not None:
             body[UsageKey.FIELD] = usage
         what = f"report {status} for {task_id}"
-        return _object(self.request("PUT", f"{_task_path(task_id)}/status", json=body, what=what,
+        return _object(self.request("PUT", f"{_task_path(task_id)}/status", body=encode_json(body), what=what,
                                     retry_seconds=retry_seconds), what)
 
     def post_logs(self, task_id: str, source: str, lines: Sequence[dict[str, Any]],
                   retry_seconds: float | None = None) -> None:
         """One batch; the body is the bytes :func:`encode_json` gives, so a caller can bound its size."""
         body = encode_json({"source": source, "lines": list(lines)})
-        self.request("POST", f"{_task_path(task_id)}/logs", content=body,
-                     headers={"Content-Type": "application/json"},
+        self.request("POST", f"{_task_path(task_id)}/logs", body=body,
                      what=f"send {len(lines)} log lines of {task_id}", retry_seconds=retry_seconds)
 
     def upload_artifact(self, task_id: str, path: Path, relative: str, description: str | None = None) -> None:
-        handles: list[Any] = []
+        """One file as multipart/form-data (fields ``description`` and ``path``, then the file), streamed from
+        disk a chunk at a time: a large file is never whole in memory. Each attempt reads the file afresh."""
 
-        def build() -> dict[str, Any]:
-            # A fresh handle for every attempt (a failed attempt may have consumed the last one); httpx
-            # streams it from disk, so a large file is never whole in memory.
-            for handle in handles:
-                handle.close()
-            handles[:] = [path.open("rb")]
-            return {"files": {"file": (path.name, handles[0])},
-                    "data": {"description": description or "", "path": relative}}
+        def payload() -> Payload:
+            boundary = os.urandom(16).hex()
+            head = b"".join(_form_field(boundary, name, value)
+                            for name, value in (("description", description or ""), ("path", relative)))
+            head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                     f"filename=\"{_form_quote(path.name)}\"\r\n"
+                     "Content-Type: application/octet-stream\r\n\r\n").encode()
+            tail = f"\r\n--{boundary}--\r\n".encode()
+            handle = path.open("rb")  # opened here, so a file that cannot be read fails the call at once
+            size = os.fstat(handle.fileno()).st_size
+            return Payload(f"multipart/form-data; boundary={boundary}", len(head) + size + len(tail),
+                           _file_chunks(head, handle, size, tail))
 
-        try:
-            self.request("POST", f"{_task_path(task_id)}/artifacts", build=build,
-                         what=f"upload artifact {relative} of {task_id}")
-        finally:
-            for handle in handles:
-                handle.close()
+        self.request("POST", f"{_task_path(task_id)}/artifacts", payload=payload,
+                     what=f"upload artifact {relative} of {task_id}")
 
     def health(self) -> None:
         """One try, no retry. Raises ApiError if nothing answers, ApiRejected if what answers is not a keruta API."""
@@ -201,6 +349,104 @@ class _SleepClock:
         return False
 
 
+# --- the wire ---------------------------------------------------------------------------------------------------
+
+def _readable(sock: Any) -> bool:
+    """An idle keep-alive socket with something to read has been closed by the server (or is out of step)."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def _host_header(origin: Origin) -> str:
+    host = f"[{origin.host}]" if ":" in origin.host else origin.host
+    default = 443 if origin.scheme == "https" else 80
+    return host if origin.port == default else f"{host}:{origin.port}"
+
+
+def _tls_context() -> Any:
+    """Verified TLS, as before: SSL_CERT_FILE or SSL_CERT_DIR if set, else certifi's bundle (else the system's).
+    ``ssl`` is imported only here: an http:// API never pays for it."""
+    import ssl
+
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    try:
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+class _Proxy(NamedTuple):
+    host: str
+    port: int
+    authorization: str | None
+
+
+def _proxy_for(origin: Origin) -> _Proxy | None:
+    """The proxy the environment names for this URL (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY; read as
+    urllib reads them), or None. urllib.request is imported only when such a variable is set."""
+    if not any(name.lower() in ("http_proxy", "https_proxy", "all_proxy") for name in os.environ):
+        return None
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(origin.scheme) or proxies.get("all")
+    if not url or urllib.request.proxy_bypass_environment(origin.host, proxies):
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if not parts.hostname:
+        return None
+    authorization = None
+    if parts.username is not None:
+        secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = "Basic " + base64.b64encode(secret).decode("ascii")
+    return _Proxy(parts.hostname, parts.port or 80, authorization)
+
+
+def _form_quote(value: str) -> str:
+    """A name or file name inside a Content-Disposition's quotes (the HTML5 form encoding browsers use)."""
+    return "".join("%22" if c == '"' else "\\\\" if c == "\\" else f"%{ord(c):02X}" if ord(c) < 32 and c != "\x1b"
+                   else c for c in value)
+
+
+def _form_field(boundary: str, name: str, value: str) -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{_form_quote(name)}\"\r\n\r\n"
+            f"{value}\r\n").encode()
+
+
+class SourceError(RuntimeError):
+    """The file being uploaded could not be read to the length announced (it shrank, or a read failed)."""
+
+
+def _file_chunks(head: bytes, handle: Any, size: int, tail: bytes) -> Iterator[bytes]:
+    """The body of an upload: ``head``, exactly ``size`` bytes of the file (as the Content-Length said), ``tail``.
+    The file is closed when the body is sent or abandoned."""
+    with handle:
+        yield head
+        left = size
+        while left > 0:
+            try:
+                chunk = handle.read(min(UPLOAD_CHUNK, left))
+            except OSError as exc:
+                raise SourceError(f"cannot read {handle.name}: {exc.strerror or exc}") from None
+            if not chunk:
+                raise SourceError(f"{handle.name} shrank while it was sent ({size - left} of {size} bytes)")
+            left -= len(chunk)
+            yield chunk
+        yield tail
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
 def _task_path(task_id: str) -> str:
     return f"/api/v1/tasks/{quote(task_id, safe='')}"  # an id can never reach another route
 
@@ -208,7 +454,7 @@ def _task_path(task_id: str) -> str:
 _NOT_KERUTA = "not a keruta API answer (is the API URL right?)"
 
 
-def _object(response: httpx.Response, what: str) -> dict[str, Any]:
+def _object(response: Response, what: str) -> dict[str, Any]:
     """The answer's JSON object; an answer that is not one (a login page, a proxy's HTML) is a refusal."""
     try:
         body = response.json()
@@ -220,7 +466,7 @@ def _object(response: httpx.Response, what: str) -> dict[str, Any]:
     return body
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(response: Response) -> str:
     """The answer's ``detail`` (or its start), on one line."""
     try:
         body = response.json()

@@ -20,11 +20,9 @@ import uuid
 from pathlib import Path
 from typing import NoReturn
 
-import httpx
-
 from keruta_prefect.agent.batches import BATCH_BYTES, BATCH_LINES, Line, batch_length, split_message
 from keruta_prefect.agent.runner import DEFAULT_GRACE_SECONDS, DEFAULT_RETRY_SECONDS, AgentConfig, run_task
-from keruta_prefect.client import ApiError, ApiRejected, KerutaClient
+from keruta_prefect.client import ApiError, ApiRejected, KerutaClient, api_origin
 from keruta_prefect.contract import (
     AGENT_LOG_PREFIX,
     DEFAULT_ARTIFACTS_DIR,
@@ -100,12 +98,9 @@ def parse_api_url(name: str, value: str | None) -> str:
     if not value:
         raise UsageError(f"{name} is required")
     try:
-        url = httpx.URL(value)
-    except httpx.InvalidURL:
-        url = None
-    port_ok = url is not None and (url.port is None or 0 < url.port < 65536)
-    if url is None or url.scheme not in ("http", "https") or not url.host or not port_ok:
-        raise UsageError(f"{name}={value!r}: expected an http:// or https:// URL of the keruta API")
+        api_origin(value)
+    except ValueError:
+        raise UsageError(f"{name}={value!r}: expected an http:// or https:// URL of the keruta API") from None
     return value
 
 
@@ -197,7 +192,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_directory(work_name if work else "--work-dir", config.work_dir, create=True)
     check_directory(artifacts_name if artifacts else "--artifacts-dir", config.artifacts_dir, create=True)
     logging.basicConfig(level=level, format=f"{AGENT_LOG_PREFIX}%(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the agent's own
     with KerutaClient(config.api_url, config.token, retry_seconds=config.retry_seconds) as client:
         return run_task(config, client, echo=echo)
 
