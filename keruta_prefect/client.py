@@ -2,9 +2,9 @@
 retry and backoff.
 
 It is what every agent process loads, so it stays small: no third-party HTTP stack (httpx alone cost the agent
-about 0.2 s of imports per task), ``ssl`` only for an https:// URL, ``urllib.request`` only when a proxy is
-configured in the environment. One keep-alive connection per thread (the main thread and the log shipper
-each keep their own).
+about 0.2 s of imports per task), ``ssl`` only for an https:// URL (see :func:`_http`), ``urllib.request``
+only when a proxy is configured in the environment. One keep-alive connection per thread (the main thread and
+the log shipper each keep their own).
 
 Two kinds of failure, never confused:
 
@@ -21,21 +21,25 @@ Two kinds of failure, never confused:
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, unquote, urlsplit
 
 from keruta_prefect.backoff import SYSTEM_CLOCK, Backoff, Clock
 from keruta_prefect.contract import UsageKey
 from keruta_prefect.errors import TransientError
+
+if TYPE_CHECKING:
+    import http.client
+    import ssl
 
 # Pauses between the tries of one request: 0.1 s doubling to 5 s, each spread over [0.5, 1.5) of itself so
 # agents that lost the API together do not come back together.
@@ -46,7 +50,6 @@ RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 PERMANENT_STATUS = {401, 403, 404, 405, 407, 410, 414, 415}  # every call alike: wrong token, URL, proxy, route
 UPLOAD_CHUNK = 1 << 16  # bytes of an artifact read from disk and sent at a time
 JSON_TYPE = "application/json"
-_TRANSPORT_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, timed out, TLS, a broken answer
 
 
 class ApiError(TransientError):
@@ -175,6 +178,7 @@ class KerutaClient:
         deadline = self._clock.now() + budget
         backoff = Backoff(RETRY_INITIAL_SECONDS, RETRY_CAP_SECONDS, jitter=RETRY_JITTER)
         last = ""
+        transport_errors = (OSError, _http().HTTPException)  # refused, reset, timed out, TLS, a broken answer
         while True:
             sent = payload() if payload is not None else (
                 Payload(JSON_TYPE, len(body), (body,)) if body is not None else None)
@@ -182,7 +186,7 @@ class KerutaClient:
                 response = self._send(origin, method, origin.prefix + path, sent)
             except ApiRejected as exc:
                 raise ApiRejected(None, exc.detail, what) from None
-            except _TRANSPORT_ERRORS as exc:
+            except transport_errors as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 if response.status_code < 400:
@@ -228,7 +232,7 @@ class KerutaClient:
                 if connection.sock is not None:  # connected, then cut off while sending
                     try:
                         answer = connection.getresponse()
-                    except _TRANSPORT_ERRORS:
+                    except (OSError, _http().HTTPException):
                         pass
                 if answer is None:
                     raise
@@ -261,9 +265,9 @@ class KerutaClient:
         host, port = (proxy.host, proxy.port) if proxy is not None else (origin.host, origin.port)
         connection: http.client.HTTPConnection
         if origin.scheme == "https":
-            connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=_tls_context())
+            connection = _tls_connection_class()(host, port, timeout=self.timeout, context=_tls_context())
         else:
-            connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            connection = _http().HTTPConnection(host, port, timeout=self.timeout)
         if proxy is not None:
             credentials = {"Proxy-Authorization": proxy.authorization} if proxy.authorization else {}
             if origin.scheme == "https":  # a tunnel through the proxy: the requests are the origin's own
@@ -365,9 +369,56 @@ def _host_header(origin: Origin) -> str:
     return host if origin.port == default else f"{host}:{origin.port}"
 
 
-def _tls_context() -> Any:
+_HTTP_CLIENT: Any = None
+
+
+def _http() -> Any:
+    """http.client, loaded on the first request, without ssl unless it is already loaded: http.client imports
+    ssl only to offer HTTPSConnection, and loading OpenSSL costs each agent process about 20 ms of CPU that
+    an http:// API (the in-cluster Service, the embedded API) never uses. An https:// API loads ssl itself
+    (:func:`_tls_context`) and connects through :func:`_tls_connection_class`."""
+    global _HTTP_CLIENT
+    if _HTTP_CLIENT is None:
+        if "ssl" in sys.modules or "http.client" in sys.modules:
+            import http.client
+        else:
+            sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` fails: as if built without it
+            try:
+                import http.client
+            finally:
+                del sys.modules["ssl"]
+        _HTTP_CLIENT = http.client
+    return _HTTP_CLIENT
+
+
+def _tls_connection_class() -> Callable[..., http.client.HTTPConnection]:
+    """An HTTPConnection that speaks TLS: what http.client's HTTPSConnection does, whether or not http.client
+    was loaded with ssl (see :func:`_http`)."""
+
+    class TLSConnection(_http().HTTPConnection):  # type: ignore[misc]
+        default_port = 443
+
+        def __init__(self, host: str, port: int, *, timeout: float, context: ssl.SSLContext) -> None:
+            super().__init__(host, port, timeout=timeout)
+            self._context = context
+
+        def connect(self) -> None:
+            super().connect()  # TCP, and the CONNECT through a proxy's tunnel
+            self.sock = self._context.wrap_socket(self.sock,  # type: ignore[has-type]
+                                                  server_hostname=self._tunnel_host or self.host)
+
+    return TLSConnection
+
+
+def _tls_context() -> ssl.SSLContext:
     """Verified TLS, as before: SSL_CERT_FILE or SSL_CERT_DIR if set, else certifi's bundle (else the system's).
     ``ssl`` is imported only here: an http:// API never pays for it."""
+    context = _verified_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _verified_context() -> ssl.SSLContext:
     import ssl
 
     if os.environ.get("SSL_CERT_FILE"):
@@ -396,7 +447,7 @@ def _proxy_for(origin: Origin) -> _Proxy | None:
 
     proxies = urllib.request.getproxies_environment()
     url = proxies.get(origin.scheme) or proxies.get("all")
-    if not url or urllib.request.proxy_bypass_environment(origin.host, proxies):
+    if not url or urllib.request.proxy_bypass(origin.host):
         return None
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if not parts.hostname:

@@ -9,7 +9,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ Script = Callable[[Seen], Answer]
 class ScriptedServer:
     """Answers each request with ``script(request)``; or, given a list, with its next item (then 200 ``{}``)."""
 
-    def __init__(self, script: Script | list[Answer]) -> None:
+    def __init__(self, script: Script | list[Answer], tls: ssl.SSLContext | None = None) -> None:
         if isinstance(script, list):
             queue = list(script)
             script = lambda _seen: queue.pop(0) if queue else Answer(json={})  # noqa: E731
@@ -84,12 +87,14 @@ class ScriptedServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
 
 
 @contextmanager
-def scripted(script: Script | list[Answer]) -> Iterator[ScriptedServer]:
-    server = ScriptedServer(script)
+def scripted(script: Script | list[Answer], tls: ssl.SSLContext | None = None) -> Iterator[ScriptedServer]:
+    server = ScriptedServer(script, tls)
     thread = threading.Thread(target=server.server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:

@@ -4,6 +4,9 @@ server on loopback (tests/scripted_http.py) that answers what each test scripts.
 from __future__ import annotations
 
 import os
+import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +126,53 @@ def test_a_token_that_cannot_be_a_header_is_a_refusal_not_a_retry() -> None:
             api.get_task("t")
     assert refused.value.permanent and server.seen == []
 
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1: (certificate, key)."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def _tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+def test_https_is_verified_against_ssl_cert_file_and_an_unknown_certificate_is_unreachable(
+        certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    with scripted(lambda _seen: Answer(json={"id": "t"}), tls=_tls(certificate)) as server:
+        with KerutaClient(server.url, "tok", retry_seconds=0) as api, pytest.raises(ApiError) as failed:
+            api.get_task("t")  # certifi's bundle does not know this certificate
+        assert not isinstance(failed.value, ApiRejected) and "CERTIFICATE_VERIFY_FAILED" in str(failed.value)
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+        with KerutaClient(server.url, "tok", retry_seconds=0) as api:
+            assert api.get_task("t") == {"id": "t"}
+            assert api.get_task("t") == {"id": "t"}
+    assert len(server.seen) == 2 and server.connections == 1
+
+
+HTTPS_AGENT = """
+import sys
+from keruta_prefect.client import KerutaClient
+assert "ssl" not in sys.modules
+with KerutaClient(sys.argv[1], "tok", retry_seconds=0) as plain:
+    plain.get_task("t")
+assert "ssl" not in sys.modules, "an http:// API loads no TLS"
+with KerutaClient(sys.argv[2], "tok", retry_seconds=0) as tls:
+    print(tls.get_task("t")["id"])
+"""
+
+
+def test_an_agent_process_loads_tls_only_for_an_https_api(certificate: tuple[Path, Path]) -> None:
+    with (scripted(lambda _seen: Answer(json={"id": "plain"})) as plain,
+          scripted(lambda _seen: Answer(json={"id": "tls"}), tls=_tls(certificate)) as tls):
+        done = subprocess.run([sys.executable, "-c", HTTPS_AGENT, plain.url, tls.url], capture_output=True, text=True,
+                              env={**os.environ, "SSL_CERT_FILE": str(certificate[0])}, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "tls\n"), done.stderr

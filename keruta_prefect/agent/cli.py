@@ -12,11 +12,9 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import traceback
-import uuid
 from pathlib import Path
 from typing import NoReturn
 
@@ -204,7 +202,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     lines = [Line.of({"seq": seq, "level": level, "message": piece})
              for seq, piece in enumerate(split_message(" ".join(args.message)))]
     # Numbered lines under a source of its own: a batch sent again after a lost answer is stored once.
-    source = f"log-{uuid.uuid4().hex[:16]}"
+    source = f"log-{os.urandom(8).hex()}"
     with _client(args) as client:
         while lines:
             count = batch_length(lines, BATCH_LINES, BATCH_BYTES)
@@ -233,6 +231,8 @@ def cmd_progress(args: argparse.Namespace) -> int:
 
 
 def cmd_artifact_add(args: argparse.Namespace) -> int:
+    import shutil  # here, not for every agent: it loads the compression modules
+
     source = Path(args.path)
     if not source.exists():
         raise UsageError(f"PATH={args.path!r}: no such file or directory")
@@ -251,6 +251,8 @@ def cmd_artifact_add(args: argparse.Namespace) -> int:
 
 
 def _why(exc: BaseException) -> str:
+    import shutil
+
     if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
         first = exc.args[0][0]
         return f"{len(exc.args[0])} files failed, first {first[0]!r}: {first[-1]}"
@@ -266,6 +268,8 @@ def cmd_artifact_list(_args: argparse.Namespace) -> int:
 
 
 def cmd_artifact_remove(args: argparse.Namespace) -> int:
+    import shutil
+
     root = _artifacts_dir().resolve()
     target = (root / args.path).resolve()
     if root not in target.parents:
