@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+if TYPE_CHECKING:  # only named in a signature: the agent checks task ids without loading pydantic
+    from pydantic import ValidationError
 
 # Kubernetes quantities: https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/quantity/
 # (a sign other than "+" is refused here: no quantity keruta takes may be negative)

@@ -220,3 +220,24 @@ def test_script_parameters_and_task_env_reach_the_script(api: Api, store: Store,
     store.create_task(Task.model_validate({"id": "params", "script": script}))
     assert run_agent(api, "params", tmp_path / "w").returncode == 0
     assert messages(store, "params") == ["v in w for params"]
+
+
+HEAVY = ("prefect", "pydantic", "httpx", "rich", "click", "sqlmodel", "sqlalchemy", "kubernetes", "fastapi", "yaml")
+LOADED = ("import sys\nfrom keruta_prefect.agent.cli import main\n"
+          "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+          f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\nraise SystemExit(code)\n")
+
+
+def test_an_agent_run_loads_no_third_party_http_stack_pydantic_nor_prefect(api: Api, store: Store,
+                                                                         tmp_path: Path) -> None:
+    """What every task's agent process pays for: the whole run of a task, and a helper call, in a fresh
+    interpreter (issue 17 ships the agent as a small self-contained executable)."""
+    make(store, "lean", "true")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERUTA_")}
+    env.update({"KERUTA_API_TOKEN": api.token, "KERUTA_API_URL": api.url, "KERUTA_TASK_ID": "lean"})
+    for args in (["run", "--work-dir", str(tmp_path / "w"), "--artifacts-dir", str(tmp_path / "a")],
+                 ["log", "INFO", "hi"], ["--help"]):
+        done = subprocess.run([sys.executable, "-c", LOADED, *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.stdout.splitlines()[-1:] == ["[]"] and done.returncode == 0, (args, done.stdout, done.stderr)
+    assert store.get_task("lean").status == "COMPLETED"

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import respx
 
 from keruta_prefect.agent.runner import MAX_LINE_BYTES, Line, batch_length
 from keruta_prefect.client import ApiError, ApiRejected, KerutaClient, encode_json
 from keruta_prefect.models import Task, TaskStatus
 from keruta_prefect.store import Store
 from tests.conftest import Api, run_agent
+from tests.scripted_http import Answer, Seen, scripted
 
 # (method, path, body) -> None to forward, or (status, detail) to refuse
 Refusal = Callable[[str, str, bytes], "tuple[int, str] | None"]
@@ -520,28 +520,25 @@ def test_a_script_file_name_that_cannot_be_written_fails_the_task_in_one_line(ap
 
 # --- the client: what is refused is never called unreachable -------------------------------------------------
 
-URL = "http://keruta-api.example:8080"
-
-
-@respx.mock
 def test_client_an_answer_that_is_not_the_keruta_api_is_a_refusal_not_a_crash() -> None:
-    respx.get(f"{URL}/api/v1/tasks/t").mock(return_value=httpx.Response(200, text="<html>login</html>"))
-    respx.get(f"{URL}/api/v1/tasks/t/script").mock(return_value=httpx.Response(200, json={"nothing": 1}))
-    with KerutaClient(URL, "tok", retry_seconds=0) as client:
+    def answer(seen: Seen) -> Answer:
+        if seen.path.endswith("/script"):
+            return Answer(json={"nothing": 1})
+        return Answer(body=b"<html>login</html>", content_type="text/html")
+
+    with scripted(answer) as server, KerutaClient(server.url, "tok", retry_seconds=0) as client:
         with pytest.raises(ApiRejected, match=r"^fetch task t: HTTP 200: .*not a keruta API answer"):
             client.get_task("t")
         with pytest.raises(ApiRejected, match=r"^fetch script of t: HTTP 200: .*not a keruta API answer"):
             client.get_script("t")
 
 
-@respx.mock
 def test_client_408_is_retried_and_permanent_refusals_are_named() -> None:
-    route = respx.put(f"{URL}/api/v1/tasks/t/status").mock(side_effect=[
-        httpx.Response(408), httpx.Response(200, json={"id": "t"})])
     sleeps: list[float] = []
-    with KerutaClient(URL, "tok", retry_seconds=30, sleep=sleeps.append) as client:
+    with (scripted([Answer(408, body=b""), Answer(json={"id": "t"})]) as server,
+          KerutaClient(server.url, "tok", retry_seconds=30, sleep=sleeps.append) as client):
         client.set_status("t", "IN_PROGRESS")
-    assert route.call_count == 2 and len(sleeps) == 1
+    assert len(server.seen) == 2 and len(sleeps) == 1
     assert [ApiRejected(s, "d", "w").permanent for s in (401, 403, 404, 410, 400, 409, 413, 422)] == [
         True, True, True, True, False, False, False, False]
 
@@ -555,12 +552,9 @@ def test_client_an_unsupported_url_is_refused_at_once() -> None:
     assert "ftp://keruta" in str(refused.value)
 
 
-@respx.mock
 def test_client_log_batches_are_sent_as_the_bytes_the_agent_measured() -> None:
-    bodies: list[bytes] = []
-    respx.post(f"{URL}/api/v1/tasks/t/logs").mock(side_effect=lambda r: bodies.append(r.read()) or
-                                                 httpx.Response(200, json={"success": True}))
     lines = [{"seq": 0, "level": "INFO", "message": "café € \u2028 \"q\" \\", "ts": 1.5}]
-    with KerutaClient(URL, "tok") as client:
+    with scripted([Answer(json={"success": True})]) as server, KerutaClient(server.url, "tok") as client:
         client.post_logs("t", "agent-x", lines)
-    assert bodies == [encode_json({"source": "agent-x", "lines": lines})]
+    assert [seen.body for seen in server.seen] == [encode_json({"source": "agent-x", "lines": lines})]
+    assert server.seen[0].headers["Content-Type"] == "application/json"

@@ -7,7 +7,7 @@ exceeds what the API (16 MiB) and common proxies (ingress-nginx: 1 MiB) take.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ ENVELOPE_BYTES = len(encode_json({"source": SOURCE_PREFIX + "0" * _SOURCE_ID_CHA
 
 def new_source() -> str:
     """A fresh source name for one agent session's lines."""
-    return SOURCE_PREFIX + uuid.uuid4().hex[:_SOURCE_ID_CHARS]
+    return SOURCE_PREFIX + os.urandom(_SOURCE_ID_CHARS // 2).hex()  # (not uuid: it loads platform)
 
 
 @dataclass

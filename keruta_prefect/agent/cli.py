@@ -12,19 +12,15 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import traceback
-import uuid
 from pathlib import Path
 from typing import NoReturn
 
-import httpx
-
 from keruta_prefect.agent.batches import BATCH_BYTES, BATCH_LINES, Line, batch_length, split_message
 from keruta_prefect.agent.runner import DEFAULT_GRACE_SECONDS, DEFAULT_RETRY_SECONDS, AgentConfig, run_task
-from keruta_prefect.client import ApiError, ApiRejected, KerutaClient
+from keruta_prefect.client import ApiError, ApiRejected, KerutaClient, api_origin
 from keruta_prefect.contract import (
     AGENT_LOG_PREFIX,
     DEFAULT_ARTIFACTS_DIR,
@@ -100,12 +96,9 @@ def parse_api_url(name: str, value: str | None) -> str:
     if not value:
         raise UsageError(f"{name} is required")
     try:
-        url = httpx.URL(value)
-    except httpx.InvalidURL:
-        url = None
-    port_ok = url is not None and (url.port is None or 0 < url.port < 65536)
-    if url is None or url.scheme not in ("http", "https") or not url.host or not port_ok:
-        raise UsageError(f"{name}={value!r}: expected an http:// or https:// URL of the keruta API")
+        api_origin(value)
+    except ValueError:
+        raise UsageError(f"{name}={value!r}: expected an http:// or https:// URL of the keruta API") from None
     return value
 
 
@@ -197,7 +190,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_directory(work_name if work else "--work-dir", config.work_dir, create=True)
     check_directory(artifacts_name if artifacts else "--artifacts-dir", config.artifacts_dir, create=True)
     logging.basicConfig(level=level, format=f"{AGENT_LOG_PREFIX}%(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the agent's own
     with KerutaClient(config.api_url, config.token, retry_seconds=config.retry_seconds) as client:
         return run_task(config, client, echo=echo)
 
@@ -210,7 +202,7 @@ def cmd_log(args: argparse.Namespace) -> int:
     lines = [Line.of({"seq": seq, "level": level, "message": piece})
              for seq, piece in enumerate(split_message(" ".join(args.message)))]
     # Numbered lines under a source of its own: a batch sent again after a lost answer is stored once.
-    source = f"log-{uuid.uuid4().hex[:16]}"
+    source = f"log-{os.urandom(8).hex()}"
     with _client(args) as client:
         while lines:
             count = batch_length(lines, BATCH_LINES, BATCH_BYTES)
@@ -239,6 +231,8 @@ def cmd_progress(args: argparse.Namespace) -> int:
 
 
 def cmd_artifact_add(args: argparse.Namespace) -> int:
+    import shutil  # here, not for every agent: it loads the compression modules
+
     source = Path(args.path)
     if not source.exists():
         raise UsageError(f"PATH={args.path!r}: no such file or directory")
@@ -257,6 +251,8 @@ def cmd_artifact_add(args: argparse.Namespace) -> int:
 
 
 def _why(exc: BaseException) -> str:
+    import shutil
+
     if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
         first = exc.args[0][0]
         return f"{len(exc.args[0])} files failed, first {first[0]!r}: {first[-1]}"
@@ -272,6 +268,8 @@ def cmd_artifact_list(_args: argparse.Namespace) -> int:
 
 
 def cmd_artifact_remove(args: argparse.Namespace) -> int:
+    import shutil
+
     root = _artifacts_dir().resolve()
     target = (root / args.path).resolve()
     if root not in target.parents:

@@ -131,28 +131,51 @@ def ancestors(pid: int, proc: Path = PROC) -> set[int]:
 
 def tree(pid: int, proc: Path = PROC) -> dict[int, int]:
     """The RSS in bytes of ``pid`` and each of its descendants, by pid (one scan of /proc)."""
-    parent: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    try:
-        entries = [entry.name for entry in os.scandir(proc) if entry.name.isdigit()]
-    except OSError:
-        return {}
-    for name in entries:
-        found = _stat(proc, name)
-        if found is not None:
-            parent[int(name)], rss[int(name)] = found
-    if pid not in rss:
-        return {}
-    children: dict[int, list[int]] = {}
-    for child, ppid in parent.items():
-        children.setdefault(ppid, []).append(child)
-    members, todo = {}, [pid]
-    while todo:
-        current = todo.pop()
-        if current not in members:
-            members[current] = rss[current]
-            todo.extend(children.get(current, ()))
-    return members
+    return TreeScanner(proc).scan(pid)
+
+
+class TreeScanner:
+    """Scans of one process tree in /proc, each as :func:`tree` would find it, without reading again the stat
+    file of every other process of the machine: a process that was outside the tree stays outside (its parent
+    can only change to a reaper, which would be in the tree only if the process already was), so it is
+    remembered, by pid and by the inode of its /proc directory (a new process that got its pid has another),
+    and only the tree's members and processes not seen before are read. With hundreds of agents on a machine,
+    each sampling its script every MEASURE_SECONDS, a scan stays proportional to the tree, not to the machine."""
+
+    def __init__(self, proc: Path = PROC) -> None:
+        self.proc = proc
+        self._outside: dict[int, int] = {}  # pid -> inode of /proc/<pid>: known not to be in the tree
+
+    def scan(self, pid: int) -> dict[int, int]:
+        parent: dict[int, int] = {}
+        rss: dict[int, int] = {}
+        inodes: dict[int, int] = {}
+        try:
+            entries = [(int(entry.name), entry.inode()) for entry in os.scandir(self.proc) if entry.name.isdigit()]
+        except OSError:
+            return {}
+        outside = self._outside
+        for number, inode in entries:
+            if outside.get(number) == inode:
+                continue
+            found = _stat(self.proc, number)
+            if found is not None:
+                parent[number], rss[number] = found
+                inodes[number] = inode
+        if pid not in rss:
+            return {}
+        children: dict[int, list[int]] = {}
+        for child, ppid in parent.items():
+            children.setdefault(ppid, []).append(child)
+        members, todo = {}, [pid]
+        while todo:
+            current = todo.pop()
+            if current not in members:
+                members[current] = rss[current]
+                todo.extend(children.get(current, ()))
+        self._outside = {number: inode for number, inode in entries
+                         if number not in members and (outside.get(number) == inode or number in inodes)}
+        return members
 
 
 # --- one script's measurement ----------------------------------------------------------------------------------
@@ -199,6 +222,7 @@ class ScriptMeter:
         self._pid = 0
         self._cpu_usec: int | None = None
         self._rusage = (0.0, 0)
+        self._scanner = TreeScanner(proc)
 
     def begin(self) -> None:
         self.cgroup = container_cgroup(self._cgroup_root, self.proc)
@@ -223,7 +247,7 @@ class ScriptMeter:
             self.sample()
 
     def sample(self) -> None:
-        members = tree(self._pid, self.proc)
+        members = self._scanner.scan(self._pid)
         total = sum(members.values())
         self.sampled_peak = max(self.sampled_peak, total)
         if self.memory_limit is not None and total > self.memory_limit and not self.killed:

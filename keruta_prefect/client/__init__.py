@@ -1,4 +1,9 @@
-"""httpx client of the keruta API: the calls of the agent contract, with retry and backoff.
+"""Client of the keruta API (standard library only: http.client): the calls of the agent contract, with
+retry and backoff.
+
+It is what every agent process loads, so it stays small: no third-party HTTP stack (httpx alone cost the agent
+about 0.2 s of imports per task). One request on the wire (a keep-alive connection per thread, TLS, proxies,
+multipart) is :mod:`.wire`'s.
 
 Two kinds of failure, never confused:
 
@@ -17,16 +22,28 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from keruta_prefect.backoff import SYSTEM_CLOCK, Backoff, Clock
+from keruta_prefect.client.wire import (
+    JSON_TYPE,
+    Connections,
+    Payload,
+    Response,
+    SourceError,
+    Unsendable,
+    api_origin,
+    close_body,
+    http_client,
+    multipart_file,
+)
 from keruta_prefect.contract import UsageKey
 from keruta_prefect.errors import TransientError
+
+__all__ = ["ApiError", "ApiRejected", "KerutaClient", "Response", "SourceError", "api_origin", "encode_json"]
 
 # Pauses between the tries of one request: 0.1 s doubling to 5 s, each spread over [0.5, 1.5) of itself so
 # agents that lost the API together do not come back together.
@@ -46,7 +63,7 @@ class ApiRejected(ApiError):
 
     """The keruta API refused the request (a 4xx, or an answer it cannot mean): sending it again cannot help.
 
-    ``status`` is None when there was no HTTP answer to speak of (a URL scheme httpx cannot use)."""
+    ``status`` is None when there was no HTTP answer to speak of (a URL the client cannot use)."""
 
     def __init__(self, status: int | None, detail: str, what: str) -> None:
         super().__init__(f"{what}: HTTP {status}: {detail}" if status is not None else f"{what}: {detail}")
@@ -61,7 +78,7 @@ class ApiRejected(ApiError):
 
 
 def encode_json(value: Any) -> bytes:
-    """A JSON body exactly as it is sent (the encoding httpx uses for ``json=``), so its size can be measured."""
+    """A JSON body exactly as it is sent, so its size can be measured."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
@@ -73,27 +90,19 @@ class KerutaClient:
         *,
         retry_seconds: float = 300.0,
         timeout: float = 10.0,
-        transport: httpx.BaseTransport | None = None,
         clock: Clock = SYSTEM_CLOCK,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
         """``clock`` measures the retry budget and waits the pauses (a test drives it instead of sleeping);
-        ``sleep`` (older form) only replaces the waiting, time stays the system's."""
+        ``sleep`` (older form) only replaces the waiting, time stays the system's. ``timeout``: seconds to
+        connect, and for each read or write on the connection."""
         self.api_url = api_url.rstrip("/")
         self.retry_seconds = retry_seconds
         self._clock: Clock = clock if sleep is None else _SleepClock(sleep)
-        self._http = httpx.Client(
-            base_url=self.api_url,
-            headers={"Authorization": f"Bearer {token}", "User-Agent": "keruta-agent"},
-            timeout=timeout,
-            transport=transport,
-            # Plain http:// (the in-cluster Service, the embedded API) never uses TLS: skip loading the CA
-            # bundle, which costs each agent process about 90 ms of CPU.
-            verify=not self.api_url.startswith("http://"),
-        )
+        self._wire = Connections({"Authorization": f"Bearer {token}", "User-Agent": "keruta-agent"}, timeout)
 
     def close(self) -> None:
-        self._http.close()
+        self._wire.close()
 
     def __enter__(self) -> KerutaClient:
         return self
@@ -102,19 +111,25 @@ class KerutaClient:
         self.close()
 
     def request(self, method: str, path: str, *, what: str, retry_seconds: float | None = None,
-                build: Callable[[], dict[str, Any]] | None = None, **kwargs: Any) -> httpx.Response:
-        """Send with retries; ``build()`` (if given) makes fresh keyword arguments for each attempt."""
+                body: bytes | None = None, payload: Callable[[], Payload] | None = None) -> Response:
+        """Send with retries. ``body``: JSON bytes; ``payload()`` (if given) makes a fresh body for each attempt."""
+        try:
+            origin = api_origin(self.api_url)
+        except ValueError as exc:  # the request cannot be sent as configured: not the network
+            raise ApiRejected(None, f"cannot send to {self.api_url}: {exc}", what) from None
         budget = self.retry_seconds if retry_seconds is None else retry_seconds
         deadline = self._clock.now() + budget
         backoff = Backoff(RETRY_INITIAL_SECONDS, RETRY_CAP_SECONDS, jitter=RETRY_JITTER)
         last = ""
+        transport_errors = (OSError, http_client().HTTPException)  # refused, reset, timed out, TLS, a broken answer
         while True:
+            sent = payload() if payload is not None else (
+                Payload(JSON_TYPE, len(body), (body,)) if body is not None else None)
             try:
-                response = self._http.request(method, path, **(build() if build else kwargs))
-            except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError) as exc:
-                # The request cannot be sent as configured (URL scheme, a header value): not the network.
+                response = self._wire.send(origin, method, origin.prefix + path, sent)
+            except Unsendable as exc:
                 raise ApiRejected(None, f"cannot send to {self.api_url}: {exc}", what) from None
-            except httpx.TransportError as exc:
+            except transport_errors as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 if response.status_code < 400:
@@ -123,6 +138,9 @@ class KerutaClient:
                 if response.status_code not in RETRYABLE_STATUS:
                     raise ApiRejected(response.status_code, detail, what)
                 last = f"HTTP {response.status_code}: {detail}"
+            finally:
+                if sent is not None and isinstance(sent.chunks, Iterator):
+                    close_body(sent.chunks)
             remaining = deadline - self._clock.now()
             if remaining <= 0:
                 raise ApiError(f"{what}: keruta API at {self.api_url} unreachable for {budget:.0f}s ({last})")
@@ -149,35 +167,22 @@ class KerutaClient:
         if usage is not None:
             body[UsageKey.FIELD] = usage
         what = f"report {status} for {task_id}"
-        return _object(self.request("PUT", f"{_task_path(task_id)}/status", json=body, what=what,
+        return _object(self.request("PUT", f"{_task_path(task_id)}/status", body=encode_json(body), what=what,
                                     retry_seconds=retry_seconds), what)
 
     def post_logs(self, task_id: str, source: str, lines: Sequence[dict[str, Any]],
                   retry_seconds: float | None = None) -> None:
         """One batch; the body is the bytes :func:`encode_json` gives, so a caller can bound its size."""
         body = encode_json({"source": source, "lines": list(lines)})
-        self.request("POST", f"{_task_path(task_id)}/logs", content=body,
-                     headers={"Content-Type": "application/json"},
+        self.request("POST", f"{_task_path(task_id)}/logs", body=body,
                      what=f"send {len(lines)} log lines of {task_id}", retry_seconds=retry_seconds)
 
     def upload_artifact(self, task_id: str, path: Path, relative: str, description: str | None = None) -> None:
-        handles: list[Any] = []
-
-        def build() -> dict[str, Any]:
-            # A fresh handle for every attempt (a failed attempt may have consumed the last one); httpx
-            # streams it from disk, so a large file is never whole in memory.
-            for handle in handles:
-                handle.close()
-            handles[:] = [path.open("rb")]
-            return {"files": {"file": (path.name, handles[0])},
-                    "data": {"description": description or "", "path": relative}}
-
-        try:
-            self.request("POST", f"{_task_path(task_id)}/artifacts", build=build,
-                         what=f"upload artifact {relative} of {task_id}")
-        finally:
-            for handle in handles:
-                handle.close()
+        """One file as multipart/form-data (fields ``description`` and ``path``, then the file), streamed from
+        disk; each attempt reads the file afresh."""
+        self.request("POST", f"{_task_path(task_id)}/artifacts",
+                     payload=lambda: multipart_file(path, {"description": description or "", "path": relative}),
+                     what=f"upload artifact {relative} of {task_id}")
 
     def health(self) -> None:
         """One try, no retry. Raises ApiError if nothing answers, ApiRejected if what answers is not a keruta API."""
@@ -201,6 +206,8 @@ class _SleepClock:
         return False
 
 
+# --- the wire ---------------------------------------------------------------------------------------------------
+
 def _task_path(task_id: str) -> str:
     return f"/api/v1/tasks/{quote(task_id, safe='')}"  # an id can never reach another route
 
@@ -208,7 +215,7 @@ def _task_path(task_id: str) -> str:
 _NOT_KERUTA = "not a keruta API answer (is the API URL right?)"
 
 
-def _object(response: httpx.Response, what: str) -> dict[str, Any]:
+def _object(response: Response, what: str) -> dict[str, Any]:
     """The answer's JSON object; an answer that is not one (a login page, a proxy's HTML) is a refusal."""
     try:
         body = response.json()
@@ -220,7 +227,7 @@ def _object(response: httpx.Response, what: str) -> dict[str, Any]:
     return body
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(response: Response) -> str:
     """The answer's ``detail`` (or its start), on one line."""
     try:
         body = response.json()
