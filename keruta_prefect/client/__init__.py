@@ -19,6 +19,7 @@ Two kinds of failure, never confused:
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -37,7 +38,6 @@ from keruta_prefect.client.wire import (
     Unsendable,
     api_origin,
     close_body,
-    http_client,
     multipart_file,
 )
 from keruta_prefect.contract import UsageKey
@@ -121,7 +121,7 @@ class KerutaClient:
         deadline = self._clock.now() + budget
         backoff = Backoff(RETRY_INITIAL_SECONDS, RETRY_CAP_SECONDS, jitter=RETRY_JITTER)
         last = ""
-        transport_errors = (OSError, http_client().HTTPException)  # refused, reset, timed out, TLS, a broken answer
+        transport_errors = (OSError, http.client.HTTPException)  # refused, reset, timed out, TLS, a broken answer
         while True:
             sent = payload() if payload is not None else (
                 Payload(JSON_TYPE, len(body), (body,)) if body is not None else None)

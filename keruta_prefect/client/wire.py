@@ -1,23 +1,22 @@
 """One HTTP request of the keruta client over the standard library's http.client: a keep-alive connection per
-thread, TLS only for https:// (``ssl`` is not even loaded for http://, see :func:`http_client`), a proxy from the
+thread, TLS for https://, a proxy from the
 environment, the multipart body of an artifact streamed from disk. Retries and meanings are the client's
 (:mod:`keruta_prefect.client`)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import select
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
-    import http.client
     import ssl
 
 JSON_TYPE = "application/json"
@@ -126,7 +125,7 @@ class Connections:
                 if connection.sock is not None:  # connected, then cut off while sending
                     try:
                         answer = connection.getresponse()
-                    except (OSError, http_client().HTTPException):
+                    except (OSError, http.client.HTTPException):
                         pass
                 if answer is None:
                     raise
@@ -159,9 +158,9 @@ class Connections:
         host, port = (proxy.host, proxy.port) if proxy is not None else (origin.host, origin.port)
         connection: http.client.HTTPConnection
         if origin.scheme == "https":
-            connection = _tls_connection_class()(host, port, timeout=self.timeout, context=_tls_context())
+            connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=_tls_context())
         else:
-            connection = http_client().HTTPConnection(host, port, timeout=self.timeout)
+            connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
         if proxy is not None:
             credentials = {"Proxy-Authorization": proxy.authorization} if proxy.authorization else {}
             if origin.scheme == "https":  # a tunnel through the proxy: the requests are the origin's own
@@ -189,50 +188,8 @@ def _host_header(origin: Origin) -> str:
     return host if origin.port == default else f"{host}:{origin.port}"
 
 
-_HTTP_CLIENT: Any = None
-
-
-def http_client() -> Any:
-    """http.client, loaded on the first request, without ssl unless it is already loaded: http.client imports
-    ssl only to offer HTTPSConnection, and loading OpenSSL costs each agent process about 20 ms of CPU that
-    an http:// API (the in-cluster Service, the embedded API) never uses. An https:// API loads ssl itself
-    (:func:`_tls_context`) and connects through :func:`_tls_connection_class`."""
-    global _HTTP_CLIENT
-    if _HTTP_CLIENT is None:
-        if "ssl" in sys.modules or "http.client" in sys.modules:
-            import http.client
-        else:
-            sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` fails: as if built without it
-            try:
-                import http.client
-            finally:
-                del sys.modules["ssl"]
-        _HTTP_CLIENT = http.client
-    return _HTTP_CLIENT
-
-
-def _tls_connection_class() -> Callable[..., http.client.HTTPConnection]:
-    """An HTTPConnection that speaks TLS: what http.client's HTTPSConnection does, whether or not http.client
-    was loaded with ssl (see :func:`http_client`)."""
-
-    class TLSConnection(http_client().HTTPConnection):  # type: ignore[misc]
-        default_port = 443
-
-        def __init__(self, host: str, port: int, *, timeout: float, context: ssl.SSLContext) -> None:
-            super().__init__(host, port, timeout=timeout)
-            self._context = context
-
-        def connect(self) -> None:
-            super().connect()  # TCP, and the CONNECT through a proxy's tunnel
-            self.sock = self._context.wrap_socket(self.sock,  # type: ignore[has-type]
-                                                  server_hostname=self._tunnel_host or self.host)
-
-    return TLSConnection
-
-
 def _tls_context() -> ssl.SSLContext:
-    """Verified TLS, as before: SSL_CERT_FILE or SSL_CERT_DIR if set, else certifi's bundle (else the system's).
-    ``ssl`` is imported only here: an http:// API never pays for it."""
+    """Verified TLS, as before: SSL_CERT_FILE or SSL_CERT_DIR if set, else certifi's bundle (else the system's)."""
     context = _verified_context()
     context.set_alpn_protocols(["http/1.1"])
     return context
