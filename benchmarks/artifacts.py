@@ -110,7 +110,8 @@ class Harness:
 
     def __init__(self, root: Path) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.artifacts", "--serve", str(root)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        cwd=Path(__file__).resolve().parent.parent)  # where `benchmarks` is
         self.kubeconfig = Path(self._answer())
 
     def _answer(self) -> str:
