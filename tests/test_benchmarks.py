@@ -83,8 +83,11 @@ def test_a_failing_kubectl_cp_is_said_not_left_out() -> None:
     assert figures["artifacts_1gib_vs_tar"] == 0.25 and figures["artifacts_1gib_vs_kubectl_cp"] == 2.0
     assert figures["artifacts_1gib_keruta_mib_per_s"] == 256 and figures["artifacts_small_files"] == 10000
     assert not [key for key in figures if key.startswith("artifacts_small_") and "kubectl" in key]
+    assert figures["artifacts_small_per_file_us"] == 150  # (2.0 s − 0.5 s) ÷ 10000 files
+    assert "per_file_us" not in str([key for key in figures if key.startswith("artifacts_1gib")])
     text = "\n".join(render_artifacts(figures, artifacts_notes(measured)))
     assert "| | kubectl cp | 128 MiB/s | 8.00 s | 2.00× | |" in text
     assert "| | kubectl cp | failed (below) | | | |" in text
+    assert "| | keruta − tar \\| cat, per file | | 150 µs | | |" in text
     assert "- 10000 files of 1 KiB: `kubectl cp` exit status 1: error: tar contents corrupted" in text
     assert "kubectl: v1.33.1." in text

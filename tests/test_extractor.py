@@ -4,11 +4,13 @@ backend's `tar` can neither stall on its warnings nor drop files without a note.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -67,7 +69,8 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 
 def no_staging(dest: Path) -> bool:
-    return not [p for p in dest.iterdir() if p.name.startswith(".incoming-")]
+    """No staging directory is left, inside ``dest`` or beside it."""
+    return not [p for p in (*dest.iterdir(), *dest.parent.iterdir()) if ".incoming-" in p.name]
 
 
 # -- names --------------------------------------------------------------------------------------------------
@@ -240,6 +243,32 @@ def test_a_publish_failing_midway_moves_everything_back(tmp_path: Path) -> None:
         extract(stream, dest)
     assert tree(dest) == before and no_staging(dest)
     assert len(calls) == 5  # two moves made, the third failed, the two undone
+
+
+def test_a_first_collection_is_published_in_one_rename(tmp_path: Path) -> None:
+    """Into an empty destination the staged tree moves whole: one rename, whatever the number of files."""
+    dest = tmp_path / "out"
+    with failing_move(0) as calls:  # none fails: it counts them
+        result = extract(archive(*[(f"f{i}", b"x") for i in range(20)], ("d/g", b"y")), dest)
+    assert len(calls) == 1 and len(result.files) == 21
+    assert tree(dest)["d/g"] == b"y" and no_staging(dest)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])  # an old GNU sparse entry; a pax 1.0 sparse one
+def test_a_sparse_file_is_kept_whole_with_its_holes(tmp_path: Path, fmt: str) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    with (source / "sparse.bin").open("wb") as f:
+        f.seek(MiB)
+        f.write(b"data")
+        f.truncate(3 * MiB)
+    made = subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", "-", "-C", str(source), "."],
+                          capture_output=True, check=True)
+    result = extract(io.BytesIO(made.stdout), tmp_path / "out", file_cap=4 * MiB)
+    expected = (source / "sparse.bin").read_bytes()
+    assert (tmp_path / "out" / "sparse.bin").read_bytes() == expected
+    assert [(f.path, f.size, f.sha256) for f in result.files] == [
+        ("sparse.bin", 3 * MiB, hashlib.sha256(expected).hexdigest())]
 
 
 # -- archives cut short -------------------------------------------------------------------------------------

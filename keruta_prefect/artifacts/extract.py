@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import re
 import shutil
 import tarfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Protocol, Self
+
+from pydantic import TypeAdapter
 
 from keruta_prefect.artifacts.publish import publish
 from keruta_prefect.artifacts.result import (
@@ -43,6 +47,9 @@ def entry_name(raw: str) -> str:
         raise ArchiveRejected(f"unsafe entry {shown_name(raw)}: an absolute path")
     if "\0" in raw:
         raise ArchiveRejected(f"unsafe entry {shown_name(raw)}: a NUL in the name")
+    trimmed = raw[2:] if raw.startswith("./") else raw  # tar's "./x": PurePosixPath drops a "." component
+    if trimmed and "\\" not in trimmed and not {"", ".", ".."} & set(trimmed.split("/")):
+        return trimmed  # the rest is in normal form already: PurePosixPath would give it back as it is
     parts = PurePosixPath(raw).parts
     if ".." in parts or ("\\" in raw and ".." in re.split(r"[/\\]", raw)):
         raise ArchiveRejected(f"unsafe entry {shown_name(raw)}: a '..' component")
@@ -70,6 +77,66 @@ class _Readable(Protocol):
     def read(self, size: int, /) -> bytes: ...
     def tell(self) -> int: ...
     def seek(self, pos: int, /) -> object: ...
+
+
+class _Forward:
+    """The archive's stream for tarfile's plain read mode (``r:``): ``read``, ``tell``, and ``seek`` forward
+    only (by reading on). tarfile reads headers here, 512 bytes at a time; ``pieces`` hands a member's data
+    over in the pieces the source delivers (a pipe read, a WebSocket frame), without the copies of tarfile's
+    stream mode (``r|``), which reads through 10 KiB records and joins and slices them again for every read.
+
+    ``read1`` of the source (one read, what is there) when it has it, else ``read``."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.next_piece = getattr(source, "read1", source.read)
+        self.head = memoryview(b"")
+        self.position = 0
+
+    def _take(self, size: int) -> memoryview:
+        """At most ``size`` bytes, from what the source delivered last (empty at its end)."""
+        if not self.head:
+            self.head = memoryview(self.next_piece(CHUNK))
+        piece, self.head = self.head[:size], self.head[size:]
+        self.position += len(piece)
+        return piece
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            raise io.UnsupportedOperation("reading a tar stream to its end")
+        first = self._take(size)
+        if len(first) == size or not first:
+            return bytes(first)
+        parts = [first]
+        size -= len(first)
+        while size and (piece := self._take(size)):
+            parts.append(piece)
+            size -= len(piece)
+        return b"".join(parts)
+
+    def pieces(self, size: int) -> Iterator[memoryview]:
+        """The next ``size`` bytes, piece by piece; tarfile.ReadError if the stream ends first."""
+        while size:
+            piece = self._take(min(size, CHUNK))
+            if not piece:
+                raise tarfile.ReadError("unexpected end of data")
+            size -= len(piece)
+            yield piece
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET, /) -> int:
+        if whence != io.SEEK_SET or position < self.position:
+            raise tarfile.StreamError("seeking backwards is not allowed")
+        for _ in self.pieces(position - self.position):
+            pass
+        return self.position
+
+    def write(self, data: bytes, /) -> int:
+        raise io.UnsupportedOperation("a tar stream being read")
+
+    def close(self) -> None:
+        """The stream is its owner's to close, as tarfile leaves a file object it was given."""
 
 
 class _HeaderBudget:
@@ -148,7 +215,21 @@ def _too_long(target: str, name: str, path_max: int, name_max: int) -> bool:
     return len(os.fsencode(target)) >= path_max or any(len(part.encode()) > name_max for part in name.split("/"))
 
 
-def _as_directories(path: str, dirs: set[str], entries: dict[str, ArtifactInfo | str], raw: str) -> None:
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC  # a new file, never through a link
+_Entries = dict[str, tuple[int, str] | str]  # by path: (size, sha256) of a file kept, or why it was not
+
+
+def _data(archive: tarfile.TarFile, source: _Forward, member: tarfile.TarInfo) -> Iterator[bytes | memoryview]:
+    """A regular member's bytes: straight from the stream, or through tarfile for a sparse one (its holes)."""
+    if member.sparse is None:
+        source.seek(member.offset_data)  # where tarfile left it, after the member's headers
+        return source.pieces(member.size)
+    reader = archive.extractfile(member)
+    assert reader is not None
+    return iter(lambda: reader.read(CHUNK), b"")
+
+
+def _as_directories(path: str, dirs: set[str], entries: _Entries, raw: str) -> None:
     """Record ``path`` and its parents as directories; one that is already a file rejects the archive."""
     while path not in dirs:
         if path in entries:
@@ -170,13 +251,14 @@ def extract_tar_stream(stream: IO[bytes], dest: Path, *, max_file_size: int, max
     (what is left out is recorded by name and reason, as are names that are not UTF-8 or are too long for
     the file system); links and other special entries are recorded, not extracted.
 
-    Files land in a staging directory inside ``dest`` and are moved into place only when the whole
-    archive was read; they replace files of an earlier collection of the same name. Publishing is all or
-    nothing: if it fails midway (a directory of an earlier collection where a file goes, or an OSError)
-    what was moved is moved back, so ``dest`` is as it was, and no staging directory is left behind.
+    Files land in a staging directory beside ``dest`` and are moved into place only when the whole
+    archive was read: in one rename when ``dest`` is empty, else one by one, replacing files of an earlier
+    collection of the same name. Publishing is all or nothing: if it fails midway (a directory of an earlier
+    collection where a file goes, or an OSError) what was moved is moved back, so ``dest`` is as it was,
+    and no staging directory is left behind.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    staging = dest / f".incoming-{uuid.uuid4().hex[:12]}"
+    staging = dest.parent / f".{dest.name}.incoming-{uuid.uuid4().hex[:12]}"  # same file system, not inside
     staged = staging / "files"
     staged.mkdir(parents=True)
     try:
@@ -189,25 +271,31 @@ def extract_tar_stream(stream: IO[bytes], dest: Path, *, max_file_size: int, max
         raise
     shutil.rmtree(staging, ignore_errors=True)
     result = CollectResult()
-    for entry in entries.values():
-        if isinstance(entry, ArtifactInfo):
-            result.files.append(entry)
+    rows = []
+    for name, entry in entries.items():
+        if isinstance(entry, tuple):
+            rows.append({"path": name, "size": entry[0], "sha256": entry[1], "location": os.path.join(dest, name)})
         else:
             result.skipped.append(entry)
+    result.files = _ROWS.validate_python(rows)  # one validation for them all, not a model built per file
     return result
 
 
+_ROWS = TypeAdapter(list[ArtifactInfo])
+
+
 def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_total_size: int,
-             max_members: int) -> dict[str, ArtifactInfo | str]:
-    """Read the archive into ``staged``: by path, the last entry's outcome, kept (ArtifactInfo) or a note."""
-    entries: dict[str, ArtifactInfo | str] = {}
+             max_members: int) -> _Entries:
+    """Read the archive into ``staged``: by path, the last entry's outcome, kept ((size, sha256)) or a note."""
+    entries: _Entries = {}
     dirs: set[str] = {""}  # paths that are directories: named as one, or holding another entry
     made: set[str] = {""}  # directories made in the staging directory
     total = 0
     path_max, name_max = os.pathconf(staged, "PC_PATH_MAX"), os.pathconf(staged, "PC_NAME_MAX")
     try:
-        try:
-            archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Member)  # noqa: SIM115 - closed below
+        source = _Forward(stream)
+        try:  # read forward only, like "r|"; see _Forward
+            archive = tarfile.TarFile(fileobj=source, mode="r", tarinfo=_Member)  # what open(mode="r:") makes
         except tarfile.TarError as exc:
             raise ArchiveRejected(f"not a tar archive ({exc})") from None
         with archive:
@@ -224,7 +312,15 @@ def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_
                                           f"(at entry {count})")
                 name = entry_name(member.name)
                 try:
-                    safe = tarfile.data_filter(member, staged)
+                    # For a directory or a regular file, the filter's check that the name stays inside (the
+                    # realpath of where it lands) is made against "/", not the staging directory, whose own
+                    # realpath it would look up again for every entry (a dozen lstat calls a file). The same
+                    # outcome: entry_name has rejected absolute names and '..' components, and nothing under
+                    # the staging directory can be a symlink (only directories made here and regular files
+                    # opened with O_EXCL | O_NOFOLLOW are), so a normal name joined to it resolves to itself.
+                    # Everything else of the filter (modes, owners, devices, FIFOs) is the same; a link, whose
+                    # target the filter resolves, is checked against the staging directory itself.
+                    safe = tarfile.data_filter(member, "/" if member.isreg() or member.isdir() else staged)
                 except tarfile.FilterError as exc:
                     why = shortened(str(exc), MAX_NOTE_CHARS)
                     raise ArchiveRejected(f"unsafe entry {shown_name(member.name)}: {why}") from None
@@ -240,8 +336,8 @@ def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_
                 parent = name.rpartition("/")[0]
                 _as_directories(parent, dirs, entries, member.name)
                 earlier = entries.pop(name, None)  # the last entry of a name wins, as with `tar x`
-                if isinstance(earlier, ArtifactInfo):
-                    total -= earlier.size
+                if isinstance(earlier, tuple):
+                    total -= earlier[0]
                     os.unlink(os.path.join(staged, name))
                 if not _utf8(name):
                     printable = name.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -264,24 +360,22 @@ def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_
                     if parent not in made:
                         os.makedirs(os.path.join(staged, parent), exist_ok=True)
                         made.add(parent)
-                    out = open(target, "wb")  # noqa: SIM115 - closed by the `with` below
+                    out = os.open(target, _CREATE, 0o666)
                 except OSError as exc:
                     if exc.errno != errno.ENAMETOOLONG:
                         raise
                     entries[name] = f"{name}: the name is too long for the file system"
                     continue
-                source = archive.extractfile(member)
-                assert source is not None
                 digest = hashlib.sha256()
-                written = 0
-                with out:
-                    while chunk := source.read(CHUNK):
-                        written += len(chunk)
-                        digest.update(chunk)
-                        out.write(chunk)
-                total += written
-                entries[name] = ArtifactInfo(path=name, size=written, sha256=digest.hexdigest(),
-                                             location=os.path.join(dest, name))
+                try:
+                    for piece in _data(archive, source, member):
+                        digest.update(piece)
+                        while piece:
+                            piece = piece[os.write(out, piece):]
+                finally:
+                    os.close(out)
+                total += safe.size
+                entries[name] = (safe.size, digest.hexdigest())
     except (tarfile.TarError, EOFError) as exc:
         raise ArchiveRejected(f"the archive is broken or cut short ({exc})") from None
     return entries

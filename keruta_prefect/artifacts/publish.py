@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -15,7 +16,16 @@ def publish(staged: Path, dest: Path, aside: Path) -> None:
     A path ``dest`` does not hold moves whole (a directory in one rename); a directory it holds is
     merged into; a file it holds (an earlier collection of the same attempt) is replaced, the old one
     moved ``aside`` until everything is in place. A file where a directory goes, or the other way round,
-    rejects the archive. On any failure every move is undone, newest first."""
+    rejects the archive. On any failure every move is undone, newest first.
+
+    An empty ``dest`` (a first collection) is replaced by the staged tree in one rename."""
+    if _empty(dest):
+        try:
+            os.rename(staged, dest)  # atomic: it fails, and changes nothing, if dest holds anything by now
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     aside.mkdir()
     moves: list[tuple[str, str]] = []  # (where it is now, where it came from)
     try:
@@ -28,6 +38,11 @@ def publish(staged: Path, dest: Path, aside: Path) -> None:
             raise PublishStranded(f"publishing into {dest} failed ({exc}) and undoing it failed ({undo}): "
                                   f"files moved aside are in {aside.parent}") from exc
         raise
+
+
+def _empty(directory: Path) -> bool:
+    with os.scandir(directory) as listing:
+        return next(listing, None) is None
 
 
 def _merge(source: str, target: str, prefix: str, aside: str, moves: list[tuple[str, str]]) -> None:

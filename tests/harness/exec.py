@@ -76,7 +76,7 @@ CLOSE_SECONDS = 5  # how long the server waits for the client to go after the en
 PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 CHANNELS = {"stdin": 0, "stdout": 1, "stderr": 2, "error": 3, "resize": 4}  # the WebSocket channel of each
 CLOSE_CHANNEL = 255  # v5: "the client has ended the channel in the payload"
-CHUNK = 32 * 1024
+CHUNK = 1 << 20  # the most of the command's output read, and sent in one message, at a time
 STDIN_HELD = 64  # chunks of stdin held for the command before the client is slowed down
 TRUE = {"1", "t", "true"}  # Go's ParseBool, as the API server reads the query (Python's client sends "True")
 
@@ -449,7 +449,7 @@ class Exec:
             return
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=CHUNK,
                 stdin=asyncio.subprocess.PIPE if options.stdin else asyncio.subprocess.DEVNULL)
         except OSError as exc:
             await session.finish({"metadata": {}, "status": "Failure", "message": f"exec failed: {exc}"})

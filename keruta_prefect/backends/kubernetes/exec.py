@@ -26,7 +26,6 @@ from keruta_prefect.errors import PermanentError
 STDOUT, STDERR, ERROR = 1, 2, 3  # the exec WebSocket's channels (the first byte of each frame)
 STDERR_TAIL = 4096  # bytes of the command's stderr kept, from its end (tar's last words explain a failure)
 MESSAGE_LIMIT = 200  # characters of a refusal's text in "artifacts lost: …"
-READ_BUFFER = 1 << 20  # bytes the extractor reads from the stream at a time
 
 
 class ArtifactsLost(PermanentError, RuntimeError):
@@ -42,7 +41,8 @@ class _ExecReader(io.RawIOBase):
 
     Frames are taken one at a time from the client's WebSocket: WSClient.update() would drain every
     frame already available into one growing bytes object (quadratic, and the whole archive in memory
-    when the sender is faster than the reader). Here memory holds only what the extractor has not read.
+    when the sender is faster than the reader). Here memory holds only what the extractor has not read:
+    ``read1`` hands over a frame's payload as it is (a view, no copy).
     Every read waits at most ``timeout`` seconds: an exec that sends nothing for that long is stalled.
     """
 
@@ -50,8 +50,7 @@ class _ExecReader(io.RawIOBase):
         self.socket = client.sock  # type: ignore[attr-defined]
         self.socket.settimeout(timeout)
         self.timeout = timeout
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.offset = 0
+        self.chunks: collections.deque[memoryview] = collections.deque()
         self.stderr = b""
         self.status = b""
         self.closed_by_server = False
@@ -81,7 +80,7 @@ class _ExecReader(io.RawIOBase):
         data = frame.data
         if not data:
             return
-        channel, payload = data[0], data[1:]
+        channel, payload = data[0], memoryview(data)[1:]
         if channel == STDOUT and payload:
             self.chunks.append(payload)
         elif channel == STDERR:
@@ -89,19 +88,23 @@ class _ExecReader(io.RawIOBase):
         elif channel == ERROR:
             self.status += payload
 
-    def readinto(self, target: memoryview | bytearray) -> int:  # type: ignore[override]  # typeshed: Buffer
+    def read1(self, size: int = -1, /) -> memoryview:
+        """What came in the next frame(s), up to ``size`` bytes; empty at the end. No copy is made: the
+        extractor hashes and writes the frame's own bytes."""
         while not self.chunks and not self.closed_by_server:
             self._pull()
         if not self.chunks:
-            return 0
+            return memoryview(b"")
         head = self.chunks[0]
-        size = min(len(target), len(head) - self.offset)
-        target[:size] = memoryview(head)[self.offset:self.offset + size]
-        self.offset += size
-        if self.offset == len(head):
-            self.chunks.popleft()
-            self.offset = 0
-        return size
+        if 0 <= size < len(head):
+            self.chunks[0] = head[size:]
+            return head[:size]
+        return self.chunks.popleft()
+
+    def readinto(self, target: memoryview | bytearray) -> int:  # type: ignore[override]  # typeshed: Buffer
+        piece = self.read1(len(target))
+        target[:len(piece)] = piece
+        return len(piece)
 
     def drain(self) -> None:
         while not self.closed_by_server:
@@ -157,8 +160,8 @@ def collect_directory(api: kubernetes.client.ApiClient, namespace: str, pod: str
     try:
         reader = _ExecReader(client, timeout)
         try:
-            result = extract_tar_stream(io.BufferedReader(reader, READ_BUFFER), dest, max_file_size=max_file_size,
-                                        max_total_size=max_total_size)
+            result = extract_tar_stream(reader, dest, max_file_size=max_file_size,  # type: ignore[arg-type]
+                                        max_total_size=max_total_size)  # read1: frames as they come
         except ArchiveRejected as exc:
             rejected = exc
         reader.drain()
