@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -158,10 +161,30 @@ def read_api_credentials(name: str = DEFAULT_BLOCK) -> KerutaApiCredentials | No
     return _read(KerutaApiCredentials, name)
 
 
+_SHARED: ContextVar[tuple[str, KerutaSettings] | None] = ContextVar("keruta_shared_settings", default=None)
+
+
+@contextmanager
+def shared_settings(name: str, settings: KerutaSettings) -> Iterator[None]:
+    """While it lasts, :func:`load_settings` of block ``name`` answers ``settings`` in this context and in the
+    task runs and child flow runs started from it (Prefect's task runners carry the context): a pipeline's
+    children run with the settings the pipeline read — one configuration for one pipeline, an edit in the UI
+    applying from the next — and none of them reads the block again."""
+    token = _SHARED.set((name, settings))
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def load_settings(name: str = DEFAULT_BLOCK, *, properties: str | None = None) -> KerutaSettings:
     """The stored settings; on first use, seed them from ``properties`` (or $KERUTA_PROPERTIES, or the
     defaults) — as the original created its stored copy on first read. A stored block that does not
-    validate raises SettingsError (one line naming the field and the value); it is never replaced."""
+    validate raises SettingsError (one line naming the field and the value); it is never replaced.
+    Inside :func:`shared_settings` of the same block, the settings it shares."""
+    shared = _SHARED.get()
+    if shared is not None and shared[0] == name and properties is None:
+        return shared[1]
     stored = read_settings(name)
     if stored is not None:
         return stored

@@ -28,7 +28,7 @@ from prefect.types import Name
 from pydantic import BaseModel, Field
 
 from keruta_prefect.backends import BackendName, get_backend
-from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings
+from keruta_prefect.blocks import DEFAULT_BLOCK, load_settings, shared_settings
 from keruta_prefect.claims import ClaimLease, claim_owner, claim_pending_tasks, claim_task, pass_claim
 from keruta_prefect.errors import PermanentError
 from keruta_prefect.flows import KerutaTaskFailed, keruta_task
@@ -213,7 +213,8 @@ def keruta_pipeline(
     store = get_store()
     settings = load_settings(settings_block)
     owner = claim_owner()
-    with ClaimLease(store, owner):  # the children's claims stay this run's while it works
+    # the children's claims stay this run's while it works; they run with the settings read here
+    with ClaimLease(store, owner), shared_settings(settings_block, settings):
         parent_id, child_ids = plan_pipeline(store, owner, parent, list(children or []))
         result = PipelineResult()
         if parent_id:
@@ -325,7 +326,7 @@ def keruta_dispatch(
     except Exception as exc:
         logger.warning("the dispatch schedule was not updated: %s", exc)
     owner = claim_owner()
-    with ClaimLease(store, owner):
+    with ClaimLease(store, owner), shared_settings(settings_block, settings):
         claimed = claim_pending(store, owner, max_tasks)
         result = DispatchResult(dispatcher=owner, claimed=claimed)
         if not claimed:

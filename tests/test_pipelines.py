@@ -269,3 +269,36 @@ def test_a_parent_on_kubernetes_shares_its_volume_with_the_children_that_follow(
         claims = {c.name for c in harness.calls_of("create", "persistentvolumeclaims")}
         assert len(claims) == 1  # one volume for the tree…
         assert {c.name for c in harness.calls_of("delete", "persistentvolumeclaims")} == claims  # …gone at the end
+
+
+def test_a_pipeline_runs_every_child_with_the_settings_it_read_and_an_edit_applies_from_the_next(
+        store: Store, tmp_path: Path) -> None:
+    """The children of a pipeline run with the settings the pipeline read (none of them reads the block again):
+    a block made invalid in the UI while the parent runs stops neither it nor its children; the next
+    pipeline reads the edit (and says what is wrong, in one line)."""
+    from keruta_prefect import keruta_pipeline
+    from keruta_prefect.blocks import seed
+    from keruta_prefect.settings import KerutaSettings, SettingsError
+    from tests.test_cli_errors import ui_edit
+
+    name = f"pl-shared-{uuid.uuid4().hex[:8]}"
+    seed(KerutaSettings(), name=name)
+    marks, gate = tmp_path / "marks", Gate(tmp_path / "parent")
+    prefix = f"pl-sh-{uuid.uuid4().hex[:6]}"
+    states: list[Any] = []
+    with gate:
+        threading.Thread(target=lambda: states.append(keruta_pipeline(
+            parent={"id": f"{prefix}-parent", "script": marking(marks, gate=gate)},
+            children=[{"id": f"{prefix}-{i}", "script": "true"} for i in range(2)],
+            concurrency=2, settings_block=name, concurrency_limit=None, return_state=True)), daemon=True).start()
+        eventually(lambda: running(marks) == [f"{prefix}-parent"], what="the parent to run")
+        ui_edit("keruta-kubernetes-settings", name, default_namespace="Not A Namespace")
+        gate.open()
+        [state] = eventually(lambda: states, what="the pipeline to end")
+    assert state.result().counts() == {"COMPLETED": 3}
+
+    again = keruta_pipeline(children=[{"id": f"{prefix}-next", "script": "true"}], settings_block=name,
+                            concurrency_limit=None, return_state=True)
+    assert again.is_failed()
+    with pytest.raises(SettingsError, match="default_namespace='Not A Namespace'"):
+        again.result()

@@ -51,4 +51,7 @@ def prefect_server(env: dict[str, str], log_path: Path, port: int | None = None,
                 time.sleep(0.5)
             yield base
         finally:
-            stop_process(server)
+            # A throwaway server: SIGTERM lets uvicorn wait for its clients' open connections (the event
+            # websockets of every flow run of the session) for as long as they stay open; 5 s is enough for it
+            # to write what it holds, and then it is killed.
+            stop_process(server, timeout=5)
