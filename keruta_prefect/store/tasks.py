@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -44,6 +45,13 @@ class TaskQueries(StoreBase):
             if row is None:
                 raise TaskNotFound(task_id)
             return row.to_task()
+
+    def progress_of(self, task_ids: Collection[str]) -> dict[str, int | None]:
+        """The progress each of these tasks' agents reported last (one query for them all)."""
+        if not task_ids:
+            return {}
+        with self.session(read=True) as s:
+            return dict(s.exec(select(TaskRow.id, TaskRow.progress).where(col(TaskRow.id).in_(list(task_ids)))).all())
 
     def list_tasks(self, status: TaskStatus | None = None, limit: int = 100, offset: int = 0) -> list[Task]:
         with self.session(read=True) as s:
