@@ -11,6 +11,7 @@ import kubernetes.client
 from keruta_harness.cluster import PODS, Cluster
 
 from keruta_prefect.backends.kubernetes.client import exec_client
+from keruta_prefect.backends.kubernetes.wait import no_pod_read_due
 from keruta_prefect.backends.kubernetes.watch import PodBook, WatchTuning
 
 
@@ -81,3 +82,23 @@ def test_threads_wait_for_the_pods_of_their_jobs_without_polling(tmp_path: Path)
         assert cluster.wait_for_pod("j3", running=True)["metadata"]["name"] == "p3"  # there already
     finally:
         cluster.stop()
+
+
+def test_a_job_whose_pod_is_slow_to_come_is_read_less_and_less_often() -> None:
+    """A Job whose Pod does not come (a thousand queued at the controller) is read after 10 s, then 20, 40
+    and every 60 s: a handful of reads in ten minutes, not sixty."""
+    reads, last = [], 0.0
+    for now in range(1, 601):
+        if no_pod_read_due(now - last, len(reads)):
+            reads.append(now)
+            last = now
+    assert reads[:4] == [11, 32, 73, 134] and len(reads) == 11
+
+
+def test_a_thousand_threads_wait_for_a_store_connection_rather_than_fail(tmp_path: Path) -> None:
+    """SQLite's engine keeps as many connections as PostgreSQL's, and a thread waits for one longer than a
+    busy write lock may take (SQLAlchemy's default: 5 + 10 and 30 s, which a thousand tasks exhaust)."""
+    from keruta_prefect.store.database import get_engine
+
+    pool: Any = get_engine(f"sqlite:///{tmp_path / 'k.db'}").pool
+    assert (pool.size(), pool._max_overflow, pool._timeout) == (10, 20, 120)

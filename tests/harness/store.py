@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import copy
+import json
 import threading
 import uuid
 from collections.abc import Callable, Coroutine
@@ -86,7 +87,7 @@ class Store:
         obj = self._objects()[key] if key in self._objects() else None  # noqa: SIM401 (no .get on kmock's array)
         if obj is None or obj.deleted:
             return None
-        return copy.deepcopy(obj.raw)
+        return clone(obj.raw)
 
     def items(self, resource: kmock.resource, namespace: str | None = None,
               where: Where | None = None) -> list[dict[str, Any]]:
@@ -98,7 +99,7 @@ class Store:
         for (res, ns, _name), obj in self._objects().items():
             if res == resource and not obj.deleted and (namespace is None or ns == namespace) \
                     and (where is None or where(obj.raw)):
-                out.append(copy.deepcopy(obj.raw))
+                out.append(clone(obj.raw))
         return out
 
     def labelled(self, resource: kmock.resource, namespace: str | None, label: str,
@@ -138,7 +139,7 @@ class Store:
         for label, value in labels.items():
             for where, future in list(self.awaited.get((resource, namespace, label, value), [])):
                 if not future.done() and where(snapshot):
-                    future.set_result(copy.deepcopy(snapshot))
+                    future.set_result(clone(snapshot))
 
     def history_after(self, rv: int) -> list[Event]:
         """The changes after resourceVersion ``rv``, oldest first (the history is in resourceVersion order)."""
@@ -149,11 +150,11 @@ class Store:
         self.rv += 1
         obj = self._objects()[(resource, namespace, name)]
         if kind == "DELETED":
-            snapshot = copy.deepcopy(obj.history[-2].raw if len(obj.history) > 1 and obj.history[-2] else {})
+            snapshot = clone(obj.history[-2].raw if len(obj.history) > 1 and obj.history[-2] else {})
             snapshot.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
         else:
             obj.patch({"metadata": {"resourceVersion": str(self.rv)}})
-            snapshot = copy.deepcopy(obj.raw)
+            snapshot = clone(obj.raw)
         self.history.append(Event(self.rv, kind, resource.plural or "", namespace, snapshot))
         await self.notify()
         if kind != "DELETED":
@@ -199,6 +200,15 @@ class Store:
     def compact(self) -> None:
         """Forget the history so far: a watch or list from an older resourceVersion gets 410 Gone."""
         self.compacted_rv = self.rv
+
+
+def clone(obj: Any) -> Any:
+    """A copy of an object of the API (JSON: dicts, lists, strings, numbers), made through JSON: a few times
+    faster than deepcopy, which a thousand Pods at once keep busy; anything else is deep-copied."""
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError):
+        return copy.deepcopy(obj)
 
 
 def _label(raw: dict[str, Any], label: str) -> Any:
