@@ -29,6 +29,7 @@ from typing import Any
 from keruta_harness.cluster import Cluster
 
 POD_TIMEOUT = 120  # seconds the Job controller may take to make a task's Pod (a thousand Jobs at once queue)
+TASK_TIMEOUT = 300  # seconds run_one waits for a task's wait() (and collection) to return
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -232,9 +233,11 @@ def run_one(system: Any, label: str, running_for: float, offset: Callable[[], fl
     cluster.run_pod(pod)
     time.sleep(running_for + offset())
     written = system.finish(job, pod)
-    thread.join(120)
+    thread.join(TASK_TIMEOUT)
     if errors:
         raise errors[0]
+    if "known" not in done:
+        raise TimeoutError(f"the wait for Job {job} did not return within {TASK_TIMEOUT}s")
     calls = [c for c in cluster.calls[before:] if c.resource and c.name in (None, job, pod)]
     return {"latency": done["known"] - written, "calls": calls, "wall": done["at"] - started}
 
