@@ -35,7 +35,7 @@ NO_POD_JOB_READ_CAP = 60.0  # …and again after twice as long each time, up to 
 def no_pod_read_due(since_last_read: float, reads: int) -> bool:
     """No Pod yet: is it time to read the Job again, ``since_last_read`` seconds after the last read (or the
     start), ``reads`` reads without a Pod so far? After 10 s, then 20, 40, then every 60 s."""
-    return since_last_read > min(NO_POD_JOB_READ * 2 ** reads, NO_POD_JOB_READ_CAP)
+    return since_last_read > min(NO_POD_JOB_READ * 2.0 ** min(reads, 8), NO_POD_JOB_READ_CAP)
 
 
 def wait_limit(kube: Kube, handle: RunHandle) -> float:
