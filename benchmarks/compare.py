@@ -28,6 +28,9 @@ from typing import Any
 
 from keruta_harness.cluster import Cluster
 
+POD_TIMEOUT = 120  # seconds the Job controller may take to make a task's Pod (a thousand Jobs at once queue)
+TASK_TIMEOUT = 300  # seconds run_one waits for a task's wait() (and collection) to return
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -58,14 +61,52 @@ def agent_finishes(cluster: Cluster, store: Any, task_id: str, pod: str) -> floa
     agent_reports_completed(store, task_id)
     written = time.perf_counter()
     cluster.log(pod, f"keruta-agent INFO {READY_LINE} in /.keruta/doc; holding up to 300s for collection")
-
-    def hold() -> None:
-        cluster.wait_for(lambda: (files / COLLECTED_MARKER).exists(), timeout=120, what="the collection")
-        cluster.log(pod, "keruta-agent INFO artifacts collected; exiting")
-        cluster.finish_pod(pod)
-
-    threading.Thread(target=hold, daemon=True, name=f"bench-agent-{pod}").start()
+    holders(cluster).hold(files / COLLECTED_MARKER, pod)
     return written
+
+
+class Holders:
+    """The agents of a cluster's Pods holding their files: each looks for its marker every 20 ms (as
+    keruta-agent does) and then ends its container. One thread looks for all of them: a thread per Pod,
+    a thousand of them polling, would take the CPU the measured code needs."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.pending: dict[Path, tuple[str, float]] = {}  # marker -> (Pod, deadline)
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="bench-agents").start()
+
+    def hold(self, marker: Path, pod: str) -> None:
+        with self.lock:
+            self.pending[marker] = (pod, time.monotonic() + 120)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.02):
+            with self.lock:
+                pending = list(self.pending.items())
+            for marker, (pod, deadline) in pending:
+                if marker.exists():
+                    self.cluster.log(pod, "keruta-agent INFO artifacts collected; exiting")
+                    self.cluster.finish_pod(pod)
+                elif time.monotonic() < deadline:
+                    continue
+                else:
+                    print(f"benchmark agent of Pod {pod}: its files were not collected within 120s", flush=True)
+                with self.lock:
+                    del self.pending[marker]
+
+
+_holders: dict[int, Holders] = {}
+_holders_lock = threading.Lock()
+
+
+def holders(cluster: Cluster) -> Holders:
+    """The holding agents of ``cluster`` (one thread, started on first use; compare.stop() ends it)."""
+    with _holders_lock:
+        if id(cluster) not in _holders:
+            _holders[id(cluster)] = Holders(cluster)
+        return _holders[id(cluster)]
 
 
 # --- the three systems ------------------------------------------------------------------------------
@@ -188,13 +229,15 @@ def run_one(system: Any, label: str, running_for: float, offset: Callable[[], fl
 
     thread = threading.Thread(target=waiter, daemon=True)
     thread.start()
-    pod = cluster.wait_for_pod(job)["metadata"]["name"]
+    pod = cluster.wait_for_pod(job, timeout=POD_TIMEOUT)["metadata"]["name"]
     cluster.run_pod(pod)
     time.sleep(running_for + offset())
     written = system.finish(job, pod)
-    thread.join(120)
+    thread.join(TASK_TIMEOUT)
     if errors:
         raise errors[0]
+    if "known" not in done:
+        raise TimeoutError(f"the wait for Job {job} did not return within {TASK_TIMEOUT}s")
     calls = [c for c in cluster.calls[before:] if c.resource and c.name in (None, job, pod)]
     return {"latency": done["known"] - written, "calls": calls, "wall": done["at"] - started}
 
@@ -350,4 +393,8 @@ def stop(cluster: Cluster) -> None:
     from keruta_prefect.backends.kubernetes import watch
 
     watch.stop_all()
+    with _holders_lock:
+        held = _holders.pop(id(cluster), None)
+    if held is not None:
+        held.stopped.set()
     cluster.stop()

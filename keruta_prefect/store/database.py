@@ -67,6 +67,8 @@ def database_error(exc: BaseException, url: str | None = None) -> DatabaseUnavai
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
+POOL_SIZE, POOL_OVERFLOW = 10, 20  # connections an engine keeps, and opens beyond those when busy
+POOL_TIMEOUT = 120  # seconds a thread waits for a connection before the store says it cannot be used
 
 def get_engine(url: str | None = None) -> Engine:
     """The engine of a database URL, its tables created; DatabaseUnavailable (one line) if it cannot be used."""
@@ -111,7 +113,10 @@ def add_missing_columns(engine: Engine) -> list[str]:
 
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # As many connections as PostgreSQL's, and a wait for one as long as a busy write lock may take
+        # (twice its busy_timeout): a thousand tasks in one process queue here rather than fail after 30 s.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_timeout=POOL_TIMEOUT)
 
         @event.listens_for(engine, "connect")
         def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -129,4 +134,5 @@ def _make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("keruta_read") else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
+                         pool_timeout=POOL_TIMEOUT)

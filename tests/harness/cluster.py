@@ -39,7 +39,7 @@ from typing import Any
 import kmock
 
 from .apiserver import ApiServer, Emulator
-from .common import JOBS, NAMESPACES, PODS, PVCS, RESOURCES, SECRETS, Call, Stream, job_pods, namespace_object, now_iso
+from .common import JOBS, NAMESPACES, PODS, PVCS, RESOURCES, SECRETS, Call, Stream, namespace_object, now_iso
 from .controller import JobController
 from .exec import Exec
 from .faults import Fault, Faults
@@ -93,6 +93,7 @@ class Cluster:
                 task.cancel()
             self.injector.drop_all()
             await self.store.notify()
+            self.logs.wake_all()
             await asyncio.sleep(0.05)
             assert self.server is not None and self.store.emulator is not None
             await self.server.__aexit__(None, None, None)
@@ -165,8 +166,9 @@ class Cluster:
         return await self.store.put(resource, obj)
 
     def pods(self, namespace: str = "default", job: str | None = None) -> list[dict[str, Any]]:
-        pods = self.store.items(PODS, namespace)
-        return pods if job is None else job_pods(pods, job)
+        if job is None:
+            return self.store.items(PODS, namespace)
+        return self.store.labelled(PODS, namespace, "job-name", job)
 
     def jobs(self, namespace: str = "default") -> list[dict[str, Any]]:
         return self.store.items(JOBS, namespace)
@@ -191,13 +193,16 @@ class Cluster:
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {what}")
 
-    def wait_for_pod(self, job: str, namespace: str = "default", running: bool = False) -> dict[str, Any]:
-        def found() -> dict[str, Any] | None:
-            for pod in self.pods(namespace, job):
-                if not running or (pod.get("status") or {}).get("phase") == "Running":
-                    return pod
-            return None
-        return self.wait_for(found, what=f"a pod of job {job}")
+    def wait_for_pod(self, job: str, namespace: str = "default", running: bool = False,
+                     timeout: float = 20) -> dict[str, Any]:
+        """The first Pod of Job ``job`` (``running``: in phase Running); nothing polls (a thousand threads
+        may wait so at once)."""
+        def found(pod: dict[str, Any]) -> bool:
+            return not running or (pod.get("status") or {}).get("phase") == "Running"
+        pod = self.store.first_labelled(PODS, namespace, "job-name", job, found, timeout)
+        if pod is None:
+            raise AssertionError(f"timed out waiting for a pod of job {job}")
+        return pod
 
     # --- the kubelet, driven by the test (manual mode) and node faults --------------------------------
     def run_pod(self, pod: str, namespace: str = "default") -> None:

@@ -105,11 +105,6 @@ def container_state(pod: dict[str, Any], container: str) -> dict[str, Any]:
     return {}
 
 
-def job_pods(pods: list[dict[str, Any]], job: str) -> list[dict[str, Any]]:
-    """The Pods of Job ``job`` among ``pods`` (by the controller's `job-name` label)."""
-    return [p for p in pods if (p["metadata"].get("labels") or {}).get("job-name") == job]
-
-
 class _Objects(Protocol):
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 

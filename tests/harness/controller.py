@@ -14,7 +14,7 @@ from typing import Any
 
 import kmock
 
-from .common import JOBS, PODS, job_pods, now_iso
+from .common import JOBS, PODS, now_iso
 from .kubelet import Kubelet
 from .store import Store
 
@@ -77,7 +77,7 @@ class JobController:
                 self.store.spawn(self._pod_finished(obj))
 
     def pods_of(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        return job_pods(self.store.items(PODS, namespace), job)
+        return self.store.labelled(PODS, namespace, "job-name", job)
 
     async def _start_job(self, job: dict[str, Any]) -> None:
         meta = job["metadata"]

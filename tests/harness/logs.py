@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import aiohttp.web
@@ -17,6 +18,26 @@ from .store import Store
 class ContainerLog:
     lines: list[tuple[str, str]] = field(default_factory=list)  # (timestamp, text)
     finished: bool = False
+    # Who follows this log waits on it alone (not on every change of the cluster): a thousand followers
+    # are woken by their own container's lines, not by everyone's.
+    readers: set[asyncio.Future[None]] = field(default_factory=set)
+
+    def wake(self) -> None:
+        """On the cluster's loop: every follower of this log looks again."""
+        for reader in self.readers:
+            if not reader.done():
+                reader.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Until a line is added, the log ends, or ``timeout`` seconds."""
+        reader: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.readers.add(reader)
+        try:
+            await asyncio.wait_for(reader, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self.readers.discard(reader)
 
 
 class Logs:
@@ -29,12 +50,21 @@ class Logs:
         return self.logs.setdefault((namespace, pod, container), ContainerLog())
 
     async def append(self, namespace: str, pod: str, container: str, text: str) -> None:
-        self.of(namespace, pod, container).lines.append((log_timestamp(), text))
-        await self.store.notify()
+        log = self.of(namespace, pod, container)
+        log.lines.append((log_timestamp(), text))
+        log.wake()
+
+    def wake_all(self) -> None:
+        """On the cluster's loop: every follower looks again (at the faults: the cluster stops)."""
+        for log in self.logs.values():
+            log.wake()
 
     def finish(self, namespace: str, pod: str, container: str) -> None:
-        """The container's output has ended (a follower gets the rest, then the end of the stream)."""
-        self.of(namespace, pod, container).finished = True
+        """The container's output has ended (a follower gets the rest, then the end of the stream); from
+        any thread."""
+        log = self.of(namespace, pod, container)
+        log.finished = True
+        self.store.loop.call_soon_threadsafe(log.wake)
 
     async def serve(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         found = pod_container(self.store, request)
@@ -81,9 +111,6 @@ class Logs:
                         if raw.transport is not None:
                             raw.transport.abort()
                         return response
-
-                    def more(seen: int = index) -> bool:
-                        return seen < len(log.lines) or log.finished or stream.drop
-                    await self.store.wait_change(0.5, more)
+                    await log.wait(0.5)  # a line, the end, or a look at the faults (a drop) every 0.5 s
             except (ConnectionResetError, RuntimeError):
                 return response

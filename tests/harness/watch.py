@@ -41,8 +41,8 @@ class ListWatch:
         assert request.resource is not None
         match = matcher(request)
         plural = request.resource.plural or ""
-        items = [obj for obj in self.store.items(request.resource, request.namespace)
-                 if match(plural, obj.get("metadata", {}).get("namespace"), obj)]
+        items = self.store.items(request.resource, request.namespace,
+                                 lambda obj: match(plural, obj.get("metadata", {}).get("namespace"), obj))
         group = request.resource.group
         version = tables.wants_table(request.headers.get("Accept", ""))
         if version is not None:
@@ -83,9 +83,9 @@ class ListWatch:
             return response
         if since in ("", "0"):
             last = store.rv
-            for obj in store.items(request.resource, request.namespace):
-                if match(plural, obj.get("metadata", {}).get("namespace"), obj):
-                    await send("ADDED", obj)
+            for obj in store.items(request.resource, request.namespace,
+                                   lambda obj: match(plural, obj.get("metadata", {}).get("namespace"), obj)):
+                await send("ADDED", obj)
         else:
             last = int(since)
         with self.faults.open_stream("watch") as stream:
@@ -101,7 +101,7 @@ class ListWatch:
                         return response
                     while stream.inject:
                         await response.write(stream.inject.pop(0))
-                    pending = [e for e in store.history if e.rv > last] if not stream.silent else []
+                    pending = store.history_after(last) if not stream.silent else []
                     for event in pending:
                         last = event.rv
                         if match(event.resource, event.namespace, event.obj):

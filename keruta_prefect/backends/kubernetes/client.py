@@ -18,9 +18,13 @@ POOL_SIZE = 64
 _clients: dict[tuple[Hashable, ...], tuple[kubernetes.client.ApiClient, str]] = {}
 _lock = threading.Lock()
 # For pods/exec only: kubernetes.stream.stream() swaps call_api on the ApiClient it is given for the length
-# of the call. A client of its own keeps the shared client's concurrent requests (watches, logs) off the
-# WebSocket; its lock keeps two exec calls from swapping at once. One per cluster connection, reused.
-_exec_clients: dict[int, tuple[kubernetes.client.ApiClient, kubernetes.client.ApiClient, threading.Lock]] = {}
+# of the call. Clients of their own keep the shared client's concurrent requests (watches, logs) off the
+# WebSocket; each one's lock keeps two exec calls from swapping at once on it. A few per cluster connection,
+# reused: many tasks collecting at once connect side by side instead of one after the other.
+EXEC_CLIENTS = 8
+ExecClient = tuple[kubernetes.client.ApiClient, threading.Lock]
+_exec_clients: dict[int, tuple[kubernetes.client.ApiClient, list[ExecClient]]] = {}
+_next_exec = 0
 
 
 def disabled_message() -> str:
@@ -53,11 +57,19 @@ def connection(settings: KerutaSettings) -> tuple[kubernetes.client.ApiClient, s
         return _clients[source.key]
 
 
-def exec_client(api: kubernetes.client.ApiClient) -> tuple[kubernetes.client.ApiClient, threading.Lock]:
-    """The ApiClient (and the lock to hold around stream()) for exec calls on ``api``'s cluster."""
+def exec_client(api: kubernetes.client.ApiClient) -> ExecClient:
+    """An ApiClient (and the lock to hold around stream()) for an exec call on ``api``'s cluster: one not
+    connecting at the moment if there is one, else the next in turn."""
+    global _next_exec
     with _lock:
         found = _exec_clients.get(id(api))
         if found is None or found[0] is not api:
-            found = (api, kubernetes.client.ApiClient(api.configuration), threading.Lock())
+            found = (api, [(kubernetes.client.ApiClient(api.configuration), threading.Lock())
+                           for _ in range(EXEC_CLIENTS)])
             _exec_clients[id(api)] = found
-        return found[1], found[2]
+        pool = found[1]
+        free = next((pair for pair in pool if not pair[1].locked()), None)
+        if free is not None:
+            return free
+        _next_exec = (_next_exec + 1) % len(pool)
+        return pool[_next_exec]

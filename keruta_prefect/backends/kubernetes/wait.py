@@ -27,7 +27,15 @@ from keruta_prefect.outcomes import AgentExit, AgentReport, outcome_of
 log = logging.getLogger("keruta.kubernetes")
 
 POLL_INTERVAL = 0.5  # seconds between looks when no event comes (timers: grace periods, the bound)
-NO_POD_JOB_READ = 10.0  # no Pod seen for this long: read the Job (it may have failed before making one)
+NO_POD_JOB_READ = 10.0  # no Pod seen for this long: read the Job (it may have failed before making one)…
+NO_POD_JOB_READ_CAP = 60.0  # …and again after twice as long each time, up to this: a thousand Jobs queued at
+# a controller that makes their Pods slowly cost a handful of reads each, not one every 10 s
+
+
+def no_pod_read_due(since_last_read: float, reads: int) -> bool:
+    """No Pod yet: is it time to read the Job again, ``since_last_read`` seconds after the last read (or the
+    start), ``reads`` reads without a Pod so far? After 10 s, then 20, 40, then every 60 s."""
+    return since_last_read > min(NO_POD_JOB_READ * 2.0 ** min(reads, 8), NO_POD_JOB_READ_CAP)
 
 
 def wait_limit(kube: Kube, handle: RunHandle) -> float:
@@ -100,6 +108,7 @@ class Waiter:
         self.job: dict[str, Any] | None = None
         self.job_missing = False
         self.last_job_read = self.started
+        self.no_pod_reads = 0  # Job reads while no Pod was seen (each waits twice as long as the last)
 
     def run(self) -> Outcome:
         handed_off = False
@@ -194,10 +203,11 @@ class Waiter:
         unschedulable = self.kube.settings.crash_loop_back_off_timeout_ms / 1000
         verdict = diagnose(pods, self.job, waited=waited, image_pull_grace=grace, unschedulable_grace=unschedulable)
         pod_gone = event is not None and event[0] == "DELETED" and not pods
-        no_pod_yet = not pods and now - self.last_job_read > NO_POD_JOB_READ
+        no_pod_yet = not pods and no_pod_read_due(now - self.last_job_read, self.no_pod_reads)
         if verdict.outcome is None and (verdict.need_job or pod_gone or no_pod_yet):
             self.job, self.job_missing = read_job(self.kube, self.handle)
             self.last_job_read = now
+            self.no_pod_reads = self.no_pod_reads + 1 if not pods else 0
             verdict = diagnose(pods, self.job, waited=waited, image_pull_grace=grace,
                                unschedulable_grace=unschedulable, job_known_missing=self.job_missing)
         return verdict

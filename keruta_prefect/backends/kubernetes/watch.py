@@ -113,6 +113,8 @@ class PodBook:
         self.namespace = namespace
         self.tuning = tuning
         self._pods: dict[str, dict[str, Any]] = {}
+        # The same Pods by their Job (its `job-name` label): a waiter's look costs its own Pods, not all of them.
+        self._by_job: dict[str, dict[str, dict[str, Any]]] = {}
         self._subscribers: dict[str, list[Subscription]] = {}
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # notified on every Pod event
@@ -145,7 +147,7 @@ class PodBook:
 
     def pods_of(self, job: str) -> list[dict[str, Any]]:
         with self._lock:
-            return [p for p in self._pods.values() if (p["metadata"].get("labels") or {}).get("job-name") == job]
+            return list(self._by_job.get(job, {}).values())
 
     def _end(self) -> None:
         """No new subscribers; every subscriber hears that the watch ended."""
@@ -157,16 +159,37 @@ class PodBook:
             subscription.events.put((WATCH_ENDED, {}))
 
     def _dispatch(self, kind: str, pod: dict[str, Any]) -> None:
-        job = (pod["metadata"].get("labels") or {}).get("job-name")
+        job = _job_of(pod)
+        name = pod["metadata"]["name"]
         with self._lock:
+            before = self._pods.get(name)
+            if before is not None and (kind == "DELETED" or _job_of(before) != job):
+                self._file(_job_of(before), name, None)
             if kind == "DELETED":
-                self._pods.pop(pod["metadata"]["name"], None)
-            else:
-                self._pods[pod["metadata"]["name"]] = pod
+                self._pods.pop(name, None)
+            else:  # (a Pod seen before keeps its place: pods_of() lists them in the order they came)
+                self._pods[name] = pod
+                self._file(job, name, pod)
             subscribers = [s for s in self._subscribers.get(job or "", []) if s.listen]
             self._changed.notify_all()
         for subscription in subscribers:
             subscription.events.put((kind, pod))
+
+    def _file(self, job: str | None, name: str, pod: dict[str, Any] | None) -> None:
+        """``pod`` under its Job in the index (None: out of it); under the lock."""
+        if job is None:
+            return
+        pods = self._by_job.setdefault(job, {})
+        if pod is not None:
+            pods[name] = pod
+            return
+        pods.pop(name, None)
+        if not pods:
+            del self._by_job[job]
+
+
+def _job_of(pod: dict[str, Any]) -> str | None:
+    return (pod["metadata"].get("labels") or {}).get("job-name")
 
 
 class NamespaceWatch(PodBook):
