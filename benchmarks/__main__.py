@@ -44,14 +44,16 @@ class Sizes:
     fan_out: tuple[int, int]  # tasks, concurrency
     floor_runs: int  # empty flow runs and task runs, for Prefect's own cost
     agent_runs: int  # agent cold starts
+    scale: tuple[int, int, int]  # tasks at once; keruta-pipeline tasks and concurrency at scale
     artifacts: tuple[int, int]  # MiB of the large file, number of small files
     log_lines: int
 
 
 FULL = Sizes(runs=30, durations=(5, 60), concurrent=50, overhead_runs=20, fan_out=(200, 20), floor_runs=40,
-             agent_runs=20, artifacts=(1024, 10000), log_lines=200_000)
+             agent_runs=20, artifacts=(1024, 10000), log_lines=200_000,
+             scale=(1000, 200, 100))
 SMOKE = Sizes(runs=3, durations=(1,), concurrent=4, overhead_runs=2, fan_out=(6, 3), floor_runs=3, agent_runs=2,
-              artifacts=(2, 50), log_lines=2000)
+              artifacts=(2, 50), log_lines=2000, scale=(6, 4, 2))
 CONCURRENT_POD_RUN_S = 5  # how long each Pod of section 3 runs
 
 
@@ -121,7 +123,7 @@ def _run(sizes: Sizes, out: Path, server: str) -> Report:
     """Every measurement, against the Prefect server of the current settings. After each one, RESULTS.md
     (rendered from the figures: benchmarks/report.py) and results.json (the figures) hold what is measured
     so far."""
-    from benchmarks import agent, artifacts, compare, report, throughput
+    from benchmarks import agent, artifacts, compare, report, scale, throughput
 
     root = Path(tempfile.mkdtemp(prefix="keruta-bench-clusters-"))
     header = "\n".join([f"# Benchmarks — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "",
@@ -152,6 +154,10 @@ def _run(sizes: Sizes, out: Path, server: str) -> Report:
     collected = artifacts.measure(*sizes.artifacts)
     measured(report.artifacts_figures(collected), report.render_artifacts, **report.artifacts_notes(collected))
     measured(report.log_figures(throughput.log_streaming(sizes.log_lines)), report.render_logs)
+    at_once, pipeline_tasks, pipeline_concurrency = sizes.scale
+    figures = scale.thousand(root, at_once)
+    measured(report.scale_figures(figures | scale.pipeline_scale(pipeline_tasks, pipeline_concurrency, root)),
+             report.render_scale)
     return done
 
 

@@ -55,6 +55,17 @@ KEYS: tuple[tuple[str, str], ...] = (
      "process"),
     ("floor_runs, floor_{run}_client_cpu_ms, floor_{run}_server_cpu_ms", "Prefect's own cost: CPU of this process "
      "and of the Prefect server (with its database) per empty {run} (flow_run: a child flow run; task_run)"),
+    ("scale_tasks, scale_completed, scale_completed_share, scale_peak_watches, scale_wall_s",
+     "section 8: tasks at once, completed (and the share), watches at the peak, wall time"),
+    ("scale_requests, scale_watch_requests, scale_requests_per_task, scale_requests_per_task_amortised",
+     "requests in all, the shared watch's, per task without them, per task with them"),
+    ("scale_requests_{verb}_{resource}", "requests by verb and resource (`pods_log` is pods/log)"),
+    ("scale_peak_rss_mib, scale_threads, scale_sockets, scale_peak_sockets",
+     "this process at the peak (the harness runs in it too): RSS, threads, open sockets"),
+    ("scale_list_{scope}_bytes, scale_list_{scope}_s", "one LIST of the Pods: {scope} = namespaced (keruta's "
+                                                       "label selector) or cluster (all Pods)"),
+    ("scale_pipeline_{…}", "keruta-pipeline at scale: tasks, concurrency, completed, completed_share, wall_s, "
+                           "peak_watches, requests, requests_per_task, peak_rss_mib, threads, sockets"),
     ("artifacts_{case}_file_mib, artifacts_{case}_files", "the case: one file of this many MiB ({case} = e.g. "
                                                           "1gib), or this many files of 1 KiB ({case} = small)"),
     ("artifacts_{case}_keruta_s, _keruta_mib_per_s, _rss_growth_mib", "keruta's collection over exec"),
@@ -196,6 +207,52 @@ def render_targets(f: Figures, notes: Mapping[str, str]) -> list[str]:
         rows.append(f"| {what} | {sense} {target:.4g} {unit} | {shown} {unit} | {'met' if met else '**missed**'} | "
                     f"`{key}` |")
     return ["## Targets", "", "| what | target | measured | | figure |", "|---|---|---|---|---|", *rows]
+
+
+def scale_figures(scale: Mapping[str, float]) -> dict[str, float]:
+    figures = {key: _round(value, 2) for key, value in scale.items()}
+    for prefix in ("scale_", "scale_pipeline_"):
+        if f"{prefix}tasks" in figures:
+            figures[f"{prefix}completed_share"] = _round(figures[f"{prefix}completed"] / figures[f"{prefix}tasks"])
+    return figures
+
+
+def render_scale(f: Figures, notes: Mapping[str, str]) -> list[str]:
+    by_verb = sorted(((key.removeprefix("scale_requests_"), f[key]) for key in f
+                      if key.startswith("scale_requests_") and key[len("scale_requests_"):].split("_")[0]
+                      in ("get", "list", "watch", "create", "delete", "patch")), key=lambda kv: -kv[1])
+    lines = ["## 8. 1,000 tasks at once", "",
+             f"{f['scale_tasks']:.0f} tasks at once from one process through the Kubernetes backend (a thread per "
+             "task: launch, wait, collect over exec), each Pod running 5 s on the manual kubelet, the harness in the "
+             "same process; and keruta-pipeline with "
+             f"{f['scale_pipeline_tasks']:.0f} tasks at concurrency {f['scale_pipeline_concurrency']:.0f} on the "
+             "harness with its real kubelet (agents are processes), Prefect on PostgreSQL. Requests per task leave "
+             "out the shared watch's LIST and WATCH (counted apart). Targets: all complete, 1 watch, ≤ 4 requests "
+             "per task, peak RSS ≤ 1 GB.", "",
+             "| run | completed | watches at the peak | requests per task (+ the watch's) | wall | peak RSS | threads "
+             "| sockets |", "|---|---|---|---|---|---|---|---|",
+             f"| {f['scale_tasks']:.0f} at once | {f['scale_completed']:.0f} | {f['scale_peak_watches']:.0f} | "
+             f"{f['scale_requests_per_task']:.2f} (+{f['scale_watch_requests']:.0f}) | {f['scale_wall_s']:.0f} s | "
+             f"{f['scale_peak_rss_mib']:.0f} MiB | {f['scale_threads']:.0f} | {f['scale_sockets']:.0f} "
+             f"(peak {f['scale_peak_sockets']:.0f}) |",
+             f"| keruta-pipeline {f['scale_pipeline_tasks']:.0f} at {f['scale_pipeline_concurrency']:.0f} | "
+             f"{f['scale_pipeline_completed']:.0f} | {f['scale_pipeline_peak_watches']:.0f} | "
+             f"{f['scale_pipeline_requests_per_task']:.2f} (of {f['scale_pipeline_requests']:.0f} in all) | "
+             f"{f['scale_pipeline_wall_s']:.0f} s | {f['scale_pipeline_peak_rss_mib']:.0f} MiB | "
+             f"{f['scale_pipeline_threads']:.0f} | {f['scale_pipeline_sockets']:.0f} |", "",
+             f"Requests of the {f['scale_tasks']:.0f} at once, by verb: "
+             + ", ".join(f"{verb.replace('_', ' ', 1).replace('_', '/')} {count:.0f}" for verb, count in by_verb)
+             + f" (of {f['scale_requests']:.0f}: {f['scale_requests_per_task_amortised']:.2f} a task, the watch's "
+             "included)."]
+    if "scale_list_namespaced_bytes" in f:
+        lines += ["", "One LIST of the Pods with every task's Pod in place: keruta's (one namespace, keruta's label "
+                  f"selector) {f['scale_list_namespaced_bytes'] / 1e6:.2f} MB in {f['scale_list_namespaced_s']:.2f} s; "
+                  f"cluster-wide (`/api/v1/pods`, what Prefect's observer lists, PrefectHQ/prefect #22208) "
+                  f"{f['scale_list_cluster_bytes'] / 1e6:.2f} MB in {f['scale_list_cluster_s']:.2f} s — the same "
+                  "here, where the harness holds only these Pods; on a shared cluster the cluster-wide LIST grows "
+                  "with every Pod of every team. keruta lists once per watch start (and after a 410), not per "
+                  "task."]
+    return lines
 
 
 def floor_figures(floor: Mapping[str, float]) -> dict[str, float]:
@@ -399,7 +456,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("completion_runs", render_completion), ("api_requests_keruta_", render_requests),
     ("concurrent_tasks", render_concurrent), ("overhead_runs", render_overhead), ("agent_import_ms", render_agent),
     ("fanout_tasks", render_fanout),
-    ("artifacts_", render_artifacts), ("logs_lines", render_logs))
+    ("artifacts_", render_artifacts), ("logs_lines", render_logs), ("scale_pipeline_tasks", render_scale))
 
 
 def measured(figures: Figures, marker: str) -> bool:

@@ -161,6 +161,8 @@ def thousand(root: Path, tasks: int = 1000, running_for: float = 5.0) -> dict[st
            "scale_wall_s": wall, "scale_peak_rss_mib": sampler.peak_rss / 2**20,
            "scale_threads": sampler.peak_threads, "scale_sockets": sampler.sockets_at_peak,
            "scale_peak_sockets": sampler.peak_sockets}
+    for verb, count in verbs.items():  # e.g. scale_requests_get_pods_log: where the requests went
+        out["scale_requests_" + "_".join(verb.replace("/", " ").split())] = count
     if "namespaced" in listed:
         for scope, (size, seconds) in listed.items():
             out.update({f"scale_list_{scope}_bytes": size, f"scale_list_{scope}_s": seconds})

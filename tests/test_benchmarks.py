@@ -44,7 +44,8 @@ def test_the_benchmarks_run_at_smoke_size_and_write_every_section(tmp_path: Path
     assert text == done.text
     for title in ("1. Completion detection", "2. Kubernetes API requests per task", "tasks at once in one process",
                   "4. Orchestration overhead", "5. Fan-out through keruta-pipeline", "6. Artifact collection",
-                  "7. Log streaming", "results.json"):
+                  "7. Log streaming", "8. 1,000 tasks at once", "5a. The agent's cold start", "Targets",
+                  "results.json"):
         assert f"## {title}" in text or title in text, title
     assert "| keruta-prefect |" in text and "| prefect-kubernetes |" in text
     assert "| 2000 | 2000 | yes |" in text  # every streamed line stored, in order
@@ -61,7 +62,9 @@ def test_the_benchmarks_run_at_smoke_size_and_write_every_section(tmp_path: Path
     assert shown.read == set(figures), (set(figures) - shown.read, shown.read - set(figures))
     big = f"artifacts_{size_label(SMOKE.artifacts[0])}"
     for key in ("completion_p50_ms", "overhead_exec_mode_ms", "fanout_overhead_ms_per_task", "concurrent_peak_watches",
-                f"{big}_vs_tar", f"{big}_vs_kubectl_cp", "artifacts_small_vs_kubectl_cp", "logs_lines_per_s"):
+                f"{big}_vs_tar", f"{big}_vs_kubectl_cp", "artifacts_small_vs_kubectl_cp", "logs_lines_per_s",
+                "artifacts_small_per_file_us", "agent_cpu_ms_per_true_task", "fanout_cpu_server_ms_per_task",
+                "floor_flow_run_client_cpu_ms", "scale_completed_share", "scale_pipeline_completed_share"):
         assert key in figures, key
 
     # kubectl cp of the same files, beside tar | cat, for both cases
