@@ -397,4 +397,8 @@ def stop(cluster: Cluster) -> None:
         held = _holders.pop(id(cluster), None)
     if held is not None:
         held.stopped.set()
-    cluster.stop()
+    try:
+        cluster.stop()
+    except TimeoutError:  # measured already: an emulator that does not stop in time changes no figure
+        print("benchmarks: a harness cluster did not stop within 20 s (its server is left to the process's end)",
+              flush=True)
