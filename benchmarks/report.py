@@ -181,18 +181,42 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("fanout_overhead_ms_per_task", "fan-out overhead per task", "≤", 150, "ms"),
     ("fanout_peak_rss_mib", "fan-out peak RSS", "≤", 500 * MIB_PER_MB, "MiB"),
     ("artifacts_1gib_vs_kubectl_cp", "1 GiB: keruta ÷ kubectl cp", "≥", 1.5, "×"),
-    ("artifacts_1gib_vs_tar", "1 GiB: keruta ÷ tar | cat", "≥", 0.5, "×"),
+    ("artifacts_1gib_vs_tar", "1 GiB: keruta ÷ `tar \\| cat`", "≥", 0.5, "×"),
     ("artifacts_1gib_rss_growth_mib", "1 GiB: RSS growth", "≤", 100 * MIB_PER_MB, "MiB"),
     ("artifacts_small_vs_kubectl_cp", "10,000 files: keruta ÷ kubectl cp", "≥", 1.5, "×"),
     ("artifacts_small_per_file_us", "10,000 files: per-file overhead", "≤", 40, "µs"),
-    ("scale_completed_share", "1,000 tasks at once: completed", "≥", 1, "(all)"),
+    ("scale_completed_share", "1,000 tasks at once: the share that completed", "≥", 1, ""),
     ("scale_peak_watches", "1,000 tasks at once: watches", "≤", 1, ""),
     ("scale_requests_per_task", "1,000 tasks at once: API requests per task", "≤", 4, ""),
     ("scale_peak_rss_mib", "1,000 tasks at once: peak RSS", "≤", 1000 * MIB_PER_MB, "MiB"),
-    ("scale_pipeline_completed_share", "keruta-pipeline, 200 at concurrency 100: completed", "≥", 1, "(all)"),
+    ("scale_pipeline_completed_share", "keruta-pipeline, 200 at concurrency 100: the share that completed", "≥", 1,
+     ""),
     ("scale_pipeline_peak_rss_mib", "keruta-pipeline, 200 at concurrency 100: peak RSS", "≤", 1000 * MIB_PER_MB,
      "MiB"),
 )
+
+
+# What bounds a target when it is missed (said under the table for the missed ones).
+BOUNDS: dict[str, str] = {
+    "overhead_exec_mode_ms": "Prefect's own start of a flow run and its task runs (section 5 measures an empty child "
+                             "flow run and an empty task run), and the two exec round trips of the collection.",
+    "fanout_overhead_ms_per_task": "The Prefect server: section 5's CPU split puts more CPU per keruta task in the "
+                                   "Prefect server (and its PostgreSQL) than in this process and the agent together, "
+                                   "all on the same 2 cores; an empty child flow run with six empty task runs "
+                                   "already costs more than 150 ms per task on 2 cores (section 5, what bounds it).",
+    "artifacts_1gib_vs_kubectl_cp": "The emulator's exec endpoint (Python, in its own process): keruta and kubectl "
+                                    "cp both receive as fast as it sends, so they come out level.",
+    "artifacts_1gib_vs_tar": "The same emulator between the files and the collector; `tar | cat` has none.",
+    "artifacts_small_vs_kubectl_cp": "keruta's per-entry work in Python (tarfile's header parsing and data filter, "
+                                     "open/write/close, a sha256 and a row per file) against Go's tar in kubectl.",
+    "artifacts_small_per_file_us": "The same per-entry work: about 200 µs a file in Python on this machine.",
+    "scale_completed_share": "The harness: its emulator runs in the same process (one event loop, the GIL shared "
+                             "with two thousand task threads on 2 cores), Pods start minutes late, and the "
+                             "benchmark gives each task 300 s; those that ran out count as not completed.",
+    "scale_requests_per_task": "Log reads (`get pods/log`) and Job reads while no Pod exists yet (10 s, 20, 40, then "
+                               "every 60 s) on the swamped emulator; at 200 at once it is exactly 4 (create job, "
+                               "one log read, two execs). Why the log followers read again there is not found yet.",
+}
 
 
 def render_targets(f: Figures, notes: Mapping[str, str]) -> list[str]:
@@ -204,9 +228,13 @@ def render_targets(f: Figures, notes: Mapping[str, str]) -> list[str]:
         value = f[key]
         met = value <= target if sense == "≤" else value >= target
         shown = f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-        rows.append(f"| {what} | {sense} {target:.4g} {unit} | {shown} {unit} | {'met' if met else '**missed**'} | "
-                    f"`{key}` |")
-    return ["## Targets", "", "| what | target | measured | | figure |", "|---|---|---|---|---|", *rows]
+        rows.append(f"| {what} | {sense} {target:.4g} {unit}".rstrip() + f" | {shown} {unit}".rstrip()
+                    + f" | {'met' if met else '**missed**'} | `{key}` |")
+    missed = [key for key, _what, sense, target, _unit in TARGETS if key in f and key in BOUNDS
+              and not (f[key] <= target if sense == "≤" else f[key] >= target)]
+    bounds = ["", "What bounds each missed one:", "", *[f"- `{key}`: {BOUNDS[key]}" for key in missed]]
+    return ["## Targets", "", "| what | target | measured | | figure |", "|---|---|---|---|---|", *rows,
+            *(bounds if missed else [])]
 
 
 def scale_figures(scale: Mapping[str, float]) -> dict[str, float]:
@@ -405,7 +433,9 @@ def render_artifacts(f: Figures, notes: Mapping[str, str] | None = None) -> list
              "staged writes) against `tar cf - | cat` of the same files, and against `kubectl cp POD:DIR ./local "
              "-c main` of the same files from the same holding container on the same harness (what users reach "
              "for without keruta-prefect). Each copy is checked against the source (paths, sizes, sha256) before "
-             "its time counts. The harness (API server and exec endpoint) runs in a process of its own. Targets: "
+             "its time counts. The harness (API server and exec endpoint) runs in a process of its own; its exec "
+             "endpoint sends stdout in WebSocket messages of up to 1 MiB (a real kubelet's are smaller: this favours "
+             "keruta and kubectl cp alike). Targets: "
              "one large file ≥ 1.5× `kubectl cp` and ≥ 0.5× `tar | cat`; many small files ≥ 1.5× `kubectl cp` and "
              "≤ 40 µs per file above `tar | cat`; RSS growth ≤ 100 MB. prefect-kubernetes has no artifact "
              f"collection. kubectl: {notes.get('kubectl_version', '?')}.", "",
