@@ -27,25 +27,34 @@ class ProgressReporter:
         self.last: int | None = None
         self._context: contextvars.Context | None = None
         self._lock = threading.Lock()  # the poller's update and the last word at exit, one at a time
+        self._said_last = False  # the last word is shown: a poll read before it is stale and never shown
 
-    def show(self, progress: int | None) -> None:
-        """The artifact shows ``progress`` (created on the first value; updated in place after)."""
-        from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
+    def show(self, progress: int | None, *, last_word: bool = False) -> None:
+        """The artifact shows ``progress``. After the last word (``last_word``, as the wait ends) nothing the
+        poller read earlier can replace it."""
         with self._lock:
+            if self._said_last:
+                return
+            self._said_last = last_word
             if progress is None or progress == self.last:
                 return
-            if self.artifact_id is None:
-                created = create_progress_artifact(progress, key=artifact_key(self.task_id) + "-progress",
-                                                   description=f"progress reported by keruta task {self.task_id}")
-                assert isinstance(created, uuid.UUID)  # called from a thread: the id itself, not a coroutine
-                self.artifact_id = created
-            else:
-                update_progress_artifact(self.artifact_id, progress)
+            self._publish(progress)
             self.last = progress
 
-    def poll(self) -> None:
-        self.show(self.store.progress_of([self.task_id]).get(self.task_id))
+    def _publish(self, progress: int) -> None:
+        """The Prefect progress artifact: created on the first value, updated in place after."""
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        if self.artifact_id is None:
+            created = create_progress_artifact(progress, key=artifact_key(self.task_id) + "-progress",
+                                               description=f"progress reported by keruta task {self.task_id}")
+            assert isinstance(created, uuid.UUID)  # called from a thread: the id itself, not a coroutine
+            self.artifact_id = created
+        else:
+            update_progress_artifact(self.artifact_id, progress)
+
+    def poll(self, *, last_word: bool = False) -> None:
+        self.show(self.store.progress_of([self.task_id]).get(self.task_id), last_word=last_word)
 
     def update(self, progress: int | None) -> None:
         """From the poller's thread: shown in this reporter's context (its task run and flow run)."""
@@ -67,7 +76,7 @@ class ProgressReporter:
     def __exit__(self, *_exc: object) -> None:
         _Poller.of(self.store, self.interval).remove(self)
         try:
-            self.poll()  # the last word (e.g. 100) before the wait ends
+            self.poll(last_word=True)  # the last word (e.g. 100) before the wait ends
         except Exception:
             pass
 

@@ -18,10 +18,8 @@ class Shown(ProgressReporter):
         super().__init__(store, task_id, interval=0.05)
         self.values: list[int] = []
 
-    def show(self, progress: int | None) -> None:
-        if progress is not None and progress != self.last:
-            self.values.append(progress)
-            self.last = progress
+    def _publish(self, progress: int) -> None:
+        self.values.append(progress)
 
 
 class Counted(Store):
@@ -64,3 +62,15 @@ def test_tasks_waited_for_at_once_share_one_thread_and_one_query_a_poll(store: S
     reporters[1].__enter__()  # a new wait starts it again
     eventually(lambda: len(counted.queries) > asked, what="a new poll")
     reporters[1].__exit__(None, None, None)
+
+
+
+def test_a_poll_read_before_the_last_word_never_replaces_it(store: Store) -> None:
+    """The poller read 50, the wait ends and shows 100, then the poller's late 50 arrives: 100 stays."""
+    store.create_task(Task(id="prog-last"))
+    store.set_status("prog-last", TaskStatus.IN_PROGRESS, progress=100)
+    reporter = Shown(store, "prog-last")
+    reporter.__enter__()
+    reporter.__exit__(None, None, None)  # the last word: 100
+    reporter.update(50)  # the poller's stale read, after it
+    assert reporter.values == [100]
