@@ -174,3 +174,38 @@ def test_an_agent_process_speaks_to_an_http_and_an_https_api(certificate: tuple[
         done = subprocess.run([sys.executable, "-c", HTTPS_AGENT, plain.url, tls.url], capture_output=True, text=True,
                               env={**os.environ, "SSL_CERT_FILE": str(certificate[0])}, timeout=60)
     assert (done.returncode, done.stdout) == (0, "tls\n"), done.stderr
+
+
+def test_an_answer_that_announces_a_huge_body_is_a_broken_answer_never_a_memory_error() -> None:
+    """A Content-Length of a terabyte (a proxy's or a broken server's answer) is retried as a broken answer;
+    the client never allocates what it announces."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        for _ in range(3):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000000000000\r\n\r\n{}")
+
+    threading.Thread(target=answer, daemon=True).start()
+    api, _ = client(f"http://127.0.0.1:{server.getsockname()[1]}", retry_seconds=0)
+    with server, api, pytest.raises(ApiError, match=r"an answer of 1000000000000 bytes") as failed:
+        api.get_task("t")
+    assert not isinstance(failed.value, ApiRejected)
+
+
+def test_a_ca_file_that_does_not_exist_is_a_refusal_naming_it_not_a_retry(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    api, sleeps = client("https://127.0.0.1:9", retry_seconds=30)
+    with api, pytest.raises(ApiRejected, match=r"SSL_CERT_FILE='.*missing\.pem': no such file"):
+        api.get_task("t")
+    assert sleeps == []

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 JSON_TYPE = "application/json"
 UPLOAD_CHUNK = 1 << 16  # bytes of an artifact read from disk and sent at a time
+MAX_ANSWER_BYTES = 64 << 20  # the largest answer read (a task with its script and description is far smaller)
+ANSWER_PIECE = 1 << 16  # …read this much at a time
 
 
 class Unsendable(ValueError):
@@ -131,7 +133,7 @@ class Connections:
                     raise
             else:
                 answer = connection.getresponse()
-            return Response(answer.status, answer.read())
+            return Response(answer.status, _bounded_body(answer))
         except BaseException:
             connection.close()  # half a request or answer: the next one starts on a new connection
             raise
@@ -195,9 +197,28 @@ def _tls_context() -> ssl.SSLContext:
     return context
 
 
+def _bounded_body(answer: http.client.HTTPResponse) -> bytes:
+    """The answer's body, read in pieces and at most MAX_ANSWER_BYTES (no keruta API answer comes near it): a
+    Content-Length far beyond that is a broken answer (retried), never a MemoryError."""
+    length = answer.getheader("Content-Length")
+    if length is not None and length.strip().isdigit() and int(length) > MAX_ANSWER_BYTES:
+        raise http.client.HTTPException(f"an answer of {int(length)} bytes (over {MAX_ANSWER_BYTES})")
+    pieces, size = [], 0
+    while piece := answer.read(ANSWER_PIECE):
+        size += len(piece)
+        if size > MAX_ANSWER_BYTES:
+            raise http.client.HTTPException(f"an answer of more than {MAX_ANSWER_BYTES} bytes")
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
 def _verified_context() -> ssl.SSLContext:
     import ssl
 
+    for variable in ("SSL_CERT_FILE", "SSL_CERT_DIR"):  # the user's CA: a wrong one is configuration, not network
+        where = os.environ.get(variable)
+        if where and not os.path.exists(where):
+            raise Unsendable(f"{variable}={where!r}: no such file or directory")
     if os.environ.get("SSL_CERT_FILE"):
         return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
     if os.environ.get("SSL_CERT_DIR"):
