@@ -558,3 +558,41 @@ def test_client_log_batches_are_sent_as_the_bytes_the_agent_measured() -> None:
         client.post_logs("t", "agent-x", lines)
     assert [seen.body for seen in server.seen] == [encode_json({"source": "agent-x", "lines": lines})]
     assert server.seen[0].headers["Content-Type"] == "application/json"
+
+
+def test_an_artifact_that_cannot_be_read_whole_is_named_and_the_others_are_uploaded(tmp_path: Path) -> None:
+    """Upload mode: a file that shrank, went or cannot be read while it is sent is one ERROR line naming it;
+    the other files are uploaded and the agent goes on to its final report (it never ends without one)."""
+    from keruta_prefect.agent.runner import AgentConfig, upload_artifacts
+    from keruta_prefect.client import KerutaClient, SourceError
+
+    class Flaky(KerutaClient):
+        def __init__(self) -> None:
+            super().__init__("http://127.0.0.1:9", "tok", retry_seconds=0)
+            self.uploaded: list[str] = []
+
+        def upload_artifact(self, task_id: str, path: Path, relative: str, description: str | None = None) -> None:
+            if relative == "shrinks.bin":
+                raise SourceError(f"{path} ended after 3 of 10 bytes")
+            if relative == "gone.txt":
+                raise FileNotFoundError(2, "No such file or directory", str(path))
+            self.uploaded.append(relative)
+
+    class Lines:
+        def __init__(self) -> None:
+            self.lines: list[tuple[str, str]] = []
+
+        def emit(self, level: str, message: str) -> None:
+            self.lines.append((level, message))
+
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    for name in ("a.txt", "gone.txt", "shrinks.bin", "z.txt"):
+        (artifacts / name).write_text(name)
+    config = AgentConfig(task_id="t", api_url="http://127.0.0.1:9", token="tok", work_dir=tmp_path,
+                         artifacts_dir=artifacts, upload=True)
+    client, shipper = Flaky(), Lines()
+    upload_artifacts(config, client, shipper)  # type: ignore[arg-type]  # only emit() is used
+    assert client.uploaded == ["a.txt", "z.txt"]
+    assert [level for level, _ in shipper.lines] == ["ERROR", "ERROR"]
+    assert "gone.txt not kept" in shipper.lines[0][1] and "shrinks.bin not kept" in shipper.lines[1][1]

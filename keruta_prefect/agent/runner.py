@@ -23,7 +23,7 @@ from keruta_prefect.agent.execute import ScriptEnd, execute, pump, script_path, 
 from keruta_prefect.agent.shipper import LogShipper
 from keruta_prefect.agent.spool import MEMORY_BYTES
 from keruta_prefect.backoff import SYSTEM_CLOCK, Clock
-from keruta_prefect.client import ApiError, ApiRejected, KerutaClient
+from keruta_prefect.client import ApiError, ApiRejected, KerutaClient, SourceError
 from keruta_prefect.contract import (
     COLLECTED_MARKER,
     PARAM_PREFIX,
@@ -198,6 +198,9 @@ def upload_artifacts(config: AgentConfig, client: KerutaClient, shipper: LogShip
     for index, (path, relative) in enumerate(pairs):
         try:
             client.upload_artifact(config.task_id, path, relative)
+        except (OSError, SourceError) as exc:  # this file could not be read whole (it went, shrank, is unreadable)
+            shipper.emit("ERROR", f"artifact {relative} not kept: it could not be read ({exc})")
+            continue
         except ApiRejected as exc:
             if not exc.permanent:
                 shipper.emit("ERROR", f"artifact {relative} not kept: {exc.detail}")
