@@ -406,3 +406,40 @@ def test_tar_complaints_are_named_up_to_a_limit_then_counted() -> None:
     assert last == "Exiting with failure status due to previous errors"
     assert tar_complaints([b"/usr/bin/tar: ./s: socket ignored\n", b"bsdtar: ./t: Can't open\n"]) == (
         ["s: socket ignored", "t: Can't open"], "./t: Can't open")
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["empty", "an-earlier-collection"])
+def test_a_symlinked_dest_gets_the_files_where_it_points(tmp_path: Path, earlier: bool) -> None:
+    """dest may be a link to the real directory (a volume, a shared folder): the files land there, as with an
+    ordinary dest, and no staging is left on either side."""
+    real = tmp_path / "volume" / "collected"
+    real.mkdir(parents=True)
+    if earlier:
+        (real / "old.txt").write_bytes(b"kept")
+    dest = tmp_path / "dest"
+    dest.symlink_to(real)
+    result = extract(archive(("dir/new.txt", b"new"), ("top.txt", b"top")), dest)
+    assert {a.path for a in result.files} == {"dir/new.txt", "top.txt"}
+    kept = {"old.txt": b"kept"} if earlier else {}
+    assert tree(real) == {"dir": None, "dir/new.txt": b"new", "top.txt": b"top", **kept}
+    assert dest.is_symlink() and no_staging(real) and no_staging(dest)
+
+
+def test_the_filter_looks_up_no_host_path_an_archive_names(tmp_path: Path) -> None:
+    """A member named like a host path (here, one whose lookup would fail loudly if it were made) is checked
+    by the names alone: nothing outside the staging directory is looked up."""
+    import posixpath
+
+    looked_up: list[str] = []
+    real_lstat = os.lstat
+
+    def lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        looked_up.append(os.fsdecode(path))  # type: ignore[arg-type]
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    dest = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(posixpath.os, "lstat", lstat)
+        extract(archive(("proc/self/cwd/x.txt", b"x"), ("net/host/share/y.txt", b"y")), dest)
+    assert not [p for p in looked_up if p.startswith(("/proc", "/net"))], looked_up
+    assert tree(dest)["proc/self/cwd/x.txt"] == b"x"

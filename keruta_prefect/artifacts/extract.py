@@ -258,12 +258,16 @@ def extract_tar_stream(stream: IO[bytes], dest: Path, *, max_file_size: int, max
     and no staging directory is left behind.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".{dest.name}.incoming-{uuid.uuid4().hex[:12]}"  # same file system, not inside
+    home = dest.resolve()  # a symlinked dest: where it points (a rename does not follow the link)
+    # Staging on dest's file system, beside it (then an empty dest takes the tree in one rename), or inside it
+    # when dest is a mount point (its parent is another file system, which a rename cannot cross).
+    beside = home.parent if os.stat(home.parent).st_dev == os.stat(home).st_dev else home
+    staging = beside / f".{home.name}.incoming-{uuid.uuid4().hex[:12]}"
     staged = staging / "files"
     staged.mkdir(parents=True)
     try:
-        entries = _extract(stream, str(staged), str(dest), max_file_size, max_total_size, max_members)
-        publish(staged, dest, staging / "replaced")
+        entries = _extract(stream, str(staged), str(home), max_file_size, max_total_size, max_members)
+        publish(staged, home, staging / "replaced")
     except PublishStranded:
         raise
     except BaseException:
@@ -313,14 +317,18 @@ def _extract(stream: IO[bytes], staged: str, dest: str, max_file_size: int, max_
                 name = entry_name(member.name)
                 try:
                     # For a directory or a regular file, the filter's check that the name stays inside (the
-                    # realpath of where it lands) is made against "/", not the staging directory, whose own
-                    # realpath it would look up again for every entry (a dozen lstat calls a file). The same
-                    # outcome: entry_name has rejected absolute names and '..' components, and nothing under
-                    # the staging directory can be a symlink (only directories made here and regular files
-                    # opened with O_EXCL | O_NOFOLLOW are), so a normal name joined to it resolves to itself.
-                    # Everything else of the filter (modes, owners, devices, FIFOs) is the same; a link, whose
-                    # target the filter resolves, is checked against the staging directory itself.
-                    safe = tarfile.data_filter(member, "/" if member.isreg() or member.isdir() else staged)
+                    # realpath of where it lands) is made on a neutral name ("." under "/"), not on the entry's
+                    # name under the staging directory, whose realpath it would look up again for every entry
+                    # (a dozen lstat calls a file) — nor under "/", where it would look up host paths the
+                    # archive names (an automount, a hung network mount). The same outcome: entry_name has
+                    # rejected absolute names and '..' components, and nothing under the staging directory can
+                    # be a symlink (only directories made here and regular files opened with O_EXCL |
+                    # O_NOFOLLOW are), so a normal name joined to it resolves to itself. Everything else of the
+                    # filter (modes, owners, devices, FIFOs) is the same; a link, whose target the filter
+                    # resolves, is checked with its own name against the staging directory itself.
+                    plain = member.isreg() or member.isdir()
+                    safe = tarfile.data_filter(member.replace(name=".", deep=False) if plain else member,
+                                               "/" if plain else staged)
                 except tarfile.FilterError as exc:
                     why = shortened(str(exc), MAX_NOTE_CHARS)
                     raise ArchiveRejected(f"unsafe entry {shown_name(member.name)}: {why}") from None
