@@ -146,6 +146,8 @@ def thousand(root: Path, tasks: int = 1000, running_for: float = 5.0) -> dict[st
     watch_calls = len([c for c in calls if is_watch_call(c)]) - ours
     requests = len(calls) - ours
     verbs = Counter(f"{c.verb} {c.resource}{'/' + c.subresource if c.subresource else ''}" for c in calls)
+    verbs["list pods"] -= ours  # the two LISTs measured above are the benchmark's, not the tasks'
+    verbs = +verbs  # (no verb left at zero)
     print("scale: requests " + ", ".join(f"{k} {v}" for k, v in verbs.most_common()), flush=True)
     kinds = Counter(error.split(" of job ")[0][:150] for error in errors)
     for kind, count in kinds.most_common(8):
