@@ -52,8 +52,8 @@ class Sizes:
 FULL = Sizes(runs=30, durations=(5, 60), concurrent=50, overhead_runs=20, fan_out=(200, 20), floor_runs=40,
              agent_runs=20, artifacts=(1024, 10000), log_lines=200_000,
              scale=(1000, 200, 100))
-SMOKE = Sizes(runs=3, durations=(1,), concurrent=4, overhead_runs=2, fan_out=(6, 3), floor_runs=3, agent_runs=2,
-              artifacts=(2, 50), log_lines=2000, scale=(6, 4, 2))
+SMOKE = Sizes(runs=3, durations=(1,), concurrent=4, overhead_runs=2, fan_out=(6, 3), floor_runs=2, agent_runs=2,
+              artifacts=(2, 50), log_lines=2000, scale=(4, 2, 2))
 CONCURRENT_POD_RUN_S = 5  # how long each Pod of section 3 runs
 
 
