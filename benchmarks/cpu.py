@@ -7,6 +7,7 @@ of its children it has waited for (``/proc/PID/stat`` fields 14–17), and the l
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -70,8 +71,6 @@ _idle: list[float] = []  # the servers' CPU seconds per second when nothing is a
 
 def idle_rate(over: float = 3.0) -> float:
     """The servers' CPU per second of wall time at rest, measured once (call it before loading them)."""
-    import time
-
     if not _idle:
         first, started = servers_cpu(), time.monotonic()
         time.sleep(over)
@@ -83,8 +82,6 @@ def settled(every: float = 1.0, longest: float = 120.0) -> None:
     """Until the servers are done with what they were sent (the Prefect server handles events after it
     answered): their CPU over ``every`` seconds is back to the idle rate (within 0.02 s/s), or ``longest``
     passed."""
-    import time
-
     if not SERVERS:
         return
     rest = idle_rate()
@@ -102,14 +99,10 @@ class Servers:
     they are settled again, less what they spend at rest over that time."""
 
     def start(self) -> Servers:
-        import time
-
         idle_rate()
         self.cpu, self.at = servers_cpu(), time.monotonic()
         return self
 
     def stop(self) -> float:
-        import time
-
         settled()
         return max(0.0, servers_cpu() - self.cpu - idle_rate() * (time.monotonic() - self.at))

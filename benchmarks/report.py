@@ -222,6 +222,10 @@ BOUNDS: dict[str, str] = {
 }
 
 
+def _met(value: float, sense: str, target: float) -> bool:
+    return value <= target if sense == "≤" else value >= target
+
+
 def render_targets(f: Figures, notes: Mapping[str, str]) -> list[str]:
     """Every target next to what this run measured; a missed one says so (its section says what bounds it)."""
     rows = []
@@ -233,12 +237,12 @@ def render_targets(f: Figures, notes: Mapping[str, str]) -> list[str]:
                             f"`{key}` |")
             continue
         value = f[key]
-        met = value <= target if sense == "≤" else value >= target
+        met = _met(value, sense, target)
         shown = f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
         rows.append(f"| {what} | {sense} {target:.4g} {unit}".rstrip() + f" | {shown} {unit}".rstrip()
                     + f" | {'met' if met else '**missed**'} | `{key}` |")
     missed = [key for key, _what, sense, target, _unit in TARGETS if key in f and key in BOUNDS
-              and not (f[key] <= target if sense == "≤" else f[key] >= target)]
+              and not _met(f[key], sense, target)]
     bounds = ["", "What bounds each missed one:", "", *[f"- `{key}`: {BOUNDS[key]}" for key in missed]]
     return ["## Targets", "", "| what | target | measured | | figure |", "|---|---|---|---|---|", *rows,
             *(bounds if missed else [])]
